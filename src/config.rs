@@ -1,0 +1,666 @@
+//! Configuration: one TOML file, parsed into typed structs with defaults.
+//!
+//! Unknown keys are an error. Every error names the file, the line and the key, e.g.
+//! `zgate.toml:12: key gpio.output.pin: pin 27 is used twice (also by "relay2")`.
+//! `zgate config-template` prints [`TEMPLATE`], a fully commented example.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A configuration error: file, 1-based line (0 when unknown), dotted key and message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file, self.line)?;
+        if !self.key.is_empty() {
+            write!(f, "key {}: ", self.key)?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub gpio: GpioConfig,
+    #[serde(default)]
+    pub serial: Vec<SerialConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Gateway id; also the ZeroMQ routing id.
+    pub id: String,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(default = "default_endpoint")]
+    pub endpoint: String,
+    #[serde(default = "default_outbox_max")]
+    pub outbox_max: usize,
+    #[serde(default = "default_shutdown_flush_ms")]
+    pub shutdown_flush_ms: u64,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            endpoint: default_endpoint(),
+            outbox_max: default_outbox_max(),
+            shutdown_flush_ms: default_shutdown_flush_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GpioBackendKind {
+    #[default]
+    Rppal,
+    Sim,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpioConfig {
+    #[serde(default)]
+    pub backend: GpioBackendKind,
+    #[serde(default = "default_sim_dir")]
+    pub sim_dir: PathBuf,
+    #[serde(default)]
+    pub input: Vec<InputConfig>,
+    #[serde(default)]
+    pub output: Vec<OutputConfig>,
+}
+
+impl Default for GpioConfig {
+    fn default() -> Self {
+        GpioConfig {
+            backend: GpioBackendKind::default(),
+            sim_dir: default_sim_dir(),
+            input: Vec::new(),
+            output: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pull {
+    Up,
+    Down,
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Edge {
+    Rising,
+    Falling,
+    #[default]
+    Both,
+}
+
+impl Edge {
+    /// Whether a transition to `level` is reported for this edge setting.
+    pub fn reports(self, level: u8) -> bool {
+        match self {
+            Edge::Rising => level == 1,
+            Edge::Falling => level == 0,
+            Edge::Both => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub name: String,
+    pub pin: u8,
+    #[serde(default)]
+    pub pull: Pull,
+    #[serde(default)]
+    pub edge: Edge,
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    pub name: String,
+    pub pin: u8,
+    #[serde(default)]
+    pub initial: u8,
+    #[serde(default = "default_max_pulse_ms")]
+    pub max_pulse_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LineFormat {
+    #[default]
+    Kv,
+    Json,
+    Raw,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default)]
+    pub format: LineFormat,
+    #[serde(default = "default_line_ending")]
+    pub line_ending: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/zgate")
+}
+fn default_stats_interval() -> u64 {
+    30
+}
+fn default_endpoint() -> String {
+    "tcp://127.0.0.1:5555".into()
+}
+fn default_outbox_max() -> usize {
+    10_000
+}
+fn default_shutdown_flush_ms() -> u64 {
+    2000
+}
+fn default_sim_dir() -> PathBuf {
+    PathBuf::from("/run/zgate-sim")
+}
+fn default_debounce_ms() -> u64 {
+    20
+}
+fn default_max_pulse_ms() -> u64 {
+    10_000
+}
+fn default_baud() -> u32 {
+    9600
+}
+fn default_line_ending() -> String {
+    "\n".into()
+}
+
+/// Highest BCM GPIO number on any Raspberry Pi header.
+pub const MAX_BCM_PIN: u8 = 27;
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: 0,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates config text; `file` is the name used in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| toml_error(text, file, &e))?;
+        cfg.validate(text, file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let err = |section: &str, index: Option<usize>, key: &str, message: String| {
+            let line = locate(text, section, index, key);
+            let dotted = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            };
+            ConfigError {
+                file: file.to_string(),
+                line,
+                key: dotted,
+                message,
+            }
+        };
+        let id = &self.gateway.id;
+        if id.is_empty() || id.len() > 255 || !id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(err(
+                "gateway",
+                None,
+                "id",
+                "must be 1 to 255 printable ASCII characters without spaces".into(),
+            ));
+        }
+        if self.gateway.stats_interval_s == 0 {
+            return Err(err(
+                "gateway",
+                None,
+                "stats_interval_s",
+                "must be at least 1".into(),
+            ));
+        }
+        let ep = &self.backend.endpoint;
+        if !(ep.starts_with("tcp://") || ep.starts_with("ipc://") || ep.starts_with("inproc://")) {
+            return Err(err(
+                "backend",
+                None,
+                "endpoint",
+                format!("{ep:?} is not a ZeroMQ endpoint (tcp://host:port or ipc:///path)"),
+            ));
+        }
+        if self.backend.outbox_max == 0 || self.backend.outbox_max > 10_000_000 {
+            return Err(err(
+                "backend",
+                None,
+                "outbox_max",
+                "must be between 1 and 10000000".into(),
+            ));
+        }
+        let mut names: HashSet<String> = HashSet::new();
+        let mut pins: HashSet<u8> = HashSet::new();
+        let mut check_name = |section: &str, i: usize, name: &str| {
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(err(
+                    section,
+                    Some(i),
+                    "name",
+                    format!("{name:?}: use 1 to 64 characters from A-Z a-z 0-9 - _ ."),
+                ));
+            }
+            if !names.insert(name.to_string()) {
+                return Err(err(
+                    section,
+                    Some(i),
+                    "name",
+                    format!("{name:?} is used twice (names are unique across inputs, outputs and serial ports)"),
+                ));
+            }
+            Ok(())
+        };
+        for (i, input) in self.gpio.input.iter().enumerate() {
+            check_name("gpio.input", i, &input.name)?;
+        }
+        for (i, output) in self.gpio.output.iter().enumerate() {
+            check_name("gpio.output", i, &output.name)?;
+        }
+        for (i, serial) in self.serial.iter().enumerate() {
+            check_name("serial", i, &serial.name)?;
+        }
+        let pin_list = self
+            .gpio
+            .input
+            .iter()
+            .map(|p| ("gpio.input", p.pin))
+            .chain(self.gpio.output.iter().map(|p| ("gpio.output", p.pin)));
+        let mut counters = [0usize; 2];
+        for (section, pin) in pin_list {
+            let idx = if section == "gpio.input" { 0 } else { 1 };
+            let i = counters[idx];
+            counters[idx] += 1;
+            if pin > MAX_BCM_PIN {
+                return Err(err(
+                    section,
+                    Some(i),
+                    "pin",
+                    format!("BCM pin {pin} does not exist (0..={MAX_BCM_PIN})"),
+                ));
+            }
+            if !pins.insert(pin) {
+                return Err(err(
+                    section,
+                    Some(i),
+                    "pin",
+                    format!("BCM pin {pin} is used twice"),
+                ));
+            }
+        }
+        for (i, input) in self.gpio.input.iter().enumerate() {
+            if input.debounce_ms > 10_000 {
+                return Err(err(
+                    "gpio.input",
+                    Some(i),
+                    "debounce_ms",
+                    "must be at most 10000".into(),
+                ));
+            }
+        }
+        for (i, output) in self.gpio.output.iter().enumerate() {
+            if output.initial > 1 {
+                return Err(err(
+                    "gpio.output",
+                    Some(i),
+                    "initial",
+                    "must be 0 or 1".into(),
+                ));
+            }
+            if output.max_pulse_ms == 0 || output.max_pulse_ms > 86_400_000 {
+                return Err(err(
+                    "gpio.output",
+                    Some(i),
+                    "max_pulse_ms",
+                    "must be between 1 and 86400000 (one day)".into(),
+                ));
+            }
+        }
+        for (i, serial) in self.serial.iter().enumerate() {
+            if serial.path.as_os_str().is_empty() {
+                return Err(err("serial", Some(i), "path", "must not be empty".into()));
+            }
+            if !(50..=4_000_000).contains(&serial.baud) {
+                return Err(err(
+                    "serial",
+                    Some(i),
+                    "baud",
+                    format!("{} is not a usable baud rate", serial.baud),
+                ));
+            }
+            if serial.line_ending.len() > 4 {
+                return Err(err(
+                    "serial",
+                    Some(i),
+                    "line_ending",
+                    "must be at most 4 bytes".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of configured inputs, outputs and serial ports (for `hello`).
+    pub fn inputs(&self) -> Vec<String> {
+        self.gpio.input.iter().map(|p| p.name.clone()).collect()
+    }
+    pub fn outputs(&self) -> Vec<String> {
+        self.gpio.output.iter().map(|p| p.name.clone()).collect()
+    }
+    pub fn serial_names(&self) -> Vec<String> {
+        self.serial.iter().map(|p| p.name.clone()).collect()
+    }
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Turns a toml/serde error into a ConfigError with line and dotted key.
+fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_string();
+    let (line, key) = match e.span() {
+        Some(span) => {
+            let line = line_of_offset(text, span.start);
+            (line, key_at_line(text, line))
+        }
+        None => (0, String::new()),
+    };
+    // serde names the offending key in the message for unknown/missing fields.
+    let key = match backticked(&message) {
+        Some(name)
+            if message.starts_with("unknown field") || message.starts_with("missing field") =>
+        {
+            let section = section_at_line(text, line);
+            if key.is_empty() || message.starts_with("missing field") {
+                join_key(&section, name)
+            } else {
+                key
+            }
+        }
+        _ => key,
+    };
+    ConfigError {
+        file: file.to_string(),
+        line,
+        key,
+        message,
+    }
+}
+
+fn backticked(s: &str) -> Option<&str> {
+    let start = s.find('`')? + 1;
+    let end = s[start..].find('`')? + start;
+    Some(&s[start..end])
+}
+
+fn join_key(section: &str, key: &str) -> String {
+    if section.is_empty() {
+        key.to_string()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+fn header_name(line: &str) -> Option<String> {
+    let t = line.trim();
+    let inner = t
+        .strip_prefix("[[")
+        .and_then(|r| r.split("]]").next())
+        .or_else(|| t.strip_prefix('[').and_then(|r| r.split(']').next()))?;
+    Some(inner.trim().to_string())
+}
+
+/// The table header in force at `line` (1-based), "" for the root table.
+fn section_at_line(text: &str, line: usize) -> String {
+    let mut section = String::new();
+    for (i, l) in text.lines().enumerate() {
+        if i + 1 > line {
+            break;
+        }
+        if let Some(h) = header_name(l) {
+            section = h;
+        }
+    }
+    section
+}
+
+/// The dotted key defined on `line` (1-based), or the section if the line is a header.
+fn key_at_line(text: &str, line: usize) -> String {
+    let section = section_at_line(text, line);
+    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
+        return section;
+    };
+    if header_name(l).is_some() {
+        return section;
+    }
+    match l.split_once('=') {
+        Some((k, _)) => join_key(&section, k.trim().trim_matches('"')),
+        None => section,
+    }
+}
+
+/// Line (1-based) where `key` is set in the `index`-th `[section]`/`[[section]]`;
+/// the header's line when the key is absent, 0 when the section is absent.
+fn locate(text: &str, section: &str, index: Option<usize>, key: &str) -> usize {
+    let want = index.unwrap_or(0);
+    let mut seen: Option<usize> = None;
+    let mut in_target = false;
+    let mut header_line = 0;
+    for (i, l) in text.lines().enumerate() {
+        if let Some(h) = header_name(l) {
+            if h == section {
+                seen = Some(seen.map_or(0, |n| n + 1));
+                in_target = seen == Some(want);
+                if in_target {
+                    header_line = i + 1;
+                }
+            } else {
+                in_target = false;
+            }
+            continue;
+        }
+        if in_target {
+            if let Some((k, _)) = l.split_once('=') {
+                if k.trim().trim_matches('"') == key {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    header_line
+}
+
+/// A fully commented configuration, printed by `zgate config-template`.
+pub const TEMPLATE: &str = include_str!("config_template.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+id = "gw-01"
+data_dir = "/tmp/zgate"
+
+[backend]
+endpoint = "tcp://127.0.0.1:5555"
+
+[gpio]
+backend = "sim"
+sim_dir = "/tmp/sim"
+
+[[gpio.input]]
+name = "door"
+pin = 17
+pull = "up"
+
+[[gpio.output]]
+name = "relay1"
+pin = 27
+
+[[serial]]
+name = "weather"
+path = "/dev/ttyUSB0"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.gateway.id, "gw-01");
+        assert_eq!(c.gateway.stats_interval_s, 30);
+        assert_eq!(c.backend.outbox_max, 10_000);
+        assert_eq!(c.backend.shutdown_flush_ms, 2000);
+        assert_eq!(c.gpio.backend, GpioBackendKind::Sim);
+        assert_eq!(c.gpio.input[0].edge, Edge::Both);
+        assert_eq!(c.gpio.input[0].debounce_ms, 20);
+        assert_eq!(c.gpio.output[0].max_pulse_ms, 10_000);
+        assert_eq!(c.serial[0].baud, 9600);
+        assert_eq!(c.serial[0].format, LineFormat::Kv);
+        assert_eq!(c.serial[0].line_ending, "\n");
+    }
+
+    #[test]
+    fn template_is_valid() {
+        Config::parse(TEMPLATE, "template").unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_key() {
+        let text = GOOD.replace("pin = 27", "pin = 27\npinn = 3");
+        let e = Config::parse(&text, "z.toml").unwrap_err();
+        assert_eq!(e.file, "z.toml");
+        assert_eq!(e.line, 21, "{e}");
+        assert_eq!(e.key, "gpio.output.pinn", "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("z.toml:21: key gpio.output.pinn:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let text = GOOD.replace("pin = 17", "pin = \"seventeen\"");
+        let e = Config::parse(&text, "z.toml").unwrap_err();
+        assert_eq!(e.line, 15, "{e}");
+        assert_eq!(e.key, "gpio.input.pin", "{e}");
+    }
+
+    #[test]
+    fn bad_enum_value() {
+        let text = GOOD.replace("pull = \"up\"", "pull = \"sideways\"");
+        let e = Config::parse(&text, "z.toml").unwrap_err();
+        assert_eq!(e.line, 16, "{e}");
+        assert_eq!(e.key, "gpio.input.pull");
+    }
+
+    #[test]
+    fn missing_id() {
+        let text = GOOD.replace("id = \"gw-01\"", "");
+        let e = Config::parse(&text, "z.toml").unwrap_err();
+        assert!(e.message.contains("missing field"), "{e}");
+        assert!(e.key.ends_with("id"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_name_and_pin() {
+        let text = GOOD.replace("name = \"relay1\"", "name = \"door\"");
+        let e = Config::parse(&text, "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (19, "gpio.output.name"), "{e}");
+        let text = GOOD.replace("pin = 27", "pin = 17");
+        let e = Config::parse(&text, "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (20, "gpio.output.pin"), "{e}");
+        let text = GOOD.replace("name = \"weather\"", "name = \"relay1\"");
+        let e = Config::parse(&text, "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (23, "serial.name"), "{e}");
+    }
+
+    #[test]
+    fn range_checks() {
+        for (from, to, key) in [
+            ("pin = 27", "pin = 40", "gpio.output.pin"),
+            ("pin = 27", "pin = 27\ninitial = 2", "gpio.output.initial"),
+            (
+                "endpoint = \"tcp://127.0.0.1:5555\"",
+                "endpoint = \"http://x\"",
+                "backend.endpoint",
+            ),
+            ("id = \"gw-01\"", "id = \"gw 01\"", "gateway.id"),
+        ] {
+            let e = Config::parse(&GOOD.replace(from, to), "z.toml").unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.line > 0, "{e}");
+        }
+    }
+
+    #[test]
+    fn locate_finds_nth_table() {
+        let t = "[[a]]\nx = 1\n[[a]]\ny = 2\nx = 3\n";
+        assert_eq!(locate(t, "a", Some(1), "x"), 5);
+        assert_eq!(locate(t, "a", Some(1), "z"), 3);
+        assert_eq!(locate(t, "b", None, "z"), 0);
+    }
+}

@@ -1,0 +1,934 @@
+//! The gateway: one calloop loop that owns the backend socket, the serial ports, the GPIO
+//! lines and the timers, and the state that ties them together.
+//!
+//! Flow: serial lines and GPIO edges become `reading` messages in the outbox; the
+//! [`ZmqSource`] sends them when the socket is writable. Commands from the backend are
+//! executed on the loop thread (GPIO writes, timers for pulses, buffered serial writes) and
+//! answered with a `reply` once they took effect. Nothing here blocks: every I/O is
+//! non-blocking and every queue is bounded.
+
+use crate::config::{Config, Edge as EdgeSetting, LineFormat};
+use crate::hw::{self, Edge, GpioBackend, HwError};
+use crate::protocol::{self, Action, Command, Message};
+use crate::sources::serial::{SerialEvent, SerialHandle, SerialSource, WriteError};
+use crate::sources::zmq::{OutboxHandle, ZmqEvent, ZmqSource};
+use calloop::signals::{Signal, Signals};
+use calloop::timer::{TimeoutAction, Timer};
+use calloop::{EventLoop, LoopHandle, RegistrationToken};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Errors that stop the gateway from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("ZeroMQ error while {what}: {source}")]
+    Zmq {
+        what: &'static str,
+        #[source]
+        source: zmq::Error,
+    },
+    #[error(transparent)]
+    Hw(#[from] HwError),
+    #[error("cannot open serial port {name}: {source}")]
+    Serial {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event loop error: {0}")]
+    Loop(String),
+}
+
+fn zerr(what: &'static str) -> impl FnOnce(zmq::Error) -> GatewayError {
+    move |source| GatewayError::Zmq { what, source }
+}
+
+fn lerr<E: std::fmt::Display>(e: E) -> GatewayError {
+    GatewayError::Loop(e.to_string())
+}
+
+/// How many recent command ids are remembered for duplicate detection.
+pub const REPLY_CACHE: usize = 1024;
+
+/// Allows a burst of log lines per minute for one kind of problem, then summarises.
+#[derive(Debug)]
+pub struct LogLimiter {
+    window: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter {
+            window: Instant::now(),
+            count: 0,
+            suppressed: 0,
+        }
+    }
+}
+
+impl LogLimiter {
+    const BURST: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// True when a line may be logged now. After a suppressed stretch, the next allowed line
+    /// is preceded by a summary.
+    pub fn allow(&mut self, what: &str) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Self::WINDOW {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "{what}: suppressed={} similar messages in the last minute",
+                    self.suppressed
+                );
+            }
+            self.window = now;
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        if self.count < Self::BURST {
+            self.count += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// Replies to the last [`REPLY_CACHE`] command ids; `None` while the command is in progress.
+#[derive(Default)]
+struct ReplyCache {
+    map: HashMap<String, Option<Message>>,
+    order: VecDeque<String>,
+}
+
+impl ReplyCache {
+    fn get(&self, id: &str) -> Option<&Option<Message>> {
+        self.map.get(id)
+    }
+    fn insert(&mut self, id: &str, reply: Option<Message>) {
+        if self.map.insert(id.to_string(), reply).is_none() {
+            self.order.push_back(id.to_string());
+            if self.order.len() > REPLY_CACHE {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+struct InputState {
+    name: String,
+    edge: EdgeSetting,
+    debounce: Duration,
+    level: u8,
+    changed_at: Option<Instant>,
+    recheck: Option<RegistrationToken>,
+}
+
+struct OutputState {
+    pin: u8,
+    level: u8,
+    max_pulse_ms: u64,
+    /// Level to restore and the timer that restores it, while a pulse runs.
+    pulse: Option<(u8, RegistrationToken)>,
+}
+
+struct PortState {
+    handle: SerialHandle,
+    format: LineFormat,
+    line_ending: String,
+    bad_lines: u64,
+    overlong_lines: u64,
+    disconnects: u64,
+    connected: bool,
+    limiter: LogLimiter,
+}
+
+/// Counters reported in `stats`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub readings: u64,
+    pub acked: u64,
+    pub dropped: u64,
+    pub commands_ok: u64,
+    pub commands_failed: u64,
+    pub connects: u64,
+    pub reconnects: u64,
+    pub bad_messages: u64,
+}
+
+/// Everything the loop's callbacks share.
+pub struct Gateway {
+    cfg: Config,
+    handle: LoopHandle<'static, Gateway>,
+    outbox: OutboxHandle,
+    zmq_token: RegistrationToken,
+    gpio: Box<dyn GpioBackend>,
+    inputs: HashMap<u8, InputState>,
+    outputs: HashMap<String, OutputState>,
+    ports: BTreeMap<String, PortState>,
+    /// Reading sources removed on shutdown.
+    reader_tokens: Vec<RegistrationToken>,
+    pending_writes: HashMap<u64, String>,
+    next_write_token: u64,
+    replies: ReplyCache,
+    next_seq: u64,
+    acked: u64,
+    pub counters: Counters,
+    started: Instant,
+    shutdown_deadline: Option<Instant>,
+    handshake_failures: LogLimiter,
+    command_errors: LogLimiter,
+    drops: LogLimiter,
+    // Last field: the context outlives the socket inside the loop's ZmqSource.
+    _ctx: zmq::Context,
+}
+
+/// Builds the DEALER socket that dials out to the backend.
+pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, GatewayError> {
+    let s = ctx
+        .socket(zmq::DEALER)
+        .map_err(zerr("creating the socket"))?;
+    s.set_identity(cfg.gateway.id.as_bytes())
+        .map_err(zerr("setting the routing id"))?;
+    // Queue only to completed connections: while the backend is away, messages wait in our
+    // bounded outbox (and later the spool), not in libzmq's pipes.
+    s.set_immediate(true)
+        .map_err(zerr("setting ZMQ_IMMEDIATE"))?;
+    s.set_sndhwm(1000).map_err(zerr("setting ZMQ_SNDHWM"))?;
+    s.set_linger(0).map_err(zerr("setting ZMQ_LINGER"))?;
+    s.set_reconnect_ivl(100)
+        .map_err(zerr("setting ZMQ_RECONNECT_IVL"))?;
+    s.set_reconnect_ivl_max(5000)
+        .map_err(zerr("setting ZMQ_RECONNECT_IVL_MAX"))?;
+    s.set_maxmsgsize(64 * 1024)
+        .map_err(zerr("setting ZMQ_MAXMSGSIZE"))?;
+    s.set_heartbeat_ivl(10_000)
+        .map_err(zerr("setting ZMQ_HEARTBEAT_IVL"))?;
+    s.set_heartbeat_timeout(30_000)
+        .map_err(zerr("setting ZMQ_HEARTBEAT_TIMEOUT"))?;
+    s.connect(&cfg.backend.endpoint)
+        .map_err(zerr("connecting to the backend endpoint"))?;
+    Ok(s)
+}
+
+impl Gateway {
+    /// Sets up every source in `event_loop` and returns the loop's shared state.
+    pub fn new(
+        cfg: Config,
+        event_loop: &EventLoop<'static, Gateway>,
+    ) -> Result<Gateway, GatewayError> {
+        let handle = event_loop.handle();
+        // First, before any thread exists (libzmq's I/O threads, rppal's interrupt threads):
+        // Signals blocks SIGINT/SIGTERM in this thread, and threads inherit the mask.
+        let signals = Signals::new(&[Signal::SIGINT, Signal::SIGTERM]).map_err(lerr)?;
+        handle
+            .insert_source(signals, |event, _, gw: &mut Gateway| {
+                log::info!("signal received signal={:?}: shutting down", event.signal());
+                gw.begin_shutdown();
+            })
+            .map_err(lerr)?;
+
+        let ctx = zmq::Context::new();
+        let socket = backend_socket(&ctx, &cfg)?;
+        let zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
+            .map_err(zerr("creating the socket monitor"))?;
+        let outbox = zsource.handle();
+        let zmq_token = handle
+            .insert_source(zsource, |event, _, gw: &mut Gateway| gw.on_zmq(event))
+            .map_err(lerr)?;
+
+        let (gpio, gpio_events) = hw::open(&cfg.gpio)?;
+        let mut reader_tokens = Vec::new();
+        reader_tokens.push(
+            handle
+                .insert_source(gpio_events, |edge, _, gw: &mut Gateway| gw.on_edge(edge))
+                .map_err(lerr)?,
+        );
+        let inputs = cfg
+            .gpio
+            .input
+            .iter()
+            .map(|i| {
+                (
+                    i.pin,
+                    InputState {
+                        name: i.name.clone(),
+                        edge: i.edge,
+                        debounce: Duration::from_millis(i.debounce_ms),
+                        level: u8::from(i.pull == crate::config::Pull::Up),
+                        changed_at: None,
+                        recheck: None,
+                    },
+                )
+            })
+            .collect::<HashMap<_, _>>();
+        let outputs = cfg
+            .gpio
+            .output
+            .iter()
+            .map(|o| {
+                (
+                    o.name.clone(),
+                    OutputState {
+                        pin: o.pin,
+                        level: o.initial,
+                        max_pulse_ms: o.max_pulse_ms,
+                        pulse: None,
+                    },
+                )
+            })
+            .collect();
+
+        let mut ports = BTreeMap::new();
+        for sc in &cfg.serial {
+            let source = SerialSource::new(&sc.name, &sc.path, sc.baud).map_err(|source| {
+                GatewayError::Serial {
+                    name: sc.name.clone(),
+                    source,
+                }
+            })?;
+            let port_handle = source.handle();
+            let name = sc.name.clone();
+            reader_tokens.push(
+                handle
+                    .insert_source(source, move |event, _, gw: &mut Gateway| {
+                        gw.on_serial(&name, event)
+                    })
+                    .map_err(lerr)?,
+            );
+            ports.insert(
+                sc.name.clone(),
+                PortState {
+                    handle: port_handle,
+                    format: sc.format,
+                    line_ending: sc.line_ending.clone(),
+                    bad_lines: 0,
+                    overlong_lines: 0,
+                    disconnects: 0,
+                    connected: false,
+                    limiter: LogLimiter::default(),
+                },
+            );
+        }
+
+        let interval = Duration::from_secs(cfg.gateway.stats_interval_s);
+        handle
+            .insert_source(
+                Timer::from_duration(interval),
+                move |_, _, gw: &mut Gateway| {
+                    gw.send_stats();
+                    TimeoutAction::ToDuration(interval)
+                },
+            )
+            .map_err(lerr)?;
+
+        log::info!(
+            "gateway starting id={} endpoint={} inputs={} outputs={} serial={} gpio={:?}",
+            cfg.gateway.id,
+            cfg.backend.endpoint,
+            cfg.gpio.input.len(),
+            cfg.gpio.output.len(),
+            cfg.serial.len(),
+            cfg.gpio.backend
+        );
+        Ok(Gateway {
+            cfg,
+            handle,
+            outbox,
+            zmq_token,
+            gpio,
+            inputs,
+            outputs,
+            ports,
+            reader_tokens,
+            pending_writes: HashMap::new(),
+            next_write_token: 1,
+            replies: ReplyCache::default(),
+            next_seq: 1,
+            acked: 0,
+            counters: Counters::default(),
+            started: Instant::now(),
+            shutdown_deadline: None,
+            handshake_failures: LogLimiter::default(),
+            command_errors: LogLimiter::default(),
+            drops: LogLimiter::default(),
+            _ctx: ctx,
+        })
+    }
+
+    /// Runs until SIGINT/SIGTERM and the shutdown flush are done.
+    pub fn run(cfg: Config) -> Result<(), GatewayError> {
+        let mut event_loop: EventLoop<'static, Gateway> = EventLoop::try_new().map_err(lerr)?;
+        let mut gw = Gateway::new(cfg, &event_loop)?;
+        let signal = event_loop.get_signal();
+        event_loop
+            .run(None, &mut gw, |gw| {
+                if gw.finished() {
+                    signal.stop();
+                }
+            })
+            .map_err(lerr)?;
+        gw.finish();
+        Ok(())
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn outbox(&self) -> &OutboxHandle {
+        &self.outbox
+    }
+
+    /// True once shutdown was requested and the outbox is flushed or the flush time is up.
+    pub fn finished(&self) -> bool {
+        match self.shutdown_deadline {
+            Some(deadline) => self.outbox.is_empty() || Instant::now() >= deadline,
+            None => false,
+        }
+    }
+
+    /// Stops reading sensors and starts the bounded flush of the outbox.
+    pub fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
+        self.shutdown_deadline = Some(Instant::now() + flush);
+        for token in self.reader_tokens.drain(..) {
+            self.handle.remove(token);
+        }
+        // Wake the loop at the deadline even if nothing else happens.
+        if let Err(e) = self
+            .handle
+            .insert_source(Timer::from_duration(flush), |_, _, _| TimeoutAction::Drop)
+        {
+            log::error!("cannot arm the shutdown timer: {e}");
+        }
+        log::info!(
+            "shutdown: flushing outbox queued={} for up to {} ms",
+            self.outbox.len(),
+            flush.as_millis()
+        );
+    }
+
+    /// Logs what is left and lets libzmq hand queued frames to the kernel before exit.
+    pub fn finish(&mut self) {
+        let left = self.outbox.len();
+        if left > 0 {
+            log::warn!("shutdown: messages not delivered count={left}");
+        }
+        // Frames already accepted by libzmq get a short linger to reach the wire.
+        self.handle.remove(self.zmq_token);
+        log::info!(
+            "gateway stopped readings={} sent={} acked={}",
+            self.counters.readings,
+            self.outbox.sent(),
+            self.counters.acked
+        );
+    }
+
+    fn hello(&self) -> Message {
+        Message::new(
+            protocol::KIND_HELLO,
+            &json!({
+                "gateway": self.cfg.gateway.id,
+                "protocol": protocol::PROTOCOL_VERSION,
+                "version": env!("CARGO_PKG_VERSION"),
+                "inputs": self.cfg.inputs(),
+                "outputs": self.cfg.outputs(),
+                "serial": self.cfg.serial_names(),
+                "resume_seq": self.resume_seq(),
+            }),
+        )
+    }
+
+    /// The lowest seq the gateway may still send; everything below is acked or dropped.
+    fn resume_seq(&self) -> u64 {
+        self.outbox
+            .peek(|o| {
+                o.iter()
+                    .filter(|m| m.kind == protocol::KIND_READING)
+                    .filter_map(|m| {
+                        serde_json::from_str::<Value>(&m.body)
+                            .ok()
+                            .and_then(|v| v.get("seq").and_then(Value::as_u64))
+                    })
+                    .next()
+            })
+            .unwrap_or(self.next_seq)
+    }
+
+    /// Queues a message; when the outbox is full, the oldest queued reading makes room.
+    fn send(&mut self, m: Message) {
+        if let Err(m) = self.outbox.push(m) {
+            let dropped = self
+                .outbox
+                .with(|o| o.drop_oldest_of(protocol::KIND_READING));
+            self.counters.dropped += 1;
+            if self.drops.allow("outbox full") {
+                log::warn!(
+                    "outbox full max={}: dropped oldest reading ({})",
+                    self.cfg.backend.outbox_max,
+                    if dropped.is_some() {
+                        "reading"
+                    } else {
+                        "new message"
+                    }
+                );
+            }
+            if dropped.is_some() {
+                let _ = self.outbox.push(m);
+            }
+        }
+    }
+
+    fn emit_reading(&mut self, source: &str, values: Map<String, Value>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.counters.readings += 1;
+        let body = protocol::reading_body(
+            &self.cfg.gateway.id,
+            seq,
+            source,
+            &protocol::now_rfc3339(),
+            values,
+        );
+        self.send(Message::new(protocol::KIND_READING, &body));
+    }
+
+    fn send_stats(&mut self) {
+        let ports: Map<String, Value> = self
+            .ports
+            .iter()
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    json!({
+                        "connected": p.connected,
+                        "bad_lines": p.bad_lines,
+                        "overlong_lines": p.overlong_lines,
+                        "disconnects": p.disconnects,
+                    }),
+                )
+            })
+            .collect();
+        let bad_lines: Map<String, Value> = self
+            .ports
+            .iter()
+            .map(|(n, p)| (n.clone(), json!(p.bad_lines)))
+            .collect();
+        let c = &self.counters;
+        let body = json!({
+            "gateway": self.cfg.gateway.id,
+            "time": protocol::now_rfc3339(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "outbox": self.outbox.len(),
+            "outbox_max": self.cfg.backend.outbox_max,
+            "resume_seq": self.resume_seq(),
+            "counters": {
+                "readings": c.readings,
+                "sent": self.outbox.sent(),
+                "acked": c.acked,
+                "dropped": c.dropped,
+                "bad_lines": bad_lines,
+                "commands_ok": c.commands_ok,
+                "commands_failed": c.commands_failed,
+                "reconnects": c.reconnects,
+                "bad_messages": c.bad_messages,
+            },
+            "serial": ports,
+        });
+        self.send(Message::new(protocol::KIND_STATS, &body));
+    }
+
+    fn on_zmq(&mut self, event: ZmqEvent) {
+        match event {
+            ZmqEvent::Connected => {
+                self.counters.connects += 1;
+                if self.counters.connects > 1 {
+                    self.counters.reconnects += 1;
+                }
+                log::info!(
+                    "backend connected endpoint={} connects={}",
+                    self.cfg.backend.endpoint,
+                    self.counters.connects
+                );
+                let hello = self.hello();
+                self.outbox.with(|o| o.push_front(hello));
+            }
+            ZmqEvent::Disconnected => {
+                log::warn!(
+                    "backend disconnected endpoint={}",
+                    self.cfg.backend.endpoint
+                )
+            }
+            ZmqEvent::HandshakeFailed(why) => {
+                if self.handshake_failures.allow("backend handshake failed") {
+                    log::error!("backend handshake failed: {why}");
+                }
+            }
+            ZmqEvent::Drained => {}
+            ZmqEvent::Message(frames) => self.on_backend_message(frames),
+        }
+    }
+
+    fn on_backend_message(&mut self, frames: Vec<Vec<u8>>) {
+        let [kind, body] = match <[Vec<u8>; 2]>::try_from(frames) {
+            Ok(f) => f,
+            Err(frames) => {
+                self.counters.bad_messages += 1;
+                if self.command_errors.allow("bad backend message") {
+                    log::warn!(
+                        "backend message ignored: expected 2 frames (kind, JSON), got {}",
+                        frames.len()
+                    );
+                }
+                return;
+            }
+        };
+        match kind.as_slice() {
+            b"ack" => match protocol::parse_ack(&body) {
+                Ok(seq) => self.on_ack(seq),
+                Err(e) => {
+                    self.counters.bad_messages += 1;
+                    if self.command_errors.allow("bad ack") {
+                        log::warn!("backend ack ignored: {e}");
+                    }
+                }
+            },
+            b"command" => self.on_command(&body),
+            other => {
+                self.counters.bad_messages += 1;
+                let kind = String::from_utf8_lossy(other)
+                    .chars()
+                    .take(32)
+                    .collect::<String>();
+                // A command-like body with an id gets an answer; otherwise a log line.
+                let id = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string));
+                let msg = format!("unknown message kind {kind:?} (expected ack or command)");
+                match id {
+                    Some(id) => {
+                        self.counters.commands_failed += 1;
+                        self.send(protocol::reply_err(&id, &msg));
+                    }
+                    None => {
+                        if self.command_errors.allow("unknown kind") {
+                            log::warn!("backend message ignored: {msg}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, seq: u64) {
+        let seq = seq.min(self.next_seq - 1);
+        if seq > self.acked {
+            self.counters.acked += seq - self.acked;
+            self.acked = seq;
+        }
+    }
+
+    fn on_command(&mut self, body: &[u8]) {
+        let cmd = match protocol::parse_command(body) {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.commands_failed += 1;
+                if self.command_errors.allow("bad command") {
+                    log::warn!(
+                        "command refused id={} error=\"{}\"",
+                        e.id.as_deref().unwrap_or("-"),
+                        e.message
+                    );
+                }
+                if let Some(id) = e.id {
+                    if let Some(prev) = self.replies.get(&id) {
+                        // Same id seen before: answer as before, never execute twice.
+                        if let Some(reply) = prev.clone() {
+                            self.send(reply);
+                        }
+                        return;
+                    }
+                    let reply = protocol::reply_err(&id, &e.message);
+                    self.replies.insert(&id, Some(reply.clone()));
+                    self.send(reply);
+                }
+                return;
+            }
+        };
+        if let Some(prev) = self.replies.get(&cmd.id) {
+            log::info!("duplicate command id={}: not executed again", cmd.id);
+            if let Some(reply) = prev.clone() {
+                self.send(reply);
+            }
+            return;
+        }
+        match self.execute(&cmd) {
+            Ok(true) => self.finish_command(&cmd.id, Ok(())),
+            Ok(false) => self.replies.insert(&cmd.id, None),
+            Err(e) => self.finish_command(&cmd.id, Err(e)),
+        }
+    }
+
+    fn finish_command(&mut self, id: &str, result: Result<(), String>) {
+        let reply = match result {
+            Ok(()) => {
+                self.counters.commands_ok += 1;
+                protocol::reply_ok(id)
+            }
+            Err(e) => {
+                self.counters.commands_failed += 1;
+                if self.command_errors.allow("command failed") {
+                    log::warn!("command refused id={id} error=\"{e}\"");
+                }
+                protocol::reply_err(id, &e)
+            }
+        };
+        self.replies.insert(id, Some(reply.clone()));
+        self.send(reply);
+    }
+
+    /// Executes a command. `Ok(true)`: done now; `Ok(false)`: the reply follows later.
+    fn execute(&mut self, cmd: &Command) -> Result<bool, String> {
+        if let Some(out) = self.outputs.get(&cmd.target) {
+            let (pin, level, max) = (out.pin, out.level, out.max_pulse_ms);
+            let new_level = match cmd.action {
+                Action::Set(v) => v,
+                Action::Toggle => 1 - level,
+                Action::Pulse(ms) if ms > max => {
+                    return Err(format!(
+                        "pulse of {ms} ms exceeds max_pulse_ms={max} for {}",
+                        cmd.target
+                    ))
+                }
+                Action::Pulse(_) => 1 - level,
+                Action::Write(_) => {
+                    return Err(format!(
+                        "{} is a GPIO output: use set, toggle or pulse",
+                        cmd.target
+                    ))
+                }
+            };
+            self.gpio
+                .write(pin, new_level)
+                .map_err(|e| format!("GPIO write failed: {e}"))?;
+            let out = self
+                .outputs
+                .get_mut(&cmd.target)
+                .expect("output looked up above");
+            out.level = new_level;
+            // Any command ends a running pulse; a new pulse keeps the original level to restore.
+            let restore = match out.pulse.take() {
+                Some((restore, token)) => {
+                    self.handle.remove(token);
+                    restore
+                }
+                None => level,
+            };
+            if let Action::Pulse(ms) = cmd.action {
+                let name = cmd.target.clone();
+                let token = self
+                    .handle
+                    .insert_source(
+                        Timer::from_duration(Duration::from_millis(ms)),
+                        move |_, _, gw: &mut Gateway| {
+                            gw.end_pulse(&name);
+                            TimeoutAction::Drop
+                        },
+                    )
+                    .map_err(|e| format!("cannot arm pulse timer: {e}"))?;
+                let out = self
+                    .outputs
+                    .get_mut(&cmd.target)
+                    .expect("output looked up above");
+                out.pulse = Some((restore, token));
+            }
+            log::info!(
+                "command id={} target={} action={} level={new_level}",
+                cmd.id,
+                cmd.target,
+                cmd.action.name()
+            );
+            return Ok(true);
+        }
+        if let Some(port) = self.ports.get(&cmd.target) {
+            let Action::Write(text) = &cmd.action else {
+                return Err(format!("{} is a serial port: use write", cmd.target));
+            };
+            let mut data = text.clone().into_bytes();
+            data.extend_from_slice(port.line_ending.as_bytes());
+            let token = self.next_write_token;
+            self.next_write_token += 1;
+            port.handle.write(data, token).map_err(|e| match e {
+                WriteError::NotConnected => format!("serial port {} is not connected", cmd.target),
+                WriteError::Busy => format!("serial port {}: {e}", cmd.target),
+            })?;
+            self.pending_writes.insert(token, cmd.id.clone());
+            return Ok(false);
+        }
+        if self.inputs.values().any(|i| i.name == cmd.target) {
+            return Err(format!(
+                "{} is a GPIO input: it takes no commands",
+                cmd.target
+            ));
+        }
+        Err(format!("unknown target {:?}", cmd.target))
+    }
+
+    fn end_pulse(&mut self, name: &str) {
+        let Some(out) = self.outputs.get_mut(name) else {
+            return;
+        };
+        let Some((restore, _)) = out.pulse.take() else {
+            return;
+        };
+        match self.gpio.write(out.pin, restore) {
+            Ok(()) => {
+                out.level = restore;
+                log::info!("pulse ended target={name} level={restore}");
+            }
+            Err(e) => log::error!("pulse end failed target={name} error=\"{e}\""),
+        }
+    }
+
+    fn on_edge(&mut self, edge: Edge) {
+        let Some(input) = self.inputs.get_mut(&edge.pin) else {
+            return;
+        };
+        if edge.level == input.level {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(at) = input.changed_at {
+            let quiet_until = at + input.debounce;
+            if now < quiet_until {
+                // Too soon: look again when the debounce window ends, so the final level is
+                // never missed.
+                if input.recheck.is_none() {
+                    let pin = edge.pin;
+                    match self.handle.insert_source(
+                        Timer::from_deadline(quiet_until),
+                        move |_, _, gw: &mut Gateway| {
+                            gw.recheck_input(pin);
+                            TimeoutAction::Drop
+                        },
+                    ) {
+                        Ok(token) => input.recheck = Some(token),
+                        Err(e) => log::error!("cannot arm debounce timer: {e}"),
+                    }
+                }
+                return;
+            }
+        }
+        input.level = edge.level;
+        input.changed_at = Some(now);
+        if input.edge.reports(edge.level) {
+            let name = input.name.clone();
+            let mut values = Map::new();
+            values.insert("level".into(), json!(edge.level));
+            self.emit_reading(&name, values);
+        }
+    }
+
+    fn recheck_input(&mut self, pin: u8) {
+        if let Some(input) = self.inputs.get_mut(&pin) {
+            input.recheck = None;
+            input.changed_at = None;
+        }
+        match self.gpio.read(pin) {
+            Ok(level) => self.on_edge(Edge { pin, level }),
+            Err(e) => log::warn!("debounce re-read failed pin={pin} error=\"{e}\""),
+        }
+    }
+
+    fn on_serial(&mut self, name: &str, event: SerialEvent) {
+        match event {
+            SerialEvent::Line(line) => {
+                let Some(port) = self.ports.get_mut(name) else {
+                    return;
+                };
+                match protocol::parse_line(port.format, &line) {
+                    Ok(values) => self.emit_reading(name, values),
+                    Err(e) => {
+                        port.bad_lines += 1;
+                        if port.limiter.allow("bad serial line") {
+                            let preview: String =
+                                String::from_utf8_lossy(&line).chars().take(80).collect();
+                            log::warn!(
+                                "bad serial line port={name} error=\"{e}\" line={preview:?} bad_lines={}",
+                                port.bad_lines
+                            );
+                        }
+                    }
+                }
+            }
+            SerialEvent::Overlong(n) => {
+                if let Some(port) = self.ports.get_mut(name) {
+                    port.bad_lines += 1;
+                    port.overlong_lines += 1;
+                    if port.limiter.allow("overlong serial line") {
+                        log::warn!(
+                            "serial line too long port={name} bytes={n} max={}: discarded",
+                            protocol::MAX_LINE
+                        );
+                    }
+                }
+            }
+            SerialEvent::Connected => {
+                if let Some(port) = self.ports.get_mut(name) {
+                    port.connected = true;
+                }
+            }
+            SerialEvent::Disconnected(_) => {
+                if let Some(port) = self.ports.get_mut(name) {
+                    port.connected = false;
+                    port.disconnects += 1;
+                }
+            }
+            SerialEvent::WriteDone(token) => {
+                if let Some(id) = self.pending_writes.remove(&token) {
+                    log::info!("command id={id} target={name} action=write: written");
+                    self.finish_command(&id, Ok(()));
+                }
+            }
+            SerialEvent::WriteFailed(token, why) => {
+                if let Some(id) = self.pending_writes.remove(&token) {
+                    self.finish_command(&id, Err(why));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_cache_evicts_oldest() {
+        let mut c = ReplyCache::default();
+        for i in 0..(REPLY_CACHE + 5) {
+            c.insert(&format!("c{i}"), None);
+        }
+        assert!(c.get("c0").is_none());
+        assert!(c.get("c4").is_none());
+        assert!(c.get("c5").is_some());
+        assert_eq!(c.map.len(), REPLY_CACHE);
+    }
+
+    #[test]
+    fn log_limiter_bursts() {
+        let mut l = LogLimiter::default();
+        let allowed = (0..100).filter(|_| l.allow("x")).count();
+        assert_eq!(allowed, LogLimiter::BURST as usize);
+    }
+}

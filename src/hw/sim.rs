@@ -1,0 +1,194 @@
+//! Simulated GPIO: one file per configured BCM pin, `<sim_dir>/gpio<N>`, holding `0` or `1`
+//! and a newline.
+//!
+//! On open, the files are (re)created: inputs per their pull (up → 1, down/none → 0), outputs
+//! at `initial`. Outputs are written atomically (temp file + rename), so a reader never sees a
+//! partial file. The directory is watched with inotify (an fd in the loop, no polling): an
+//! input file whose content changes to a new level is an edge.
+
+use super::{Edge, GpioBackend, HwError};
+use crate::config::{InputConfig, OutputConfig, Pull};
+use calloop::generic::Generic;
+use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub struct SimGpio {
+    dir: PathBuf,
+    inputs: Vec<u8>,
+    outputs: Vec<u8>,
+}
+
+fn pin_path(dir: &Path, pin: u8) -> PathBuf {
+    dir.join(format!("gpio{pin}"))
+}
+
+/// Writes `level` to a pin file atomically.
+pub fn write_pin_file(dir: &Path, pin: u8, level: u8) -> io::Result<()> {
+    let tmp = dir.join(format!(".gpio{pin}.tmp"));
+    std::fs::write(&tmp, if level == 0 { b"0\n" } else { b"1\n" })?;
+    std::fs::rename(&tmp, pin_path(dir, pin))
+}
+
+/// Reads a pin file: `Ok(Some(level))`, `Ok(None)` when the content is not 0 or 1.
+pub fn read_pin_file(dir: &Path, pin: u8) -> io::Result<Option<u8>> {
+    let text = std::fs::read_to_string(pin_path(dir, pin))?;
+    Ok(match text.trim() {
+        "0" => Some(0),
+        "1" => Some(1),
+        _ => None,
+    })
+}
+
+impl SimGpio {
+    pub fn open(
+        dir: &Path,
+        inputs: &[InputConfig],
+        outputs: &[OutputConfig],
+    ) -> Result<(SimGpio, SimWatcher), HwError> {
+        let dir_err = |source| HwError::SimDir {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let inotify =
+            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|source| {
+                HwError::Inotify {
+                    path: dir.display().to_string(),
+                    source,
+                }
+            })?;
+        inotify
+            .add_watch(
+                dir,
+                AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_MODIFY,
+            )
+            .map_err(|source| HwError::Inotify {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let mut levels = HashMap::new();
+        for i in inputs {
+            let level = u8::from(i.pull == Pull::Up);
+            write_pin_file(dir, i.pin, level).map_err(dir_err)?;
+            levels.insert(format!("gpio{}", i.pin), (i.pin, level));
+        }
+        for o in outputs {
+            write_pin_file(dir, o.pin, o.initial).map_err(dir_err)?;
+        }
+        let watcher = SimWatcher {
+            dir: dir.to_path_buf(),
+            inotify: Generic::new(inotify, Interest::READ, Mode::Level),
+            levels,
+        };
+        Ok((
+            SimGpio {
+                dir: dir.to_path_buf(),
+                inputs: inputs.iter().map(|i| i.pin).collect(),
+                outputs: outputs.iter().map(|o| o.pin).collect(),
+            },
+            watcher,
+        ))
+    }
+}
+
+impl GpioBackend for SimGpio {
+    fn write(&mut self, pin: u8, level: u8) -> Result<(), HwError> {
+        if !self.outputs.contains(&pin) {
+            return Err(HwError::UnknownPin(pin));
+        }
+        write_pin_file(&self.dir, pin, level).map_err(|source| HwError::SimPin {
+            path: pin_path(&self.dir, pin).display().to_string(),
+            source,
+        })
+    }
+
+    fn read(&mut self, pin: u8) -> Result<u8, HwError> {
+        if !self.inputs.contains(&pin) && !self.outputs.contains(&pin) {
+            return Err(HwError::UnknownPin(pin));
+        }
+        let path = pin_path(&self.dir, pin);
+        match read_pin_file(&self.dir, pin) {
+            Ok(Some(level)) => Ok(level),
+            Ok(None) => Err(HwError::SimPin {
+                path: path.display().to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidData, "content is not 0 or 1"),
+            }),
+            Err(source) => Err(HwError::SimPin {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The inotify watch on the simulated GPIO directory, as an event source of input edges.
+pub struct SimWatcher {
+    dir: PathBuf,
+    inotify: Generic<Inotify>,
+    /// File name → (pin, last level seen).
+    levels: HashMap<String, (u8, u8)>,
+}
+
+impl EventSource for SimWatcher {
+    type Event = Edge;
+    type Metadata = ();
+    type Ret = ();
+    type Error = io::Error;
+
+    fn process_events<F>(
+        &mut self,
+        readiness: Readiness,
+        token: Token,
+        mut callback: F,
+    ) -> Result<PostAction, Self::Error>
+    where
+        F: FnMut(Self::Event, &mut Self::Metadata) -> Self::Ret,
+    {
+        let dir = &self.dir;
+        let levels = &mut self.levels;
+        self.inotify.process_events(readiness, token, |_, inotify| {
+            loop {
+                let events = match inotify.read_events() {
+                    Ok(ev) => ev,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(e) => return Err(io::Error::from(e)),
+                };
+                for ev in events {
+                    let Some(name) = ev.name.as_ref().and_then(|n| n.to_str()) else {
+                        continue;
+                    };
+                    let Some((pin, last)) = levels.get_mut(name) else {
+                        continue;
+                    };
+                    match read_pin_file(dir, *pin) {
+                        Ok(Some(level)) if level != *last => {
+                            *last = level;
+                            callback(Edge { pin: *pin, level }, &mut ());
+                        }
+                        Ok(Some(_)) => {}
+                        // A writer that truncates before writing shows an empty file for a
+                        // moment; the close-write event that follows carries the value.
+                        Ok(None) => log::debug!("sim gpio file={name} content is not 0/1"),
+                        Err(e) => log::debug!("sim gpio file={name} unreadable: {e}"),
+                    }
+                }
+            }
+            Ok(PostAction::Continue)
+        })
+    }
+
+    fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.inotify.register(poll, factory)
+    }
+    fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.inotify.reregister(poll, factory)
+    }
+    fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
+        self.inotify.unregister(poll)
+    }
+}

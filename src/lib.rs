@@ -1,0 +1,21 @@
+//! zgate: a field gateway daemon. One calloop event loop owns the GPIO lines, the serial
+//! ports, the timers and a ZeroMQ socket to the backend.
+//!
+//! - [`config`]: the TOML configuration, with file/line/key errors.
+//! - [`protocol`]: protocol v1 messages (see docs/protocol.md).
+//! - [`sources`]: the loop's event sources (ZeroMQ, serial, GPIO).
+//! - [`hw`]: GPIO backends (Raspberry Pi via rppal, simulated via files + inotify).
+//! - [`gateway`]: the loop's shared state: readings, commands, stats, shutdown.
+//! - [`backend`]: the reference backend (`zgate backend`).
+//! - [`demo`]: `zgate demo`, the embedded default with simulated hardware.
+
+pub mod backend;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod hw;
+pub mod protocol;
+pub mod sources;
+
+pub use config::Config;
+pub use gateway::{Gateway, GatewayError};

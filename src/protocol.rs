@@ -1,0 +1,415 @@
+//! Protocol v1 between gateway and backend (see docs/protocol.md).
+//!
+//! Every message is multipart: frame 0 the kind (ASCII), frame 1 a UTF-8 JSON object.
+//! Gateway → backend: `hello`, `reading`, `reply`, `stats`. Backend → gateway: `ack`, `command`.
+
+use crate::config::LineFormat;
+use serde_json::{json, Map, Value};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub const KIND_HELLO: &str = "hello";
+pub const KIND_READING: &str = "reading";
+pub const KIND_REPLY: &str = "reply";
+pub const KIND_STATS: &str = "stats";
+pub const KIND_ACK: &str = "ack";
+pub const KIND_COMMAND: &str = "command";
+
+/// Longest serial line accepted, in bytes (without the line ending).
+pub const MAX_LINE: usize = 4096;
+
+/// A two-frame message: kind and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub kind: &'static str,
+    pub body: String,
+}
+
+impl Message {
+    pub fn new(kind: &'static str, body: &Value) -> Message {
+        Message {
+            kind,
+            body: body.to_string(),
+        }
+    }
+    pub fn frames(&self) -> [&[u8]; 2] {
+        [self.kind.as_bytes(), self.body.as_bytes()]
+    }
+}
+
+/// Why a serial line was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("empty line")]
+    Empty,
+    #[error("line is not valid UTF-8")]
+    NotUtf8,
+    #[error("kv pair {0:?} has no '=' (expected key=value)")]
+    NoEquals(String),
+    #[error("kv pair {0:?} has an empty key")]
+    EmptyKey(String),
+    #[error("key {0:?} appears twice")]
+    DuplicateKey(String),
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("JSON line is not an object")]
+    NotObject,
+}
+
+/// Parses one serial line (without its line ending) into the `values` of a reading.
+pub fn parse_line(format: LineFormat, line: &[u8]) -> Result<Map<String, Value>, LineError> {
+    let text = std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)?;
+    match format {
+        LineFormat::Kv => parse_kv(text),
+        LineFormat::Json => parse_json_object(text),
+        LineFormat::Raw => {
+            let mut m = Map::new();
+            m.insert("line".into(), Value::String(text.to_string()));
+            Ok(m)
+        }
+    }
+}
+
+/// `temperature=21.5 humidity=40,ok=true`: pairs split by spaces or commas; numbers become
+/// JSON numbers, `true`/`false` booleans, anything else strings.
+pub fn parse_kv(text: &str) -> Result<Map<String, Value>, LineError> {
+    let mut m = Map::new();
+    for pair in text
+        .split(|c: char| c == ',' || c.is_ascii_whitespace())
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| LineError::NoEquals(pair.to_string()))?;
+        if k.is_empty() {
+            return Err(LineError::EmptyKey(pair.to_string()));
+        }
+        if m.insert(k.to_string(), kv_value(v)).is_some() {
+            return Err(LineError::DuplicateKey(k.to_string()));
+        }
+    }
+    if m.is_empty() {
+        return Err(LineError::Empty);
+    }
+    Ok(m)
+}
+
+fn kv_value(v: &str) -> Value {
+    match v {
+        "true" => return Value::Bool(true),
+        "false" => return Value::Bool(false),
+        _ => {}
+    }
+    if let Ok(i) = v.parse::<i64>() {
+        return Value::from(i);
+    }
+    // Only plain decimal notation counts as a number: "inf", "nan", "1e5x" stay strings.
+    if v.bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
+        && v.bytes().any(|b| b.is_ascii_digit())
+    {
+        if let Ok(f) = v.parse::<f64>() {
+            if let Some(n) = serde_json::Number::from_f64(f) {
+                return Value::Number(n);
+            }
+        }
+    }
+    Value::String(v.to_string())
+}
+
+fn parse_json_object(text: &str) -> Result<Map<String, Value>, LineError> {
+    if text.trim().is_empty() {
+        return Err(LineError::Empty);
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(LineError::NotObject),
+        Err(e) => Err(LineError::Json(e.to_string())),
+    }
+}
+
+/// Current time as RFC 3339 UTC with milliseconds, e.g. `2026-11-28T01:02:03.456Z`.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+pub fn reading_body(
+    gateway: &str,
+    seq: u64,
+    source: &str,
+    time: &str,
+    values: Map<String, Value>,
+) -> Value {
+    json!({"gateway": gateway, "seq": seq, "source": source, "time": time, "values": values})
+}
+
+pub fn reply_ok(id: &str) -> Message {
+    Message::new(KIND_REPLY, &json!({"id": id, "ok": true}))
+}
+
+pub fn reply_err(id: &str, error: &str) -> Message {
+    Message::new(KIND_REPLY, &json!({"id": id, "ok": false, "error": error}))
+}
+
+/// What a command asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Drive an output to 0 or 1.
+    Set(u8),
+    /// Invert an output.
+    Toggle,
+    /// Invert an output for `ms` milliseconds, then restore the previous level.
+    Pulse(u64),
+    /// Write a string (plus the port's line ending) to a serial port.
+    Write(String),
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Set(_) => "set",
+            Action::Toggle => "toggle",
+            Action::Pulse(_) => "pulse",
+            Action::Write(_) => "write",
+        }
+    }
+}
+
+/// A parsed `command` message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub id: String,
+    pub target: String,
+    pub action: Action,
+}
+
+/// A command that could not be parsed; `id` is known when the JSON had a string id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    pub id: Option<String>,
+    pub message: String,
+}
+
+/// Longest command id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Parses the JSON body of a `command` message. Checks syntax and value types only; whether
+/// the target exists and accepts the action is decided by the gateway.
+pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
+    let bad = |id: Option<String>, message: String| CommandError { id, message };
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| bad(None, format!("malformed JSON: {e}")))?;
+    let Value::Object(obj) = v else {
+        return Err(bad(None, "command must be a JSON object".into()));
+    };
+    let id = match obj.get("id") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(bad(
+                None,
+                format!("\"id\" must be 1 to {MAX_ID_LEN} characters"),
+            ))
+        }
+        Some(_) => return Err(bad(None, "\"id\" must be a string".into())),
+        None => return Err(bad(None, "missing \"id\"".into())),
+    };
+    let target = match obj.get("target") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(bad(Some(id), "\"target\" must be a string".into())),
+        None => return Err(bad(Some(id), "missing \"target\"".into())),
+    };
+    let action = match obj.get("action") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(bad(Some(id), "\"action\" must be a string".into())),
+        None => return Err(bad(Some(id), "missing \"action\"".into())),
+    };
+    for key in obj.keys() {
+        if !matches!(key.as_str(), "id" | "target" | "action" | "value") {
+            return Err(bad(Some(id), format!("unknown field {key:?}")));
+        }
+    }
+    let value = obj.get("value");
+    let action = match action {
+        "set" => match value {
+            Some(Value::Bool(b)) => Action::Set(u8::from(*b)),
+            Some(Value::Number(n)) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
+                Action::Set(n.as_u64().unwrap_or(0) as u8)
+            }
+            Some(other) => {
+                return Err(bad(
+                    Some(id),
+                    format!("set: value must be 0, 1, false or true, got {other}"),
+                ))
+            }
+            None => return Err(bad(Some(id), "set: missing \"value\"".into())),
+        },
+        "toggle" => match value {
+            None | Some(Value::Null) => Action::Toggle,
+            Some(other) => {
+                return Err(bad(Some(id), format!("toggle takes no value, got {other}")))
+            }
+        },
+        "pulse" => {
+            let ms = value
+                .and_then(|v| v.as_object())
+                .and_then(|o| o.get("ms"))
+                .and_then(|ms| ms.as_u64());
+            match ms {
+                Some(ms) if ms > 0 => Action::Pulse(ms),
+                _ => {
+                    return Err(bad(
+                        Some(id),
+                        "pulse: value must be {\"ms\": N} with N a positive integer".into(),
+                    ))
+                }
+            }
+        }
+        "write" => match value {
+            Some(Value::String(s)) => Action::Write(s.clone()),
+            _ => return Err(bad(Some(id), "write: value must be a string".into())),
+        },
+        other => {
+            return Err(bad(
+                Some(id),
+                format!("unknown action {other:?} (set, toggle, pulse, write)"),
+            ))
+        }
+    };
+    Ok(Command { id, target, action })
+}
+
+/// Parses the JSON body of an `ack` message: `{"seq": N}`.
+pub fn parse_ack(body: &[u8]) -> Result<u64, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    v.get("seq")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| "ack must be {\"seq\": N} with N a non-negative integer".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_types() {
+        let m =
+            parse_kv("temperature=21.5 humidity=40,ok=true flag=false name=abc neg=-3").unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"temperature": 21.5, "humidity": 40, "ok": true, "flag": false, "name": "abc", "neg": -3})
+        );
+    }
+
+    #[test]
+    fn kv_edge_cases() {
+        assert_eq!(parse_kv("  ,, "), Err(LineError::Empty));
+        assert!(matches!(parse_kv("a=1 b"), Err(LineError::NoEquals(_))));
+        assert!(matches!(parse_kv("=1"), Err(LineError::EmptyKey(_))));
+        assert!(matches!(
+            parse_kv("a=1 a=2"),
+            Err(LineError::DuplicateKey(_))
+        ));
+        let m = parse_kv("a= b=nan c=inf d=1e3 e=x=y").unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"a": "", "b": "nan", "c": "inf", "d": 1000.0, "e": "x=y"})
+        );
+    }
+
+    #[test]
+    fn json_and_raw_lines() {
+        let m = parse_line(LineFormat::Json, br#"{"t": 1, "s": "x"}"#).unwrap();
+        assert_eq!(Value::Object(m), json!({"t": 1, "s": "x"}));
+        assert_eq!(
+            parse_line(LineFormat::Json, b"[1,2]"),
+            Err(LineError::NotObject)
+        );
+        assert!(matches!(
+            parse_line(LineFormat::Json, b"{oops"),
+            Err(LineError::Json(_))
+        ));
+        let m = parse_line(LineFormat::Raw, b"hello world").unwrap();
+        assert_eq!(Value::Object(m), json!({"line": "hello world"}));
+        assert_eq!(
+            parse_line(LineFormat::Raw, b"\xff\xfe"),
+            Err(LineError::NotUtf8)
+        );
+    }
+
+    #[test]
+    fn commands_parse() {
+        let c =
+            parse_command(br#"{"id":"c-1","target":"relay1","action":"set","value":1}"#).unwrap();
+        assert_eq!(c.action, Action::Set(1));
+        let c = parse_command(br#"{"id":"c-1","target":"relay1","action":"set","value":false}"#)
+            .unwrap();
+        assert_eq!(c.action, Action::Set(0));
+        let c = parse_command(br#"{"id":"c","target":"r","action":"toggle"}"#).unwrap();
+        assert_eq!(c.action, Action::Toggle);
+        let c = parse_command(br#"{"id":"c","target":"r","action":"pulse","value":{"ms":250}}"#)
+            .unwrap();
+        assert_eq!(c.action, Action::Pulse(250));
+        let c = parse_command(br#"{"id":"c","target":"w","action":"write","value":"GO"}"#).unwrap();
+        assert_eq!(c.action, Action::Write("GO".into()));
+    }
+
+    #[test]
+    fn bad_commands_are_refused_with_id_when_known() {
+        for (body, has_id) in [
+            (&b"{nope"[..], false),
+            (br#"[1]"#, false),
+            (br#"{"target":"r","action":"set","value":1}"#, false),
+            (br#"{"id":5,"target":"r","action":"set","value":1}"#, false),
+            (br#"{"id":"c","action":"set","value":1}"#, true),
+            (br#"{"id":"c","target":"r","action":"fly"}"#, true),
+            (br#"{"id":"c","target":"r","action":"set","value":2}"#, true),
+            (
+                br#"{"id":"c","target":"r","action":"set","value":"1"}"#,
+                true,
+            ),
+            (br#"{"id":"c","target":"r","action":"set"}"#, true),
+            (
+                br#"{"id":"c","target":"r","action":"toggle","value":1}"#,
+                true,
+            ),
+            (
+                br#"{"id":"c","target":"r","action":"pulse","value":5}"#,
+                true,
+            ),
+            (
+                br#"{"id":"c","target":"r","action":"pulse","value":{"ms":0}}"#,
+                true,
+            ),
+            (
+                br#"{"id":"c","target":"r","action":"pulse","value":{"ms":-5}}"#,
+                true,
+            ),
+            (
+                br#"{"id":"c","target":"r","action":"write","value":7}"#,
+                true,
+            ),
+            (
+                br#"{"id":"c","target":"r","action":"set","value":1,"x":1}"#,
+                true,
+            ),
+        ] {
+            let e = parse_command(body).unwrap_err();
+            assert_eq!(e.id.is_some(), has_id, "{}", String::from_utf8_lossy(body));
+            assert!(!e.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn acks() {
+        assert_eq!(parse_ack(br#"{"seq": 42}"#), Ok(42));
+        assert!(parse_ack(br#"{"seq": -1}"#).is_err());
+        assert!(parse_ack(b"{").is_err());
+    }
+
+    #[test]
+    fn time_format() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(t.ends_with('Z'));
+    }
+}

@@ -1,0 +1,627 @@
+//! `SerialSource`: one serial port in the loop, framed into lines, with buffered writes and
+//! automatic reconnection.
+//!
+//! - The tty is opened non-blocking (O_NONBLOCK set on the fd) and read when readable.
+//!   Bytes are framed into lines on `\n` (a trailing `\r` is removed); a line longer than
+//!   [`MAX_LINE`] bytes is discarded up to its end and reported once as
+//!   [`SerialEvent::Overlong`].
+//! - Writes go into a bounded buffer and are flushed only when the fd is writable;
+//!   [`SerialEvent::WriteDone`] reports each write once its last byte reached the tty.
+//! - Hang-up (read of 0 bytes, EIO: the USB adapter was unplugged, the pty closed), a missing
+//!   device or any other error drops the port, is logged once, and a timerfd retries the open
+//!   with backoff (1 s doubling to 30 s) until the path is back.
+
+use crate::protocol::MAX_LINE;
+use calloop::generic::Generic;
+use calloop::ping::{make_ping, Ping, PingSource};
+use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Bytes of pending writes accepted per port; more is refused (the device is too slow).
+pub const MAX_PENDING_WRITE: usize = 64 * 1024;
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Bytes read per wake before yielding to other sources (the fd is level-triggered).
+const READ_BUDGET: usize = 64 * 1024;
+
+/// What a serial port reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialEvent {
+    /// A complete line, without its line ending.
+    Line(Vec<u8>),
+    /// A line longer than MAX_LINE was discarded; the value is how many bytes were dropped.
+    Overlong(usize),
+    /// The port was opened.
+    Connected,
+    /// The port was lost; the text says why.
+    Disconnected(String),
+    /// All bytes of the write with this token reached the tty.
+    WriteDone(u64),
+    /// The write with this token could not be completed (the port went away).
+    WriteFailed(u64, String),
+}
+
+/// Why a write was refused before it started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    #[error("serial port is not connected")]
+    NotConnected,
+    #[error("serial port write buffer is full ({MAX_PENDING_WRITE} bytes pending)")]
+    Busy,
+}
+
+struct PendingWrite {
+    data: Vec<u8>,
+    done: usize,
+    token: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    connected: bool,
+    pending: VecDeque<PendingWrite>,
+    pending_bytes: usize,
+}
+
+/// Handle to queue writes to a port from anywhere in the loop. Cheap to clone.
+#[derive(Clone)]
+pub struct SerialHandle {
+    shared: Rc<RefCell<Shared>>,
+    ping: Ping,
+}
+
+impl SerialHandle {
+    /// Queues `data`; [`SerialEvent::WriteDone`] with `token` follows once it was written.
+    pub fn write(&self, data: Vec<u8>, token: u64) -> Result<(), WriteError> {
+        let mut s = self.shared.borrow_mut();
+        if !s.connected {
+            return Err(WriteError::NotConnected);
+        }
+        if s.pending_bytes + data.len() > MAX_PENDING_WRITE {
+            return Err(WriteError::Busy);
+        }
+        s.pending_bytes += data.len();
+        s.pending.push_back(PendingWrite {
+            data,
+            done: 0,
+            token,
+        });
+        drop(s);
+        self.ping.ping();
+        Ok(())
+    }
+    pub fn is_connected(&self) -> bool {
+        self.shared.borrow().connected
+    }
+}
+
+/// An open tty. serialport's TTYPort implements only AsRawFd; this gives calloop an AsFd.
+struct Tty(serialport::TTYPort);
+
+impl AsFd for Tty {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the TTYPort owns the fd and outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.0.as_raw_fd()) }
+    }
+}
+
+pub struct SerialSource {
+    name: String,
+    path: PathBuf,
+    baud: u32,
+    port: Option<Generic<Tty>>,
+    /// The port needs registering (just opened) or its interest changed.
+    port_dirty: bool,
+    port_registered: bool,
+    write_interest: bool,
+    retry: Generic<TimerFd>,
+    backoff: Duration,
+    /// A failure has been logged for the current outage (log once per outage).
+    outage_logged: bool,
+    ping_source: PingSource,
+    ping: Ping,
+    shared: Rc<RefCell<Shared>>,
+    line: Vec<u8>,
+    /// Bytes discarded of the current overlong line (0 when not discarding).
+    discarding: usize,
+}
+
+impl SerialSource {
+    /// Creates the source; the port is opened on registration (and retried if missing).
+    pub fn new(name: &str, path: &Path, baud: u32) -> io::Result<SerialSource> {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let (ping, ping_source) = make_ping()?;
+        Ok(SerialSource {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            baud,
+            port: None,
+            port_dirty: false,
+            port_registered: false,
+            write_interest: false,
+            retry: Generic::new(timer, Interest::READ, Mode::Level),
+            backoff: BACKOFF_MIN,
+            outage_logged: false,
+            ping_source,
+            ping,
+            shared: Rc::new(RefCell::new(Shared::default())),
+            line: Vec::with_capacity(256),
+            discarding: 0,
+        })
+    }
+
+    pub fn handle(&self) -> SerialHandle {
+        SerialHandle {
+            shared: self.shared.clone(),
+            ping: self.ping.clone(),
+        }
+    }
+
+    fn open_port(&self) -> Result<Tty, String> {
+        let port = serialport::new(self.path.to_string_lossy(), self.baud)
+            .timeout(Duration::ZERO)
+            .open_native()
+            .map_err(|e| e.to_string())?;
+        let fd = port.as_raw_fd();
+        // SAFETY: fd is the port's open descriptor.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = fcntl(borrowed.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(borrowed.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(|e| e.to_string())?;
+        Ok(Tty(port))
+    }
+
+    /// Tries to open the port; on failure arms the retry timer.
+    fn try_open<F>(&mut self, callback: &mut F)
+    where
+        F: FnMut(SerialEvent, &mut ()),
+    {
+        match self.open_port() {
+            Ok(tty) => {
+                log::info!(
+                    "serial port open name={} path={} baud={}",
+                    self.name,
+                    self.path.display(),
+                    self.baud
+                );
+                self.port = Some(Generic::new(tty, Interest::READ, Mode::Level));
+                self.port_dirty = true;
+                self.port_registered = false;
+                self.write_interest = false;
+                self.backoff = BACKOFF_MIN;
+                self.outage_logged = false;
+                self.line.clear();
+                self.discarding = 0;
+                self.shared.borrow_mut().connected = true;
+                callback(SerialEvent::Connected, &mut ());
+            }
+            Err(e) => {
+                if !self.outage_logged {
+                    log::warn!(
+                        "serial port unavailable name={} path={} error=\"{e}\" retry=backoff(1s..30s)",
+                        self.name,
+                        self.path.display()
+                    );
+                    self.outage_logged = true;
+                } else {
+                    log::debug!(
+                        "serial port still unavailable name={} error=\"{e}\" next_retry_s={}",
+                        self.name,
+                        self.backoff.as_secs()
+                    );
+                }
+                self.arm_retry();
+            }
+        }
+    }
+
+    fn arm_retry(&mut self) {
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        // SAFETY: we do not replace or close the timer fd.
+        let timer = unsafe { self.retry.get_mut() };
+        if let Err(e) = timer.set(
+            Expiration::OneShot(TimeSpec::from_duration(delay)),
+            TimerSetTimeFlags::empty(),
+        ) {
+            log::error!("serial retry timer failed name={} error={e}", self.name);
+        }
+    }
+
+    /// Drops the port after a hang-up or error; fails pending writes; schedules a reopen.
+    fn disconnect<F>(&mut self, reason: String, callback: &mut F)
+    where
+        F: FnMut(SerialEvent, &mut ()),
+    {
+        log::warn!(
+            "serial port lost name={} path={} reason=\"{reason}\"",
+            self.name,
+            self.path.display()
+        );
+        // Dropping the Generic removes the fd from the poller.
+        self.port = None;
+        self.port_registered = false;
+        self.port_dirty = false;
+        let failed: Vec<u64> = {
+            let mut s = self.shared.borrow_mut();
+            s.connected = false;
+            s.pending_bytes = 0;
+            s.pending.drain(..).map(|w| w.token).collect()
+        };
+        for token in failed {
+            callback(
+                SerialEvent::WriteFailed(token, format!("serial port lost: {reason}")),
+                &mut (),
+            );
+        }
+        callback(SerialEvent::Disconnected(reason), &mut ());
+        self.outage_logged = true;
+        self.backoff = BACKOFF_MIN;
+        self.arm_retry();
+    }
+
+    fn read_some<F>(&mut self, callback: &mut F) -> Result<(), String>
+    where
+        F: FnMut(SerialEvent, &mut ()),
+    {
+        let Some(port) = self.port.as_ref() else {
+            return Ok(());
+        };
+        let fd = port.get_ref().0.as_raw_fd();
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while total < READ_BUDGET {
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(0) => return Err("hang-up (end of file)".into()),
+                Ok(n) => {
+                    total += n;
+                    self.frame(&buf[..n], callback);
+                }
+                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(format!("read failed: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn frame<F>(&mut self, mut bytes: &[u8], callback: &mut F)
+    where
+        F: FnMut(SerialEvent, &mut ()),
+    {
+        while !bytes.is_empty() {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let (head, rest) = bytes.split_at(i);
+                    bytes = &rest[1..];
+                    if self.discarding > 0 {
+                        let dropped = self.discarding + head.len();
+                        self.discarding = 0;
+                        callback(SerialEvent::Overlong(dropped), &mut ());
+                        continue;
+                    }
+                    if self.line.len() + head.len() > MAX_LINE + 1 {
+                        let dropped = self.line.len() + head.len();
+                        self.line.clear();
+                        callback(SerialEvent::Overlong(dropped), &mut ());
+                        continue;
+                    }
+                    self.line.extend_from_slice(head);
+                    if self.line.last() == Some(&b'\r') {
+                        self.line.pop();
+                    }
+                    if self.line.len() > MAX_LINE {
+                        let dropped = self.line.len();
+                        self.line.clear();
+                        callback(SerialEvent::Overlong(dropped), &mut ());
+                    } else if !self.line.is_empty() {
+                        let line = std::mem::replace(&mut self.line, Vec::with_capacity(256));
+                        callback(SerialEvent::Line(line), &mut ());
+                    }
+                }
+                None => {
+                    if self.discarding > 0 {
+                        self.discarding += bytes.len();
+                    } else if self.line.len() + bytes.len() > MAX_LINE + 1 {
+                        self.discarding = self.line.len() + bytes.len();
+                        self.line.clear();
+                    } else {
+                        self.line.extend_from_slice(bytes);
+                    }
+                    bytes = &[];
+                }
+            }
+        }
+    }
+
+    /// Writes as much of the pending data as the tty takes now.
+    fn flush_writes<F>(&mut self, callback: &mut F) -> Result<(), String>
+    where
+        F: FnMut(SerialEvent, &mut ()),
+    {
+        let Some(port) = self.port.as_ref() else {
+            return Ok(());
+        };
+        let fd = port.get_ref().0.as_raw_fd();
+        loop {
+            let mut s = self.shared.borrow_mut();
+            let Some(w) = s.pending.front_mut() else {
+                return Ok(());
+            };
+            // SAFETY: fd is the open port's descriptor for the duration of this call.
+            let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+            match nix::unistd::write(bfd, &w.data[w.done..]) {
+                Ok(n) => {
+                    w.done += n;
+                    if w.done == w.data.len() {
+                        let token = w.token;
+                        let len = w.data.len();
+                        s.pending.pop_front();
+                        s.pending_bytes -= len;
+                        drop(s);
+                        callback(SerialEvent::WriteDone(token), &mut ());
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(format!("write failed: {e}")),
+            }
+        }
+    }
+}
+
+impl EventSource for SerialSource {
+    type Event = SerialEvent;
+    type Metadata = ();
+    type Ret = ();
+    type Error = io::Error;
+
+    fn process_events<F>(
+        &mut self,
+        readiness: Readiness,
+        token: Token,
+        mut callback: F,
+    ) -> Result<PostAction, Self::Error>
+    where
+        F: FnMut(Self::Event, &mut Self::Metadata) -> Self::Ret,
+    {
+        let mut woke_write = false;
+        self.ping_source
+            .process_events(readiness, token, |_, _| woke_write = true)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+
+        let mut retry_fired = false;
+        self.retry.process_events(readiness, token, |_, timer| {
+            // Consume the expiration; a spurious wake reads EAGAIN.
+            let _ = timer.wait();
+            retry_fired = true;
+            Ok(PostAction::Continue)
+        })?;
+        if retry_fired && self.port.is_none() {
+            self.try_open(&mut callback);
+        }
+
+        let mut port_ready = None;
+        if let Some(port) = self.port.as_mut() {
+            port.process_events(readiness, token, |r, _| {
+                port_ready = Some(r);
+                Ok(PostAction::Continue)
+            })?;
+        }
+        let mut failure = None;
+        if let Some(r) = port_ready {
+            if r.readable || r.error {
+                if let Err(e) = self.read_some(&mut callback) {
+                    failure = Some(e);
+                }
+            }
+            if r.writable {
+                woke_write = true;
+            }
+        }
+        if failure.is_none() && woke_write && self.port.is_some() {
+            if let Err(e) = self.flush_writes(&mut callback) {
+                failure = Some(e);
+            }
+        }
+        if let Some(reason) = failure {
+            self.disconnect(reason, &mut callback);
+            return Ok(PostAction::Continue);
+        }
+        let want_write = self.port.is_some() && !self.shared.borrow().pending.is_empty();
+        if want_write != self.write_interest {
+            self.write_interest = want_write;
+            self.port_dirty = true;
+        }
+        if self.port_dirty {
+            return Ok(PostAction::Reregister);
+        }
+        Ok(PostAction::Continue)
+    }
+
+    fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.ping_source.register(poll, factory)?;
+        self.retry.register(poll, factory)?;
+        // Open on registration so the first readings are not delayed by a retry period.
+        self.arm_retry_now();
+        Ok(())
+    }
+
+    fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.ping_source.reregister(poll, factory)?;
+        self.retry.reregister(poll, factory)?;
+        if let Some(port) = self.port.as_mut() {
+            port.interest = if self.write_interest {
+                Interest::BOTH
+            } else {
+                Interest::READ
+            };
+            if self.port_registered {
+                port.reregister(poll, factory)?;
+            } else {
+                port.register(poll, factory)?;
+                self.port_registered = true;
+            }
+        }
+        self.port_dirty = false;
+        Ok(())
+    }
+
+    fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
+        self.ping_source.unregister(poll)?;
+        self.retry.unregister(poll)?;
+        if let Some(port) = self.port.as_mut() {
+            if self.port_registered {
+                port.unregister(poll)?;
+                self.port_registered = false;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SerialSource {
+    /// Arms the timer to fire immediately, so the first open happens in the first dispatch.
+    fn arm_retry_now(&mut self) {
+        // SAFETY: we do not replace or close the timer fd.
+        let timer = unsafe { self.retry.get_mut() };
+        if let Err(e) = timer.set(
+            Expiration::OneShot(TimeSpec::from_duration(Duration::from_nanos(1))),
+            TimerSetTimeFlags::empty(),
+        ) {
+            log::error!("serial timer failed name={} error={e}", self.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calloop::EventLoop;
+    use nix::pty::openpty;
+    use std::io::Write;
+    use std::os::fd::OwnedFd;
+    use std::time::Instant;
+
+    struct St {
+        events: Vec<SerialEvent>,
+    }
+
+    fn pty() -> (OwnedFd, PathBuf) {
+        let p = openpty(None, None).unwrap();
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).unwrap();
+        // Keep the slave open in the test too? No: close it so the gateway's open is the only one.
+        drop(p.slave);
+        (p.master, path)
+    }
+
+    fn run_until(ev: &mut EventLoop<St>, st: &mut St, pred: impl Fn(&St) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pred(st) {
+            assert!(
+                Instant::now() < deadline,
+                "timeout; events so far: {:?}",
+                st.events
+            );
+            ev.dispatch(Some(Duration::from_millis(20)), st).unwrap();
+        }
+    }
+
+    #[test]
+    fn frames_lines_and_overlong() {
+        let (_, path) = pty();
+        let mut s = SerialSource::new("t", &path, 9600).unwrap();
+        let mut out = Vec::new();
+        let mut cb = |e: SerialEvent, _: &mut ()| out.push(e);
+        s.frame(b"a=1\r\nb=", &mut cb);
+        s.frame(b"2\n\n\r\n", &mut cb);
+        let long = vec![b'x'; MAX_LINE + 10];
+        s.frame(&long, &mut cb);
+        s.frame(b"yy\nok\n", &mut cb);
+        let exact = vec![b'z'; MAX_LINE];
+        s.frame(&exact, &mut cb);
+        s.frame(b"\r\n", &mut cb);
+        assert_eq!(
+            out,
+            vec![
+                SerialEvent::Line(b"a=1".to_vec()),
+                SerialEvent::Line(b"b=2".to_vec()),
+                SerialEvent::Overlong(MAX_LINE + 12),
+                SerialEvent::Line(b"ok".to_vec()),
+                SerialEvent::Line(exact),
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_writes_and_reconnects_on_a_real_pty() {
+        let (master, path) = pty();
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("tty");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let source = SerialSource::new("t", &link, 9600).unwrap();
+        let handle = source.handle();
+        let mut ev: EventLoop<St> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut St| st.events.push(e))
+            .unwrap();
+        let mut st = St { events: vec![] };
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::Connected)
+        });
+        let mut m = std::fs::File::from(master);
+        m.write_all(b"t=1\n").unwrap();
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::Line(b"t=1".to_vec()))
+        });
+        handle.write(b"HELLO\n".to_vec(), 7).unwrap();
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::WriteDone(7))
+        });
+        let mut buf = [0u8; 64];
+        let n = nix::unistd::read(m.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"HELLO\n",
+            "serialport puts the tty in raw mode: bytes pass unchanged"
+        );
+
+        // Unplug: close the master. The source must notice and drop the port.
+        drop(m);
+        run_until(&mut ev, &mut st, |st| {
+            st.events
+                .iter()
+                .any(|e| matches!(e, SerialEvent::Disconnected(_)))
+        });
+        assert_eq!(
+            handle.write(b"x".to_vec(), 8),
+            Err(WriteError::NotConnected)
+        );
+        // Plug back in: a new pty under the same path.
+        let (master2, path2) = pty();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&path2, &link).unwrap();
+        st.events.clear();
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::Connected)
+        });
+        let mut m2 = std::fs::File::from(master2);
+        m2.write_all(b"t=2\n").unwrap();
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::Line(b"t=2".to_vec()))
+        });
+    }
+}

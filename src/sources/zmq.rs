@@ -1,0 +1,471 @@
+//! `ZmqSource`: a ZeroMQ socket as a calloop event source, with a bounded outbox.
+//!
+//! This is the calloop book's ZeroMQ source with its bugs fixed:
+//! - ZMQ_FD is edge-triggered and only ever *readable*; after every wake we loop on
+//!   `get_events()` until an iteration neither sent nor received, otherwise a readiness edge
+//!   consumed by a `send` would leave incoming messages unread forever.
+//! - A ping on register makes the first dispatch check the socket, and every push into the
+//!   outbox pings so that messages queued from other sources go out without waiting for the
+//!   socket to change state.
+//! - Sends never block (`DONTWAIT`); a message leaves the outbox only after libzmq took it.
+//! - The outbox is bounded (`backend.outbox_max`); callers decide what to do when it is full.
+//! - Work per wake is bounded, so a flood of messages cannot starve other sources: when the
+//!   budget runs out the source pings itself and continues on the next dispatch.
+//!
+//! Connection state comes from a socket monitor (an inproc PAIR socket, also in the loop):
+//! [`ZmqEvent::Connected`] after each successful handshake (the gateway sends `hello`),
+//! [`ZmqEvent::Disconnected`] and [`ZmqEvent::HandshakeFailed`] (e.g. wrong CURVE key).
+
+use crate::protocol::Message;
+use calloop::generic::Generic;
+use calloop::ping::{make_ping, Ping, PingSource};
+use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Messages handled per wake before yielding to other sources.
+const BUDGET: usize = 512;
+
+/// A borrowed ZMQ_FD. libzmq owns the descriptor; it lives as long as the socket, and the
+/// socket outlives this wrapper (both are fields of [`ZmqSource`], the fd dropped first).
+pub struct ZmqFd(RawFd);
+
+impl AsFd for ZmqFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the fd belongs to a socket that is alive for as long as this wrapper
+        // (see ZmqSource's field order) and is never closed by us.
+        unsafe { BorrowedFd::borrow_raw(self.0) }
+    }
+}
+
+/// The bounded FIFO of messages waiting for the socket.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: VecDeque<Message>,
+    max: usize,
+    /// Messages handed to libzmq.
+    pub sent: u64,
+}
+
+impl Outbox {
+    pub fn new(max: usize) -> Outbox {
+        Outbox {
+            queue: VecDeque::new(),
+            max: max.max(1),
+            sent: 0,
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+    pub fn max(&self) -> usize {
+        self.max
+    }
+    pub fn room(&self) -> usize {
+        self.max - self.queue.len().min(self.max)
+    }
+    /// Queues at the back; gives the message back when the outbox is full.
+    pub fn push_back(&mut self, m: Message) -> Result<(), Message> {
+        if self.queue.len() >= self.max {
+            return Err(m);
+        }
+        self.queue.push_back(m);
+        Ok(())
+    }
+    /// Queues at the front (e.g. `hello` on reconnect); may exceed `max` by a few control
+    /// messages, never by readings.
+    pub fn push_front(&mut self, m: Message) {
+        self.queue.push_front(m);
+    }
+    /// Removes the oldest message of `kind`, if any (used to make room by dropping a reading).
+    pub fn drop_oldest_of(&mut self, kind: &str) -> Option<Message> {
+        let i = self.queue.iter().position(|m| m.kind == kind)?;
+        self.queue.remove(i)
+    }
+    /// Keeps only the messages for which `keep` is true.
+    pub fn retain(&mut self, keep: impl FnMut(&Message) -> bool) {
+        self.queue.retain(keep);
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Message> {
+        self.queue.iter()
+    }
+    fn front(&self) -> Option<&Message> {
+        self.queue.front()
+    }
+    fn pop_front(&mut self) {
+        self.queue.pop_front();
+        self.sent += 1;
+    }
+}
+
+/// The handle the rest of the gateway uses to queue messages. Cheap to clone.
+#[derive(Clone)]
+pub struct OutboxHandle {
+    outbox: Rc<RefCell<Outbox>>,
+    ping: Ping,
+}
+
+impl OutboxHandle {
+    /// Queues a message and wakes the source; gives it back when the outbox is full.
+    pub fn push(&self, m: Message) -> Result<(), Message> {
+        self.outbox.borrow_mut().push_back(m)?;
+        self.ping.ping();
+        Ok(())
+    }
+    /// Runs `f` on the outbox (to push several messages, inspect, reorder), then wakes the
+    /// source.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Outbox) -> R) -> R {
+        let r = f(&mut self.outbox.borrow_mut());
+        self.ping.ping();
+        r
+    }
+    /// Runs `f` on the outbox without waking the source.
+    pub fn peek<R>(&self, f: impl FnOnce(&Outbox) -> R) -> R {
+        f(&self.outbox.borrow())
+    }
+    pub fn len(&self) -> usize {
+        self.outbox.borrow().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.outbox.borrow().is_empty()
+    }
+    pub fn room(&self) -> usize {
+        self.outbox.borrow().room()
+    }
+    pub fn sent(&self) -> u64 {
+        self.outbox.borrow().sent
+    }
+}
+
+/// What the source reports to its callback.
+#[derive(Debug, PartialEq)]
+pub enum ZmqEvent {
+    /// A message from the peer, all frames.
+    Message(Vec<Vec<u8>>),
+    /// A connection completed its handshake (first connect or reconnect).
+    Connected,
+    /// The connection was lost; libzmq reconnects by itself.
+    Disconnected,
+    /// A handshake failed; the text says why (authentication, protocol).
+    HandshakeFailed(String),
+    /// Messages were sent during this wake and the outbox has room again.
+    Drained,
+}
+
+static MONITOR_ID: AtomicUsize = AtomicUsize::new(0);
+
+pub struct ZmqSource {
+    // Field order matters: the Generic wrappers (borrowing the fds) drop before the sockets.
+    socket_fd: Generic<ZmqFd>,
+    monitor_fd: Generic<ZmqFd>,
+    ping_source: PingSource,
+    ping: Ping,
+    outbox: Rc<RefCell<Outbox>>,
+    monitor: zmq::Socket,
+    socket: zmq::Socket,
+}
+
+impl ZmqSource {
+    /// Wraps a configured (connected or bound) socket. Creates the monitor.
+    pub fn new(ctx: &zmq::Context, socket: zmq::Socket, outbox_max: usize) -> zmq::Result<Self> {
+        let id = MONITOR_ID.fetch_add(1, Ordering::Relaxed);
+        let endpoint = format!("inproc://zgate-monitor-{}-{id}", std::process::id());
+        socket.monitor(&endpoint, zmq::SocketEvent::ALL as i32)?;
+        let monitor = ctx.socket(zmq::PAIR)?;
+        monitor.connect(&endpoint)?;
+        let (ping, ping_source) = make_ping().map_err(|_| zmq::Error::EMFILE)?;
+        let socket_fd = Generic::new(ZmqFd(socket.get_fd()?), Interest::READ, Mode::Edge);
+        let monitor_fd = Generic::new(ZmqFd(monitor.get_fd()?), Interest::READ, Mode::Edge);
+        Ok(ZmqSource {
+            socket_fd,
+            monitor_fd,
+            ping_source,
+            ping,
+            outbox: Rc::new(RefCell::new(Outbox::new(outbox_max))),
+            monitor,
+            socket,
+        })
+    }
+
+    pub fn handle(&self) -> OutboxHandle {
+        OutboxHandle {
+            outbox: self.outbox.clone(),
+            ping: self.ping.clone(),
+        }
+    }
+
+    pub fn socket(&self) -> &zmq::Socket {
+        &self.socket
+    }
+
+    fn drain_monitor<F>(&mut self, callback: &mut F) -> zmq::Result<()>
+    where
+        F: FnMut(ZmqEvent, &mut ()),
+    {
+        loop {
+            let frames = match self.monitor.recv_multipart(zmq::DONTWAIT) {
+                Ok(f) => f,
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let Some(head) = frames.first().filter(|f| f.len() >= 6) else {
+                continue;
+            };
+            let event = u16::from_ne_bytes([head[0], head[1]]);
+            let value = u32::from_ne_bytes([head[2], head[3], head[4], head[5]]);
+            let addr = frames
+                .get(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default();
+            use zmq::SocketEvent as E;
+            match E::from_raw(event) {
+                E::HANDSHAKE_SUCCEEDED => callback(ZmqEvent::Connected, &mut ()),
+                E::DISCONNECTED => callback(ZmqEvent::Disconnected, &mut ()),
+                E::HANDSHAKE_FAILED_AUTH => callback(
+                    ZmqEvent::HandshakeFailed(format!(
+                        "authentication failed at {addr} (ZAP status {value}): the backend \
+                         does not accept this gateway's key or id"
+                    )),
+                    &mut (),
+                ),
+                E::HANDSHAKE_FAILED_PROTOCOL => callback(
+                    ZmqEvent::HandshakeFailed(format!(
+                        "handshake with {addr} failed (protocol error {value:#x}): wrong \
+                         server public key, or the peer does not use the same security \
+                         mechanism (CURVE vs plain)"
+                    )),
+                    &mut (),
+                ),
+                E::HANDSHAKE_FAILED_NO_DETAIL => callback(
+                    ZmqEvent::HandshakeFailed(format!(
+                        "handshake with {addr} failed (errno {value}): peer closed or \
+                         security mechanism mismatch"
+                    )),
+                    &mut (),
+                ),
+                other => log::trace!("zmq monitor event={other:?} value={value} addr={addr}"),
+            }
+        }
+    }
+
+    /// Sends and receives until neither made progress or the budget is spent.
+    fn pump<F>(&mut self, callback: &mut F) -> zmq::Result<()>
+    where
+        F: FnMut(ZmqEvent, &mut ()),
+    {
+        let mut sent_any = false;
+        for _ in 0..BUDGET {
+            let events = self.socket.get_events()?;
+            let mut progress = false;
+            if events.contains(zmq::POLLIN) {
+                match self.socket.recv_multipart(zmq::DONTWAIT) {
+                    Ok(frames) => {
+                        progress = true;
+                        callback(ZmqEvent::Message(frames), &mut ());
+                    }
+                    Err(zmq::Error::EAGAIN) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if events.contains(zmq::POLLOUT) {
+                let mut outbox = self.outbox.borrow_mut();
+                if let Some(m) = outbox.front() {
+                    let [kind, body] = m.frames();
+                    // Multipart messages are atomic: if the first frame is accepted, the
+                    // last one is too. EAGAIN on the first frame means nothing was queued.
+                    match self.socket.send(kind, zmq::DONTWAIT | zmq::SNDMORE) {
+                        Ok(()) => {
+                            self.socket.send(body, zmq::DONTWAIT)?;
+                            outbox.pop_front();
+                            progress = true;
+                            sent_any = true;
+                        }
+                        Err(zmq::Error::EAGAIN) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if !progress {
+                if sent_any && self.outbox.borrow().room() > 0 {
+                    callback(ZmqEvent::Drained, &mut ());
+                }
+                return Ok(());
+            }
+        }
+        // Budget spent with work left: continue on the next dispatch.
+        self.ping.ping();
+        if sent_any {
+            callback(ZmqEvent::Drained, &mut ());
+        }
+        Ok(())
+    }
+}
+
+impl EventSource for ZmqSource {
+    type Event = ZmqEvent;
+    type Metadata = ();
+    type Ret = ();
+    type Error = zmq::Error;
+
+    fn process_events<F>(
+        &mut self,
+        readiness: Readiness,
+        token: Token,
+        mut callback: F,
+    ) -> Result<PostAction, Self::Error>
+    where
+        F: FnMut(Self::Event, &mut Self::Metadata) -> Self::Ret,
+    {
+        // Whichever part woke us, check everything: the sockets' fds are edge-triggered and
+        // a send from inside the pump may have consumed an edge meant for reading.
+        self.ping_source
+            .process_events(readiness, token, |_, _| {})
+            .map_err(|_| zmq::Error::EFAULT)?;
+        self.socket_fd
+            .process_events(readiness, token, |_, _| Ok(PostAction::Continue))
+            .map_err(|_| zmq::Error::EFAULT)?;
+        self.monitor_fd
+            .process_events(readiness, token, |_, _| Ok(PostAction::Continue))
+            .map_err(|_| zmq::Error::EFAULT)?;
+        self.drain_monitor(&mut callback)?;
+        self.pump(&mut callback)?;
+        Ok(PostAction::Continue)
+    }
+
+    fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.socket_fd.register(poll, factory)?;
+        self.monitor_fd.register(poll, factory)?;
+        self.ping_source.register(poll, factory)?;
+        // Check the socket on the first dispatch: it may be readable already.
+        self.ping.ping();
+        Ok(())
+    }
+
+    fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.socket_fd.reregister(poll, factory)?;
+        self.monitor_fd.reregister(poll, factory)?;
+        self.ping_source.reregister(poll, factory)?;
+        self.ping.ping();
+        Ok(())
+    }
+
+    fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
+        self.socket_fd.unregister(poll)?;
+        self.monitor_fd.unregister(poll)?;
+        self.ping_source.unregister(poll)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calloop::EventLoop;
+    use std::time::{Duration, Instant};
+
+    fn msg(i: usize) -> Message {
+        Message {
+            kind: "reading",
+            body: format!("{{\"n\":{i}}}"),
+        }
+    }
+
+    #[test]
+    fn outbox_is_bounded() {
+        let mut o = Outbox::new(2);
+        assert!(o.push_back(msg(1)).is_ok());
+        assert!(o.push_back(msg(2)).is_ok());
+        assert_eq!(o.push_back(msg(3)), Err(msg(3)));
+        assert_eq!(o.room(), 0);
+        assert_eq!(o.drop_oldest_of("reading"), Some(msg(1)));
+        assert_eq!(o.room(), 1);
+    }
+
+    struct State {
+        got: Vec<ZmqEvent>,
+    }
+
+    /// A ROUTER peer and a DEALER source over real tcp on loopback: messages both ways,
+    /// in order, with the loop stepped by zero-timeout dispatches.
+    #[test]
+    fn messages_flow_both_ways() {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_identity(b"gw-t").unwrap();
+        dealer.connect(&ep).unwrap();
+        let source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+        let handle = source.handle();
+        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
+            .unwrap();
+        let mut st = State { got: vec![] };
+        for i in 0..50 {
+            handle.push(msg(i)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut received = 0;
+        while received < 50 && Instant::now() < deadline {
+            ev.dispatch(Some(Duration::from_millis(10)), &mut st)
+                .unwrap();
+            while let Ok(frames) = router.recv_multipart(zmq::DONTWAIT) {
+                assert_eq!(frames[0], b"gw-t");
+                assert_eq!(frames[1], b"reading");
+                assert_eq!(frames[2], format!("{{\"n\":{received}}}").as_bytes());
+                received += 1;
+            }
+        }
+        assert_eq!(received, 50);
+        assert!(handle.is_empty());
+        assert_eq!(handle.sent(), 50);
+        router
+            .send_multipart([&b"gw-t"[..], b"ack", b"{\"seq\":1}"], 0)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !st.got.iter().any(|e| matches!(e, ZmqEvent::Message(_)))
+        {
+            ev.dispatch(Some(Duration::from_millis(10)), &mut st)
+                .unwrap();
+        }
+        assert!(st.got.contains(&ZmqEvent::Connected), "{:?}", st.got);
+        assert!(st.got.contains(&ZmqEvent::Message(vec![
+            b"ack".to_vec(),
+            b"{\"seq\":1}".to_vec()
+        ])));
+    }
+
+    /// With no peer at all, pushes never block and the outbox holds what cannot be sent.
+    #[test]
+    fn no_peer_never_blocks() {
+        let ctx = zmq::Context::new();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_immediate(true).unwrap();
+        dealer.set_linger(0).unwrap();
+        dealer.connect("tcp://127.0.0.1:1").unwrap();
+        let source = ZmqSource::new(&ctx, dealer, 10).unwrap();
+        let handle = source.handle();
+        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
+            .unwrap();
+        let mut st = State { got: vec![] };
+        for i in 0..10 {
+            handle.push(msg(i)).unwrap();
+        }
+        assert!(handle.push(msg(10)).is_err());
+        for _ in 0..5 {
+            ev.dispatch(Some(Duration::ZERO), &mut st).unwrap();
+        }
+        assert_eq!(handle.len(), 10);
+        assert_eq!(handle.sent(), 0);
+    }
+}

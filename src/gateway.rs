@@ -424,7 +424,13 @@ impl Gateway {
         if left > 0 {
             log::warn!("shutdown: messages not delivered count={left}");
         }
-        // Frames already accepted by libzmq get a short linger to reach the wire.
+        // Frames already accepted by libzmq may use what is left of the flush time (at least
+        // a moment) to reach the wire; closing the socket does not wait, the process exit does.
+        let left_ms = self.shutdown_deadline.map_or(0, |d| {
+            d.saturating_duration_since(Instant::now()).as_millis()
+        });
+        self.outbox
+            .set_close_linger(left_ms.clamp(100, 2000) as i32);
         self.handle.remove(self.zmq_token);
         log::info!(
             "gateway stopped readings={} sent={} acked={}",

@@ -20,7 +20,7 @@ use crate::protocol::Message;
 use calloop::generic::Generic;
 use calloop::ping::{make_ping, Ping, PingSource};
 use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::rc::Rc;
@@ -109,6 +109,7 @@ impl Outbox {
 pub struct OutboxHandle {
     outbox: Rc<RefCell<Outbox>>,
     ping: Ping,
+    close_linger_ms: Rc<Cell<i32>>,
 }
 
 impl OutboxHandle {
@@ -141,6 +142,11 @@ impl OutboxHandle {
     pub fn sent(&self) -> u64 {
         self.outbox.borrow().sent
     }
+    /// How long libzmq may keep delivering already-accepted frames after the source is
+    /// dropped (ZMQ_LINGER at close). Default 0: drop them.
+    pub fn set_close_linger(&self, ms: i32) {
+        self.close_linger_ms.set(ms);
+    }
 }
 
 /// What the source reports to its callback.
@@ -167,8 +173,16 @@ pub struct ZmqSource {
     ping_source: PingSource,
     ping: Ping,
     outbox: Rc<RefCell<Outbox>>,
+    close_linger_ms: Rc<Cell<i32>>,
     monitor: zmq::Socket,
     socket: zmq::Socket,
+}
+
+impl Drop for ZmqSource {
+    fn drop(&mut self) {
+        let _ = self.socket.set_linger(self.close_linger_ms.get());
+        let _ = self.monitor.set_linger(0);
+    }
 }
 
 impl ZmqSource {
@@ -188,6 +202,7 @@ impl ZmqSource {
             ping_source,
             ping,
             outbox: Rc::new(RefCell::new(Outbox::new(outbox_max))),
+            close_linger_ms: Rc::new(Cell::new(0)),
             monitor,
             socket,
         })
@@ -197,6 +212,7 @@ impl ZmqSource {
         OutboxHandle {
             outbox: self.outbox.clone(),
             ping: self.ping.clone(),
+            close_linger_ms: self.close_linger_ms.clone(),
         }
     }
 

@@ -377,12 +377,15 @@ impl Config {
             if serial.path.as_os_str().is_empty() {
                 return Err(err("serial", Some(i), "path", "must not be empty".into()));
             }
-            if !(50..=4_000_000).contains(&serial.baud) {
+            if crate::sources::serial::baud_rate(serial.baud).is_none() {
                 return Err(err(
                     "serial",
                     Some(i),
                     "baud",
-                    format!("{} is not a usable baud rate", serial.baud),
+                    format!(
+                        "{} is not a standard baud rate (e.g. 9600, 19200, 38400, 57600, 115200)",
+                        serial.baud
+                    ),
                 ));
             }
             if serial.line_ending.len() > 4 {

@@ -189,7 +189,7 @@ pub struct Gateway {
     _ctx: zmq::Context,
 }
 
-/// Builds the DEALER socket that dials out to the backend.
+/// Builds the DEALER socket that dials out to the backend (not yet connected).
 pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, GatewayError> {
     let s = ctx
         .socket(zmq::DEALER)
@@ -212,8 +212,6 @@ pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, G
         .map_err(zerr("setting ZMQ_HEARTBEAT_IVL"))?;
     s.set_heartbeat_timeout(30_000)
         .map_err(zerr("setting ZMQ_HEARTBEAT_TIMEOUT"))?;
-    s.connect(&cfg.backend.endpoint)
-        .map_err(zerr("connecting to the backend endpoint"))?;
     Ok(s)
 }
 
@@ -238,6 +236,10 @@ impl Gateway {
         let socket = backend_socket(&ctx, &cfg)?;
         let zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
             .map_err(zerr("creating the socket monitor"))?;
+        zsource
+            .socket()
+            .connect(&cfg.backend.endpoint)
+            .map_err(zerr("connecting to the backend endpoint"))?;
         let outbox = zsource.handle();
         let zmq_token = handle
             .insert_source(zsource, |event, _, gw: &mut Gateway| gw.on_zmq(event))

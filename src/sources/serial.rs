@@ -1,7 +1,7 @@
 //! `SerialSource`: one serial port in the loop, framed into lines, with buffered writes and
 //! automatic reconnection.
 //!
-//! - The tty is opened non-blocking (O_NONBLOCK set on the fd) and read when readable.
+//! - The tty is opened non-blocking in raw mode ([`open_tty`]) and read when readable.
 //!   Bytes are framed into lines on `\n` (a trailing `\r` is removed); a line longer than
 //!   [`MAX_LINE`] bytes is discarded up to its end and reported once as
 //!   [`SerialEvent::Overlong`].
@@ -15,12 +15,13 @@ use crate::protocol::MAX_LINE;
 use calloop::generic::Generic;
 use calloop::ping::{make_ping, Ping, PingSource};
 use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
+use nix::sys::termios::BaudRate;
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
@@ -103,21 +104,85 @@ impl SerialHandle {
     }
 }
 
-/// An open tty. serialport's TTYPort implements only AsRawFd; this gives calloop an AsFd.
-struct Tty(serialport::TTYPort);
+/// Maps a numeric baud rate to the termios constant; `None` for non-standard rates.
+pub fn baud_rate(baud: u32) -> Option<BaudRate> {
+    use BaudRate::*;
+    Some(match baud {
+        50 => B50,
+        75 => B75,
+        110 => B110,
+        134 => B134,
+        150 => B150,
+        200 => B200,
+        300 => B300,
+        600 => B600,
+        1200 => B1200,
+        1800 => B1800,
+        2400 => B2400,
+        4800 => B4800,
+        9600 => B9600,
+        19200 => B19200,
+        38400 => B38400,
+        57600 => B57600,
+        115200 => B115200,
+        230400 => B230400,
+        460800 => B460800,
+        500000 => B500000,
+        576000 => B576000,
+        921600 => B921600,
+        1000000 => B1000000,
+        1152000 => B1152000,
+        1500000 => B1500000,
+        2000000 => B2000000,
+        2500000 => B2500000,
+        3000000 => B3000000,
+        3500000 => B3500000,
+        4000000 => B4000000,
+        _ => return None,
+    })
+}
 
-impl AsFd for Tty {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the TTYPort owns the fd and outlives the borrow.
-        unsafe { BorrowedFd::borrow_raw(self.0.as_raw_fd()) }
-    }
+/// Opens a tty non-blocking in raw mode (8N1, no flow control, no echo, no line discipline
+/// processing) at `baud`, with exclusive access (TIOCEXCL).
+///
+/// Plain termios (TCGETS/TCSETS) rather than the serialport crate: serialport sets the speed
+/// with TCGETS2, which qemu-user does not emulate, and the ARM builds are tested under qemu.
+pub fn open_tty(path: &Path, baud: u32) -> Result<OwnedFd, String> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    use nix::sys::termios::{
+        cfmakeraw, cfsetspeed, tcgetattr, tcsetattr, ControlFlags, SetArg, SpecialCharacterIndices,
+    };
+    let speed = baud_rate(baud).ok_or_else(|| format!("unsupported baud rate {baud}"))?;
+    let raw = open(
+        path,
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| e.desc().to_string())?;
+    // SAFETY: `open` just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut t = tcgetattr(&fd).map_err(|e| format!("not a terminal? tcgetattr: {}", e.desc()))?;
+    cfmakeraw(&mut t);
+    t.control_flags |= ControlFlags::CLOCAL | ControlFlags::CREAD;
+    t.control_flags &= !(ControlFlags::CRTSCTS | ControlFlags::CSTOPB | ControlFlags::PARENB);
+    // VMIN=1: with O_NONBLOCK an empty read is EAGAIN. (VMIN=0 would make it return 0,
+    // which is indistinguishable from a hang-up.)
+    t.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
+    t.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+    cfsetspeed(&mut t, speed).map_err(|e| format!("cfsetspeed: {}", e.desc()))?;
+    tcsetattr(&fd, SetArg::TCSANOW, &t).map_err(|e| format!("tcsetattr: {}", e.desc()))?;
+    // Exclusive access keeps other programs (ModemManager, a stray `cat`) off the port.
+    // SAFETY: TIOCEXCL takes no argument; fd is a valid open tty.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCEXCL) };
+    Ok(fd)
 }
 
 pub struct SerialSource {
     name: String,
     path: PathBuf,
     baud: u32,
-    port: Option<Generic<Tty>>,
+    port: Option<Generic<OwnedFd>>,
     /// The port needs registering (just opened) or its interest changed.
     port_dirty: bool,
     port_registered: bool,
@@ -169,27 +234,12 @@ impl SerialSource {
         }
     }
 
-    fn open_port(&self) -> Result<Tty, String> {
-        let port = serialport::new(self.path.to_string_lossy(), self.baud)
-            .timeout(Duration::ZERO)
-            .open_native()
-            .map_err(|e| e.to_string())?;
-        let fd = port.as_raw_fd();
-        // SAFETY: fd is the port's open descriptor.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        use nix::fcntl::{fcntl, FcntlArg, OFlag};
-        let flags = fcntl(borrowed.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
-        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-        fcntl(borrowed.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(|e| e.to_string())?;
-        Ok(Tty(port))
-    }
-
     /// Tries to open the port; on failure arms the retry timer.
     fn try_open<F>(&mut self, callback: &mut F)
     where
         F: FnMut(SerialEvent, &mut ()),
     {
-        match self.open_port() {
+        match open_tty(&self.path, self.baud) {
             Ok(tty) => {
                 log::info!(
                     "serial port open name={} path={} baud={}",
@@ -280,7 +330,7 @@ impl SerialSource {
         let Some(port) = self.port.as_ref() else {
             return Ok(());
         };
-        let fd = port.get_ref().0.as_raw_fd();
+        let fd = port.get_ref().as_raw_fd();
         let mut buf = [0u8; 4096];
         let mut total = 0;
         while total < READ_BUDGET {
@@ -355,7 +405,7 @@ impl SerialSource {
         let Some(port) = self.port.as_ref() else {
             return Ok(());
         };
-        let fd = port.get_ref().0.as_raw_fd();
+        let fd = port.get_ref().as_raw_fd();
         loop {
             let mut s = self.shared.borrow_mut();
             let Some(w) = s.pending.front_mut() else {
@@ -541,6 +591,22 @@ mod tests {
     }
 
     #[test]
+    fn open_tty_sets_raw_mode_and_rejects_odd_bauds() {
+        let (_m, path) = pty();
+        let fd = open_tty(&path, 115200).unwrap();
+        let t = nix::sys::termios::tcgetattr(&fd).unwrap();
+        assert_eq!(nix::sys::termios::cfgetospeed(&t), BaudRate::B115200);
+        assert!(!t.local_flags.contains(nix::sys::termios::LocalFlags::ECHO));
+        assert!(open_tty(&path, 12345)
+            .unwrap_err()
+            .contains("unsupported baud"));
+        assert!(open_tty(Path::new("/nonexistent/tty"), 9600).is_err());
+        assert!(open_tty(Path::new("/dev/null"), 9600)
+            .unwrap_err()
+            .contains("terminal"));
+    }
+
+    #[test]
     fn frames_lines_and_overlong() {
         let (_, path) = pty();
         let mut s = SerialSource::new("t", &path, 9600).unwrap();
@@ -587,7 +653,9 @@ mod tests {
         run_until(&mut ev, &mut st, |st| {
             st.events.contains(&SerialEvent::Line(b"t=1".to_vec()))
         });
-        handle.write(b"HELLO\n".to_vec(), 7).unwrap();
+        handle
+            .write(b"HELLO\n".to_vec(), 7)
+            .unwrap_or_else(|e| panic!("{e}: {:?}", st.events));
         run_until(&mut ev, &mut st, |st| {
             st.events.contains(&SerialEvent::WriteDone(7))
         });

@@ -186,7 +186,8 @@ impl Drop for ZmqSource {
 }
 
 impl ZmqSource {
-    /// Wraps a configured (connected or bound) socket. Creates the monitor.
+    /// Wraps a configured socket and attaches the monitor. Connect or bind the socket only
+    /// afterwards (through [`ZmqSource::socket`]), or the first connection's events are lost.
     pub fn new(ctx: &zmq::Context, socket: zmq::Socket, outbox_max: usize) -> zmq::Result<Self> {
         let id = MONITOR_ID.fetch_add(1, Ordering::Relaxed);
         let endpoint = format!("inproc://zgate-monitor-{}-{id}", std::process::id());
@@ -417,8 +418,8 @@ mod tests {
         let ep = router.get_last_endpoint().unwrap().unwrap();
         let dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_identity(b"gw-t").unwrap();
-        dealer.connect(&ep).unwrap();
         let source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+        source.socket().connect(&ep).unwrap();
         let handle = source.handle();
         let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
         ev.handle()
@@ -466,8 +467,8 @@ mod tests {
         let dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_immediate(true).unwrap();
         dealer.set_linger(0).unwrap();
-        dealer.connect("tcp://127.0.0.1:1").unwrap();
         let source = ZmqSource::new(&ctx, dealer, 10).unwrap();
+        source.socket().connect("tcp://127.0.0.1:1").unwrap();
         let handle = source.handle();
         let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
         ev.handle()

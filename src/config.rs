@@ -4,6 +4,7 @@
 //! `zgate.toml:12: key gpio.output.pin: pin 27 is used twice (also by "relay2")`.
 //! `zgate config-template` prints [`TEMPLATE`], a fully commented example.
 
+pub use crate::spool::{FsyncPolicy, SpoolConfig, WhenFull};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::fmt;
@@ -38,6 +39,8 @@ pub struct Config {
     pub gpio: GpioConfig,
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
+    #[serde(default)]
+    pub spool: SpoolConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -280,6 +283,31 @@ impl Config {
                 None,
                 "outbox_max",
                 "must be between 1 and 10000000".into(),
+            ));
+        }
+        let sp = &self.spool;
+        if sp.max_bytes < crate::spool::MIN_MAX_BYTES {
+            return Err(err(
+                "spool",
+                None,
+                "max_bytes",
+                format!("must be at least {}", crate::spool::MIN_MAX_BYTES),
+            ));
+        }
+        if !(10..=60_000).contains(&sp.fsync_interval_ms) {
+            return Err(err(
+                "spool",
+                None,
+                "fsync_interval_ms",
+                "must be between 10 and 60000".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&sp.retransmit_s) {
+            return Err(err(
+                "spool",
+                None,
+                "retransmit_s",
+                "must be between 1 and 86400".into(),
             ));
         }
         let mut names: HashSet<String> = HashSet::new();

@@ -12,6 +12,7 @@ use crate::hw::{self, Edge, GpioBackend, HwError};
 use crate::protocol::{self, Action, Command, Message};
 use crate::sources::serial::{SerialEvent, SerialHandle, SerialSource, WriteError};
 use crate::sources::zmq::{OutboxHandle, ZmqEvent, ZmqSource};
+use crate::spool::{Appended, Spool, SpoolError};
 use calloop::signals::{Signal, Signals};
 use calloop::timer::{TimeoutAction, Timer};
 use calloop::{EventLoop, LoopHandle, RegistrationToken};
@@ -38,6 +39,8 @@ pub enum GatewayError {
     },
     #[error("event loop error: {0}")]
     Loop(String),
+    #[error("spool: {0}")]
+    Spool(#[from] SpoolError),
 }
 
 fn zerr(what: &'static str) -> impl FnOnce(zmq::Error) -> GatewayError {
@@ -155,11 +158,14 @@ pub struct Counters {
     pub readings: u64,
     pub acked: u64,
     pub dropped: u64,
+    pub retransmits: u64,
+    pub spool_errors: u64,
     pub commands_ok: u64,
     pub commands_failed: u64,
     pub connects: u64,
     pub reconnects: u64,
     pub bad_messages: u64,
+    pub dropped_control: u64,
 }
 
 /// Everything the loop's callbacks share.
@@ -177,8 +183,13 @@ pub struct Gateway {
     pending_writes: HashMap<u64, String>,
     next_write_token: u64,
     replies: ReplyCache,
-    next_seq: u64,
-    acked: u64,
+    spool: Spool,
+    /// The next seq to move from the spool into the outbox.
+    next_send: u64,
+    /// A one-shot spool tick (fsync / ack persistence) is scheduled.
+    tick_armed: bool,
+    /// When the ack last advanced (or readings were last rewound).
+    ack_progress: Instant,
     pub counters: Counters,
     started: Instant,
     shutdown_deadline: Option<Instant>,
@@ -244,6 +255,10 @@ impl Gateway {
         let zmq_token = handle
             .insert_source(zsource, |event, _, gw: &mut Gateway| gw.on_zmq(event))
             .map_err(lerr)?;
+
+        let spool_dir = cfg.gateway.data_dir.join("spool");
+        // Spool::open logs what it recovered (segments, records, discarded bytes, next seq).
+        let (spool, _recovery) = Spool::open(&spool_dir, cfg.spool.clone())?;
 
         let (gpio, gpio_events) = hw::open(&cfg.gpio)?;
         let mut reader_tokens = Vec::new();
@@ -319,6 +334,17 @@ impl Gateway {
             );
         }
 
+        let retransmit = Duration::from_secs(cfg.spool.retransmit_s);
+        handle
+            .insert_source(
+                Timer::from_duration(retransmit),
+                move |_, _, gw: &mut Gateway| {
+                    gw.check_retransmit();
+                    TimeoutAction::ToDuration(retransmit)
+                },
+            )
+            .map_err(lerr)?;
+
         let interval = Duration::from_secs(cfg.gateway.stats_interval_s);
         handle
             .insert_source(
@@ -352,8 +378,10 @@ impl Gateway {
             pending_writes: HashMap::new(),
             next_write_token: 1,
             replies: ReplyCache::default(),
-            next_seq: 1,
-            acked: 0,
+            next_send: spool.first_unacked().unwrap_or(spool.next_seq()),
+            spool,
+            tick_armed: false,
+            ack_progress: Instant::now(),
             counters: Counters::default(),
             started: Instant::now(),
             shutdown_deadline: None,
@@ -434,6 +462,9 @@ impl Gateway {
         self.outbox
             .set_close_linger(left_ms.clamp(100, 2000) as i32);
         self.handle.remove(self.zmq_token);
+        if let Err(e) = self.spool.flush() {
+            log::error!("spool flush at shutdown failed: {e}");
+        }
         log::info!(
             "gateway stopped readings={} sent={} acked={}",
             self.counters.readings,
@@ -459,56 +490,173 @@ impl Gateway {
 
     /// The lowest seq the gateway may still send; everything below is acked or dropped.
     fn resume_seq(&self) -> u64 {
-        self.outbox
-            .peek(|o| {
-                o.iter()
-                    .filter(|m| m.kind == protocol::KIND_READING)
-                    .filter_map(|m| {
-                        serde_json::from_str::<Value>(&m.body)
-                            .ok()
-                            .and_then(|v| v.get("seq").and_then(Value::as_u64))
-                    })
-                    .next()
-            })
-            .unwrap_or(self.next_seq)
+        self.spool
+            .first_unacked()
+            .unwrap_or_else(|| self.spool.next_seq())
     }
 
-    /// Queues a message; when the outbox is full, the oldest queued reading makes room.
+    /// Queues a control message (reply, stats). Readings never take their places (see
+    /// `Outbox::push_control`); if even those are full, the message is dropped and counted.
     fn send(&mut self, m: Message) {
-        if let Err(m) = self.outbox.push(m) {
-            let dropped = self
-                .outbox
-                .with(|o| o.drop_oldest_of(protocol::KIND_READING));
-            self.counters.dropped += 1;
+        let kind = m.kind;
+        if self.outbox.with(|o| o.push_control(m)).is_err() {
+            self.counters.dropped_control += 1;
             if self.drops.allow("outbox full") {
                 log::warn!(
-                    "outbox full max={}: dropped oldest reading ({})",
-                    self.cfg.backend.outbox_max,
-                    if dropped.is_some() {
-                        "reading"
-                    } else {
-                        "new message"
-                    }
+                    "outbox full max={}: {kind} message dropped",
+                    self.cfg.backend.outbox_max
                 );
-            }
-            if dropped.is_some() {
-                let _ = self.outbox.push(m);
             }
         }
     }
 
+    /// Stores a reading in the spool, then lets the outbox take it if it has room.
     fn emit_reading(&mut self, source: &str, values: Map<String, Value>) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.counters.readings += 1;
-        let body = protocol::reading_body(
-            &self.cfg.gateway.id,
-            seq,
-            source,
-            &protocol::now_rfc3339(),
-            values,
-        );
-        self.send(Message::new(protocol::KIND_READING, &body));
+        let now = std::time::SystemTime::now();
+        let time_ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let time = humantime::format_rfc3339_millis(now).to_string();
+        let gateway = &self.cfg.gateway.id;
+        let mut body = None;
+        let appended = self.spool.append_with(time_ms, |seq| {
+            let text = protocol::reading_body(gateway, seq, source, &time, values).to_string();
+            body = Some(text.clone());
+            text.into_bytes()
+        });
+        match appended {
+            Ok(Appended::Stored {
+                seq,
+                dropped_oldest,
+            }) => {
+                self.counters.readings += 1;
+                self.counters.dropped += dropped_oldest;
+                // Fast path: nothing older waits in the spool, so the reading goes straight
+                // into the outbox without being read back from disk.
+                if self.next_send == seq {
+                    if let Some(body) = body {
+                        let m = Message {
+                            kind: protocol::KIND_READING,
+                            body,
+                        };
+                        if self.outbox.push(m).is_ok() {
+                            self.next_send = seq + 1;
+                        }
+                    }
+                }
+            }
+            Ok(Appended::DroppedNewest) => {
+                self.counters.dropped += 1;
+                if self.drops.allow("spool full") {
+                    log::warn!(
+                        "spool full max_bytes={}: reading from {source} dropped (when_full = drop_newest)",
+                        self.cfg.spool.max_bytes
+                    );
+                }
+            }
+            Err(e) => {
+                self.counters.spool_errors += 1;
+                if self.drops.allow("spool error") {
+                    log::error!("spool append failed: {e}: reading from {source} lost");
+                }
+            }
+        }
+        self.arm_spool_tick();
+        self.fill_outbox();
+    }
+
+    /// Schedules one spool tick (interval fsync, ack persistence) if none is pending. One-shot,
+    /// so an idle gateway has no spool wake-ups.
+    fn arm_spool_tick(&mut self) {
+        if self.tick_armed {
+            return;
+        }
+        let interval = Duration::from_millis(self.cfg.spool.fsync_interval_ms);
+        match self
+            .handle
+            .insert_source(Timer::from_duration(interval), |_, _, gw: &mut Gateway| {
+                gw.tick_armed = false;
+                if let Err(e) = gw.spool.tick() {
+                    gw.counters.spool_errors += 1;
+                    log::error!("spool tick failed: {e}");
+                }
+                TimeoutAction::Drop
+            }) {
+            Ok(_) => self.tick_armed = true,
+            Err(e) => log::error!("cannot arm the spool timer: {e}"),
+        }
+    }
+
+    /// Moves readings from the spool into the outbox while it has room, in seq order.
+    fn fill_outbox(&mut self) {
+        let room = self.outbox.peek(|o| o.room());
+        if room == 0 || self.next_send >= self.spool.next_seq() {
+            return;
+        }
+        let mut batch = Vec::new();
+        if let Err(e) = self
+            .spool
+            .read_from(self.next_send, room.min(256), &mut batch)
+        {
+            self.counters.spool_errors += 1;
+            if self.drops.allow("spool read") {
+                log::error!("spool read failed from seq={}: {e}", self.next_send);
+            }
+            return;
+        }
+        if batch.is_empty() {
+            // Everything from next_send on was acked or dropped meanwhile.
+            self.next_send = self.spool.next_seq();
+            return;
+        }
+        let mut next_send = self.next_send;
+        self.outbox.with(|o| {
+            for (seq, payload) in batch {
+                match String::from_utf8(payload) {
+                    Ok(body) => {
+                        let m = Message {
+                            kind: protocol::KIND_READING,
+                            body,
+                        };
+                        if o.push_back(m).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => log::error!("spool record seq={seq} is not UTF-8: skipped"),
+                }
+                next_send = seq + 1;
+            }
+        });
+        self.next_send = next_send;
+    }
+
+    /// Sends unacked readings again from the oldest, in seq order: queued readings leave the
+    /// outbox first so that nothing is reordered.
+    fn rewind(&mut self) {
+        self.outbox
+            .with(|o| o.retain(|m| m.kind != protocol::KIND_READING));
+        self.next_send = self.resume_seq();
+        self.ack_progress = Instant::now();
+        self.fill_outbox();
+    }
+
+    /// From the retransmit timer: when readings were sent and no ack came for `retransmit_s`,
+    /// the unacked ones are sent again.
+    fn check_retransmit(&mut self) {
+        let unacked_sent = self
+            .spool
+            .first_unacked()
+            .is_some_and(|first| first < self.next_send);
+        let quiet = self.ack_progress.elapsed() >= Duration::from_secs(self.cfg.spool.retransmit_s);
+        if unacked_sent && quiet && self.counters.connects > 0 {
+            self.counters.retransmits += 1;
+            log::info!(
+                "no ack for {} s: resending unacked readings from seq={}",
+                self.cfg.spool.retransmit_s,
+                self.resume_seq()
+            );
+            self.rewind();
+        }
     }
 
     fn send_stats(&mut self) {
@@ -532,6 +680,10 @@ impl Gateway {
             .iter()
             .map(|(n, p)| (n.clone(), json!(p.bad_lines)))
             .collect();
+        let sp = self.spool.stats();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let c = &self.counters;
         let body = json!({
             "gateway": self.cfg.gateway.id,
@@ -549,7 +701,19 @@ impl Gateway {
                 "commands_ok": c.commands_ok,
                 "commands_failed": c.commands_failed,
                 "reconnects": c.reconnects,
+                "retransmits": c.retransmits,
                 "bad_messages": c.bad_messages,
+                "dropped_control": c.dropped_control,
+                "spool_errors": c.spool_errors,
+            },
+            "spool": {
+                "bytes": sp.bytes,
+                "readings": sp.readings,
+                "oldest_unacked_age_s": sp.oldest_unacked_ms.map(|t| now_ms.saturating_sub(t) / 1000),
+                "dropped_oldest": sp.dropped_oldest,
+                "dropped_newest": sp.dropped_newest,
+                "next_seq": sp.next_seq,
+                "acked": sp.acked,
             },
             "serial": ports,
         });
@@ -568,6 +732,8 @@ impl Gateway {
                     self.cfg.backend.endpoint,
                     self.counters.connects
                 );
+                // Unacked readings go again, in order, after the hello.
+                self.rewind();
                 let hello = self.hello();
                 self.outbox.with(|o| o.push_front(hello));
             }
@@ -582,7 +748,7 @@ impl Gateway {
                     log::error!("backend handshake failed: {why}");
                 }
             }
-            ZmqEvent::Drained => {}
+            ZmqEvent::Drained => self.fill_outbox(),
             ZmqEvent::Message(frames) => self.on_backend_message(frames),
         }
     }
@@ -639,10 +805,17 @@ impl Gateway {
     }
 
     fn on_ack(&mut self, seq: u64) {
-        let seq = seq.min(self.next_seq - 1);
-        if seq > self.acked {
-            self.counters.acked += seq - self.acked;
-            self.acked = seq;
+        match self.spool.ack(seq) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.counters.acked += n;
+                self.ack_progress = Instant::now();
+                self.arm_spool_tick();
+            }
+            Err(e) => {
+                self.counters.spool_errors += 1;
+                log::error!("spool ack seq={seq} failed: {e}");
+            }
         }
     }
 

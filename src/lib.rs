@@ -5,6 +5,7 @@
 //! - [`protocol`]: protocol v1 messages (see docs/protocol.md).
 //! - [`sources`]: the loop's event sources (ZeroMQ, serial, GPIO).
 //! - [`hw`]: GPIO backends (Raspberry Pi via rppal, simulated via files + inotify).
+//! - [`spool`]: the on-disk spool of unacknowledged readings.
 //! - [`gateway`]: the loop's shared state: readings, commands, stats, shutdown.
 //! - [`backend`]: the reference backend (`zgate backend`).
 //! - [`demo`]: `zgate demo`, the embedded default with simulated hardware.
@@ -16,6 +17,7 @@ pub mod gateway;
 pub mod hw;
 pub mod protocol;
 pub mod sources;
+pub mod spool;
 
 pub use config::Config;
 pub use gateway::{Gateway, GatewayError};

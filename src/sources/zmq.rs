@@ -26,6 +26,9 @@ use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Places beyond `outbox_max` that only control messages (replies, stats) may use.
+pub const CONTROL_RESERVE: usize = 64;
+
 /// Messages handled per wake before yielding to other sources.
 const BUDGET: usize = 512;
 
@@ -73,6 +76,16 @@ impl Outbox {
     /// Queues at the back; gives the message back when the outbox is full.
     pub fn push_back(&mut self, m: Message) -> Result<(), Message> {
         if self.queue.len() >= self.max {
+            return Err(m);
+        }
+        self.queue.push_back(m);
+        Ok(())
+    }
+    /// Queues a control message (reply, stats) at the back. Control messages may use
+    /// [`CONTROL_RESERVE`] places beyond `max`, so a queue full of readings never blocks a
+    /// reply; gives the message back when even those are taken.
+    pub fn push_control(&mut self, m: Message) -> Result<(), Message> {
+        if self.queue.len() >= self.max + CONTROL_RESERVE {
             return Err(m);
         }
         self.queue.push_back(m);

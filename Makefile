@@ -3,7 +3,10 @@ CARGO ?= cargo
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: all setup build release demo test test-rust test-py lint bench fuzz clean
+.PHONY: all setup build release demo test test-rust test-py test-arm lint bench fuzz clean
+
+# cross, cross-setup, deb, check-deb, check-unit, check-deploy
+include cross/cross.mk
 
 all: build
 
@@ -31,7 +34,11 @@ test-py: setup
 	$(CARGO) build
 	ZGATE_BIN=$(CURDIR)/target/debug/zgate $(PYTHON) -m pytest -q tests/py
 
-test: lint test-rust test-py
+# The ARM builds under qemu-user against host-side pty, sim GPIO and backend.
+test-arm: cross
+	ZGATE_QEMU_ARCHES="$(CROSS_ARCHES)" $(PYTHON) -m pytest -q tests/py/test_arm_qemu.py
+
+test: lint test-rust test-py test-arm check-deploy
 
 clean:
 	$(CARGO) clean

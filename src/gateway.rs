@@ -10,6 +10,7 @@
 use crate::config::{Config, Edge as EdgeSetting, LineFormat};
 use crate::hw::{self, Edge, GpioBackend, HwError};
 use crate::protocol::{self, Action, Command, Message};
+use crate::sd_notify;
 use crate::sources::serial::{SerialEvent, SerialHandle, SerialSource, WriteError};
 use crate::sources::zmq::{OutboxHandle, ZmqEvent, ZmqSource};
 use crate::spool::{Appended, Spool, SpoolError};
@@ -396,6 +397,28 @@ impl Gateway {
     pub fn run(cfg: Config) -> Result<(), GatewayError> {
         let mut event_loop: EventLoop<'static, Gateway> = EventLoop::try_new().map_err(lerr)?;
         let mut gw = Gateway::new(cfg, &event_loop)?;
+        // Under systemd (Type=notify): ready once every source is set up, and a watchdog ping
+        // from a loop timer, so a stuck loop gets the service restarted.
+        if let Err(e) = sd_notify::ready() {
+            log::warn!("sd_notify READY=1 failed: {e}");
+        }
+        if let Some(timeout) = sd_notify::watchdog_interval() {
+            let period = sd_notify::ping_period(timeout);
+            log::info!(
+                "systemd watchdog timeout_ms={} ping_ms={}",
+                timeout.as_millis(),
+                period.as_millis()
+            );
+            event_loop
+                .handle()
+                .insert_source(Timer::immediate(), move |_, _, _: &mut Gateway| {
+                    if let Err(e) = sd_notify::watchdog() {
+                        log::warn!("sd_notify WATCHDOG=1 failed: {e}");
+                    }
+                    TimeoutAction::ToDuration(period)
+                })
+                .map_err(lerr)?;
+        }
         let signal = event_loop.get_signal();
         event_loop
             .run(None, &mut gw, |gw| {
@@ -431,6 +454,9 @@ impl Gateway {
         }
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
+        if let Err(e) = sd_notify::stopping() {
+            log::warn!("sd_notify STOPPING=1 failed: {e}");
+        }
         for token in self.reader_tokens.drain(..) {
             self.handle.remove(token);
         }

@@ -7,6 +7,7 @@
 //! - [`hw`]: GPIO backends (Raspberry Pi via rppal, simulated via files + inotify).
 //! - [`spool`]: the on-disk spool of unacknowledged readings.
 //! - [`gateway`]: the loop's shared state: readings, commands, stats, shutdown.
+//! - [`sd_notify`]: systemd readiness and watchdog notifications.
 //! - [`backend`]: the reference backend (`zgate backend`).
 //! - [`demo`]: `zgate demo`, the embedded default with simulated hardware.
 
@@ -16,6 +17,7 @@ pub mod demo;
 pub mod gateway;
 pub mod hw;
 pub mod protocol;
+pub mod sd_notify;
 pub mod sources;
 pub mod spool;
 

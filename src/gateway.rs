@@ -189,7 +189,8 @@ pub struct Gateway {
     next_send: u64,
     /// A one-shot spool tick (fsync / ack persistence) is scheduled.
     tick_armed: bool,
-    /// When the ack last advanced (or readings were last rewound).
+    /// When the ack last advanced, readings were last rewound, or a reading was queued while
+    /// none was outstanding: the start of the `retransmit_s` wait.
     ack_progress: Instant,
     pub counters: Counters,
     started: Instant,
@@ -560,6 +561,7 @@ impl Gateway {
                 // Fast path: nothing older waits in the spool, so the reading goes straight
                 // into the outbox without being read back from disk.
                 if self.next_send == seq {
+                    self.start_retransmit_clock(seq);
                     if let Some(body) = body {
                         let m = Message {
                             kind: protocol::KIND_READING,
@@ -619,6 +621,7 @@ impl Gateway {
         if room == 0 || self.next_send >= self.spool.next_seq() {
             return;
         }
+        self.start_retransmit_clock(self.next_send);
         let mut batch = Vec::new();
         if let Err(e) = self
             .spool
@@ -654,6 +657,20 @@ impl Gateway {
             }
         });
         self.next_send = next_send;
+    }
+
+    /// Readings from `from` on are about to be queued for sending. If no earlier reading is
+    /// unacked, nothing was outstanding until now: the `retransmit_s` wait starts here, not
+    /// at the last ack (which may be long ago: an idle gateway would otherwise resend a new
+    /// reading at the next retransmit check, before the backend had `retransmit_s` to ack it).
+    fn start_retransmit_clock(&mut self, from: u64) {
+        if self
+            .spool
+            .first_unacked()
+            .map_or(true, |first| first >= from)
+        {
+            self.ack_progress = Instant::now();
+        }
     }
 
     /// Sends unacked readings again from the oldest, in seq order: queued readings leave the

@@ -15,6 +15,11 @@
 //! Connection state comes from a socket monitor (an inproc PAIR socket, also in the loop):
 //! [`ZmqEvent::Connected`] after each successful handshake (the gateway sends `hello`),
 //! [`ZmqEvent::Disconnected`] and [`ZmqEvent::HandshakeFailed`] (e.g. wrong CURVE key).
+//! Nothing is sent from the outbox between a disconnect and the next reported
+//! [`ZmqEvent::Connected`]: libzmq attaches the new connection's pipe (the socket turns
+//! writable) *before* its monitor event arrives, so without this gate messages queued while the
+//! backend was away would reach the new connection ahead of the `hello` (and ahead of the
+//! gateway's rewind, which may have dropped or reordered them).
 
 use crate::protocol::Message;
 use calloop::generic::Generic;
@@ -187,6 +192,9 @@ pub struct ZmqSource {
     ping: Ping,
     outbox: Rc<RefCell<Outbox>>,
     close_linger_ms: Rc<Cell<i32>>,
+    /// A handshake was reported ([`ZmqEvent::Connected`]) and no disconnect since: only then
+    /// does the outbox go to the socket.
+    connected: bool,
     monitor: zmq::Socket,
     socket: zmq::Socket,
 }
@@ -217,6 +225,7 @@ impl ZmqSource {
             ping,
             outbox: Rc::new(RefCell::new(Outbox::new(outbox_max))),
             close_linger_ms: Rc::new(Cell::new(0)),
+            connected: false,
             monitor,
             socket,
         })
@@ -255,8 +264,14 @@ impl ZmqSource {
                 .unwrap_or_default();
             use zmq::SocketEvent as E;
             match E::from_raw(event) {
-                E::HANDSHAKE_SUCCEEDED => callback(ZmqEvent::Connected, &mut ()),
-                E::DISCONNECTED => callback(ZmqEvent::Disconnected, &mut ()),
+                E::HANDSHAKE_SUCCEEDED => {
+                    self.connected = true;
+                    callback(ZmqEvent::Connected, &mut ());
+                }
+                E::DISCONNECTED => {
+                    self.connected = false;
+                    callback(ZmqEvent::Disconnected, &mut ());
+                }
                 E::HANDSHAKE_FAILED_AUTH => callback(
                     ZmqEvent::HandshakeFailed(format!(
                         "authentication failed at {addr} (ZAP status {value}): the backend \
@@ -303,7 +318,9 @@ impl ZmqSource {
                     Err(e) => return Err(e),
                 }
             }
-            if events.contains(zmq::POLLOUT) {
+            // Not before the handshake was reported (see the module doc): the callback for
+            // Connected puts the hello first and rewinds the readings.
+            if self.connected && events.contains(zmq::POLLOUT) {
                 let mut outbox = self.outbox.borrow_mut();
                 if let Some(m) = outbox.front() {
                     let [kind, body] = m.frames();
@@ -417,8 +434,10 @@ mod tests {
         assert_eq!(o.room(), 1);
     }
 
+    #[derive(Default)]
     struct State {
         got: Vec<ZmqEvent>,
+        sent_at_connect: Option<u64>,
     }
 
     /// A ROUTER peer and a DEALER source over real tcp on loopback: messages both ways,
@@ -438,7 +457,7 @@ mod tests {
         ev.handle()
             .insert_source(source, |e, _, st: &mut State| st.got.push(e))
             .unwrap();
-        let mut st = State { got: vec![] };
+        let mut st = State::default();
         for i in 0..50 {
             handle.push(msg(i)).unwrap();
         }
@@ -473,6 +492,75 @@ mod tests {
         ])));
     }
 
+    /// Messages queued while no backend was connected wait for the Connected event: the
+    /// gateway's hello and rewind come first. (libzmq makes the socket writable before the
+    /// monitor reports the handshake, so without the gate some would go out earlier.)
+    #[test]
+    fn nothing_sent_before_connected_is_reported() {
+        let ctx = zmq::Context::new();
+        for round in 0..5 {
+            // The backend appears only after a few refused connection attempts, as when it
+            // comes back after an outage.
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            };
+            let ep = format!("tcp://127.0.0.1:{port}");
+            let dealer = ctx.socket(zmq::DEALER).unwrap();
+            dealer.set_immediate(true).unwrap();
+            dealer.set_linger(0).unwrap();
+            dealer.set_reconnect_ivl(20).unwrap();
+            let source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+            let handle = source.handle();
+            for i in 0..50 {
+                handle.push(msg(i)).unwrap();
+            }
+            source.socket().connect(&ep).unwrap();
+            let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
+            let h = handle.clone();
+            ev.handle()
+                .insert_source(source, move |e, _, st: &mut State| {
+                    if e == ZmqEvent::Connected {
+                        st.sent_at_connect = Some(h.sent());
+                        h.with(|o| o.push_front(msg(999)));
+                    }
+                    st.got.push(e)
+                })
+                .unwrap();
+            let mut st = State {
+                got: vec![],
+                sent_at_connect: None,
+            };
+            let until = Instant::now() + Duration::from_millis(100);
+            while Instant::now() < until {
+                ev.dispatch(Some(Duration::from_millis(5)), &mut st)
+                    .unwrap();
+            }
+            let router = ctx.socket(zmq::ROUTER).unwrap();
+            router.set_linger(0).unwrap();
+            router.bind(&ep).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut first = None;
+            while first.is_none() && Instant::now() < deadline {
+                ev.dispatch(Some(Duration::from_millis(5)), &mut st)
+                    .unwrap();
+                if let Ok(frames) = router.recv_multipart(zmq::DONTWAIT) {
+                    first = Some(frames[2].clone());
+                }
+            }
+            assert_eq!(
+                st.sent_at_connect,
+                Some(0),
+                "round {round}: sent before Connected"
+            );
+            assert_eq!(
+                first.as_deref(),
+                Some(&b"{\"n\":999}"[..]),
+                "round {round}: the message put first at Connected must arrive first"
+            );
+        }
+    }
+
     /// With no peer at all, pushes never block and the outbox holds what cannot be sent.
     #[test]
     fn no_peer_never_blocks() {
@@ -487,7 +575,7 @@ mod tests {
         ev.handle()
             .insert_source(source, |e, _, st: &mut State| st.got.push(e))
             .unwrap();
-        let mut st = State { got: vec![] };
+        let mut st = State::default();
         for i in 0..10 {
             handle.push(msg(i)).unwrap();
         }

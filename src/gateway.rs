@@ -426,7 +426,14 @@ impl Gateway {
         if left > 0 {
             log::warn!("shutdown: messages not delivered count={left}");
         }
-        // Frames already accepted by libzmq get a short linger to reach the wire.
+        // Frames already accepted by libzmq (up to SNDHWM, plus socket buffers) are part of
+        // the flush: they get the rest of the flush time to reach the backend, waited for
+        // when the context terminates. Without this (linger 0) they were discarded as soon as
+        // the outbox was empty, even with a backend that was only slow for a moment.
+        let left = self.shutdown_deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        self.outbox.set_linger_on_drop(left);
         self.handle.remove(self.zmq_token);
         log::info!(
             "gateway stopped readings={} sent={} acked={}",

@@ -48,6 +48,9 @@ pub struct Outbox {
     max: usize,
     /// Messages handed to libzmq.
     pub sent: u64,
+    /// How long closing the socket may still deliver what libzmq holds (ZMQ_LINGER, set
+    /// when the source is dropped); `None`: discard it (linger 0).
+    pub linger_on_drop: Option<std::time::Duration>,
 }
 
 impl Outbox {
@@ -56,6 +59,7 @@ impl Outbox {
             queue: VecDeque::new(),
             max: max.max(1),
             sent: 0,
+            linger_on_drop: None,
         }
     }
     pub fn len(&self) -> usize {
@@ -140,6 +144,11 @@ impl OutboxHandle {
     }
     pub fn sent(&self) -> u64 {
         self.outbox.borrow().sent
+    }
+    /// Lets messages already handed to libzmq reach the peer for up to `d` after the source
+    /// is dropped (the context's termination waits for them).
+    pub fn set_linger_on_drop(&self, d: std::time::Duration) {
+        self.outbox.borrow_mut().linger_on_drop = Some(d);
     }
 }
 
@@ -313,6 +322,18 @@ impl ZmqSource {
             callback(ZmqEvent::Drained, &mut ());
         }
         Ok(())
+    }
+}
+
+impl Drop for ZmqSource {
+    fn drop(&mut self) {
+        let linger = self.outbox.borrow().linger_on_drop;
+        if let Some(d) = linger {
+            let ms = i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+            if let Err(e) = self.socket.set_linger(ms) {
+                log::warn!("cannot set ZMQ_LINGER on close: {e}");
+            }
+        }
     }
 }
 

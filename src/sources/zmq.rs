@@ -176,6 +176,10 @@ pub struct ZmqSource {
     ping_source: PingSource,
     ping: Ping,
     outbox: Rc<RefCell<Outbox>>,
+    /// No sends until the monitor reported the handshake. libzmq attaches the connection's
+    /// pipe (POLLOUT) *before* it emits HANDSHAKE_SUCCEEDED, so without this a message queued
+    /// while disconnected could leave before the `hello` that `Connected` puts in front.
+    hold_sends: bool,
     monitor: zmq::Socket,
     socket: zmq::Socket,
 }
@@ -200,6 +204,7 @@ impl ZmqSource {
             ping_source,
             ping,
             outbox: Rc::new(RefCell::new(Outbox::new(outbox_max))),
+            hold_sends: true,
             monitor,
             socket,
         })
@@ -243,8 +248,15 @@ impl ZmqSource {
                 .unwrap_or_default();
             use zmq::SocketEvent as E;
             match E::from_raw(event) {
-                E::HANDSHAKE_SUCCEEDED => callback(ZmqEvent::Connected, &mut ()),
-                E::DISCONNECTED => callback(ZmqEvent::Disconnected, &mut ()),
+                E::HANDSHAKE_SUCCEEDED => {
+                    // The callback queues what must go first (hello); then sends may start.
+                    callback(ZmqEvent::Connected, &mut ());
+                    self.hold_sends = false;
+                }
+                E::DISCONNECTED => {
+                    self.hold_sends = true;
+                    callback(ZmqEvent::Disconnected, &mut ());
+                }
                 E::HANDSHAKE_FAILED_AUTH => callback(
                     ZmqEvent::HandshakeFailed(format!(
                         "authentication failed at {addr} (ZAP status {value}): the backend \
@@ -291,7 +303,7 @@ impl ZmqSource {
                     Err(e) => return Err(e),
                 }
             }
-            if events.contains(zmq::POLLOUT) {
+            if events.contains(zmq::POLLOUT) && !self.hold_sends {
                 let mut outbox = self.outbox.borrow_mut();
                 if let Some(m) = outbox.front() {
                     let [kind, body] = m.frames();
@@ -499,6 +511,71 @@ mod tests {
                 .unwrap();
         }
         assert!(st.got.contains(&ZmqEvent::Connected), "{:?}", st.got);
+    }
+
+    /// Messages queued while disconnected never overtake what the Connected callback puts
+    /// in front (the gateway's hello): libzmq makes the socket writable before it reports
+    /// the handshake, so the source holds sends until it has seen the report.
+    #[test]
+    fn connected_callback_goes_first() {
+        for _ in 0..10 {
+            let ctx = zmq::Context::new();
+            let dealer = ctx.socket(zmq::DEALER).unwrap();
+            dealer.set_identity(b"gw-t").unwrap();
+            dealer.set_immediate(true).unwrap();
+            dealer.set_linger(0).unwrap();
+            let source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+            let handle = source.handle();
+            let dir = tempfile::tempdir().unwrap();
+            let ep = format!("ipc://{}/b.ipc", dir.path().display());
+            source.connect(&ep).unwrap();
+            let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
+            let h = handle.clone();
+            ev.handle()
+                .insert_source(source, move |e, _, st: &mut State| {
+                    if e == ZmqEvent::Connected {
+                        h.with(|o| {
+                            o.push_front(Message {
+                                kind: "hello",
+                                body: "{}".into(),
+                            })
+                        });
+                    }
+                    st.got.push(e)
+                })
+                .unwrap();
+            let mut st = State { got: vec![] };
+            for i in 0..5 {
+                handle.push(msg(i)).unwrap();
+            }
+            // Queued while nobody listens; the backend comes up later.
+            for _ in 0..3 {
+                ev.dispatch(Some(Duration::from_millis(5)), &mut st)
+                    .unwrap();
+            }
+            // The backend: another context, bound from another thread while the loop waits.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let ep2 = ep.clone();
+            let backend = std::thread::spawn(move || {
+                let ctx = zmq::Context::new();
+                let router = ctx.socket(zmq::ROUTER).unwrap();
+                router.set_linger(0).unwrap();
+                router.set_rcvtimeo(5000).unwrap();
+                router.bind(&ep2).unwrap();
+                let _ = tx.send(router.recv_multipart(0).map(|f| f[1].clone()));
+            });
+            let deadline = Instant::now() + Duration::from_secs(6);
+            let first = loop {
+                assert!(Instant::now() < deadline, "nothing received: {:?}", st.got);
+                ev.dispatch(Some(Duration::from_millis(20)), &mut st)
+                    .unwrap();
+                if let Ok(first) = rx.try_recv() {
+                    break first.unwrap();
+                }
+            };
+            backend.join().unwrap();
+            assert_eq!(first, b"hello");
+        }
     }
 
     /// With no peer at all, pushes never block and the outbox holds what cannot be sent.

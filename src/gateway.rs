@@ -250,7 +250,6 @@ impl Gateway {
         let zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
             .map_err(zerr("creating the socket monitor"))?;
         zsource
-            .socket()
             .connect(&cfg.backend.endpoint)
             .map_err(zerr("connecting to the backend endpoint"))?;
         let outbox = zsource.handle();
@@ -487,7 +486,7 @@ impl Gateway {
             d.saturating_duration_since(Instant::now()).as_millis()
         });
         self.outbox
-            .set_close_linger(left_ms.clamp(100, 2000) as i32);
+            .set_close_linger(left_ms.min(i32::MAX as u128) as i32);
         self.handle.remove(self.zmq_token);
         if let Err(e) = self.spool.flush() {
             log::error!("spool flush at shutdown failed: {e}");
@@ -866,6 +865,17 @@ impl Gateway {
         let cmd = match protocol::parse_command(body) {
             Ok(c) => c,
             Err(e) => {
+                if let Some(prev) = e.id.as_deref().and_then(|id| self.replies.get(id)) {
+                    // Same id seen before: answer as before, never execute (or count) twice.
+                    log::info!(
+                        "duplicate command id={}: not executed again",
+                        e.id.as_deref().unwrap_or("-")
+                    );
+                    if let Some(reply) = prev.clone() {
+                        self.send(reply);
+                    }
+                    return;
+                }
                 self.counters.commands_failed += 1;
                 if self.command_errors.allow("bad command") {
                     log::warn!(
@@ -875,13 +885,6 @@ impl Gateway {
                     );
                 }
                 if let Some(id) = e.id {
-                    if let Some(prev) = self.replies.get(&id) {
-                        // Same id seen before: answer as before, never execute twice.
-                        if let Some(reply) = prev.clone() {
-                            self.send(reply);
-                        }
-                        return;
-                    }
                     let reply = protocol::reply_err(&id, &e.message);
                     self.replies.insert(&id, Some(reply.clone()));
                     self.send(reply);
@@ -1147,6 +1150,53 @@ mod tests {
         assert!(c.get("c4").is_none());
         assert!(c.get("c5").is_some());
         assert_eq!(c.map.len(), REPLY_CACHE);
+    }
+
+    fn test_gateway(dir: &std::path::Path) -> (EventLoop<'static, Gateway>, Gateway) {
+        let text = format!(
+            "[gateway]\nid = \"gw-t\"\n[backend]\nendpoint = \"tcp://127.0.0.1:1\"\n\
+             [gpio]\nbackend = \"sim\"\nsim_dir = \"{}\"\n\
+             [[gpio.output]]\nname = \"relay1\"\npin = 27\n",
+            dir.display()
+        );
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let ev = EventLoop::try_new().unwrap();
+        let gw = Gateway::new(cfg, &ev).unwrap();
+        (ev, gw)
+    }
+
+    fn replies(gw: &Gateway) -> Vec<String> {
+        gw.outbox.peek(|o| {
+            o.iter()
+                .filter(|m| m.kind == protocol::KIND_REPLY)
+                .map(|m| m.body.clone())
+                .collect()
+        })
+    }
+
+    /// A repeated id is answered with the first reply and neither executed nor counted again,
+    /// whether the first attempt succeeded or was refused.
+    #[test]
+    fn duplicate_commands_execute_and_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_ev, mut gw) = test_gateway(dir.path());
+        let toggle = br#"{"id":"c-1","target":"relay1","action":"toggle"}"#;
+        gw.on_command(toggle);
+        gw.on_command(toggle);
+        assert_eq!(
+            crate::hw::sim::read_pin_file(dir.path(), 27).unwrap(),
+            Some(1)
+        );
+        let bad = br#"{"id":"c-2","target":"relay1","action":"set","value":7}"#;
+        gw.on_command(bad);
+        gw.on_command(bad);
+        assert_eq!(gw.counters.commands_ok, 1);
+        assert_eq!(gw.counters.commands_failed, 1);
+        let r = replies(&gw);
+        assert_eq!(r.len(), 4, "{r:?}");
+        assert_eq!(r[0], r[1]);
+        assert_eq!(r[2], r[3]);
+        assert!(r[2].contains("\"ok\":false"), "{}", r[2]);
     }
 
     #[test]

@@ -24,14 +24,22 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes of pending writes accepted per port; more is refused (the device is too slow).
 pub const MAX_PENDING_WRITE: usize = 64 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Bytes read per wake before yielding to other sources (the fd is level-triggered).
+/// Bytes read per wake before yielding to other sources (the fd is level-triggered, so the
+/// rest is read on the next dispatch).
 const READ_BUDGET: usize = 64 * 1024;
+/// Time spent reading and handling lines per wake before yielding. Every line becomes a
+/// reading (parse, JSON, outbox) in the callback, so a byte budget alone lets a flood of
+/// short lines hold the loop for a long time: 64 KiB of `n=12345` lines took ~400 ms in a
+/// debug build, delaying commands by as much. Checked after each chunk.
+const READ_TIME_BUDGET: Duration = Duration::from_millis(1);
+/// Bytes per read: small, so one chunk's lines cost little beyond the time budget.
+const READ_CHUNK: usize = 256;
 
 /// What a serial port reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,14 +339,18 @@ impl SerialSource {
             return Ok(());
         };
         let fd = port.get_ref().as_raw_fd();
-        let mut buf = [0u8; 4096];
+        let mut buf = [0u8; READ_CHUNK];
         let mut total = 0;
+        let started = Instant::now();
         while total < READ_BUDGET {
             match nix::unistd::read(fd, &mut buf) {
                 Ok(0) => return Err("hang-up (end of file)".into()),
                 Ok(n) => {
                     total += n;
                     self.frame(&buf[..n], callback);
+                    if started.elapsed() >= READ_TIME_BUDGET {
+                        return Ok(());
+                    }
                 }
                 Err(nix::errno::Errno::EAGAIN) => return Ok(()),
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -564,7 +576,6 @@ mod tests {
     use nix::pty::openpty;
     use std::io::Write;
     use std::os::fd::OwnedFd;
-    use std::time::Instant;
 
     struct St {
         events: Vec<SerialEvent>,
@@ -630,6 +641,43 @@ mod tests {
                 SerialEvent::Line(exact),
             ]
         );
+    }
+
+    /// A flood of short lines must not hold the loop: one wake handles one chunk once the
+    /// time budget is spent, and the rest follows on later dispatches (level-triggered).
+    /// Before the time budget, all 4000 bytes (1000 lines) were handled in one wake.
+    #[test]
+    fn a_flood_of_lines_yields_the_loop() {
+        let (master, path) = pty();
+        let source = SerialSource::new("t", &path, 9600).unwrap();
+        let mut ev: EventLoop<St> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut St| {
+                if matches!(e, SerialEvent::Line(_)) {
+                    // Each line costs 100 µs (a slow reading pipeline).
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                st.events.push(e)
+            })
+            .unwrap();
+        let mut st = St { events: vec![] };
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::Connected)
+        });
+        st.events.clear();
+        let mut m = std::fs::File::from(master);
+        m.write_all(&b"a=1\n".repeat(1000)).unwrap();
+        ev.dispatch(Some(Duration::from_secs(2)), &mut st).unwrap();
+        let first = st.events.len();
+        assert!(
+            first > 0 && first <= READ_CHUNK / 4,
+            "one wake handled {first} lines"
+        );
+        run_until(&mut ev, &mut st, |st| st.events.len() == 1000);
+        assert!(st
+            .events
+            .iter()
+            .all(|e| *e == SerialEvent::Line(b"a=1".to_vec())));
     }
 
     #[test]

@@ -243,6 +243,12 @@ impl ZmqSource {
         &self.socket
     }
 
+    /// Connects the socket; the monitor is already attached, so every handshake, the first
+    /// one included, is reported as [`ZmqEvent::Connected`].
+    pub fn connect(&self, endpoint: &str) -> zmq::Result<()> {
+        self.socket.connect(endpoint)
+    }
+
     fn drain_monitor<F>(&mut self, callback: &mut F) -> zmq::Result<()>
     where
         F: FnMut(ZmqEvent, &mut ()),

@@ -33,5 +33,16 @@ test-py: setup
 
 test: lint test-rust test-py
 
+# Fuzzing (not part of `make test`): every target in fuzz/ for FUZZ_SECONDS each.
+# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
+# A crash stops the run; its input is in fuzz/artifacts/<target>/ — turn it into a unit test.
+FUZZ_SECONDS ?= 30
+fuzz: setup
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@set -e; for t in $$(RUSTC_BOOTSTRAP=1 $(CARGO) fuzz list); do \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS); \
+	done
+
 clean:
 	$(CARGO) clean

@@ -6,6 +6,7 @@
 //! - [`sources`]: the loop's event sources (ZeroMQ, serial, GPIO).
 //! - [`hw`]: GPIO backends (Raspberry Pi via rppal, simulated via files + inotify).
 //! - [`gateway`]: the loop's shared state: readings, commands, stats, shutdown.
+//! - [`security`]: CURVE keys, key files, the endpoint policy (docs/security.md).
 //! - [`backend`]: the reference backend (`zgate backend`).
 //! - [`demo`]: `zgate demo`, the embedded default with simulated hardware.
 
@@ -15,6 +16,7 @@ pub mod demo;
 pub mod gateway;
 pub mod hw;
 pub mod protocol;
+pub mod security;
 pub mod sources;
 
 pub use config::Config;

@@ -20,7 +20,7 @@ use crate::protocol::Message;
 use calloop::generic::Generic;
 use calloop::ping::{make_ping, Ping, PingSource};
 use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::rc::Rc;
@@ -109,9 +109,18 @@ impl Outbox {
 pub struct OutboxHandle {
     outbox: Rc<RefCell<Outbox>>,
     ping: Ping,
+    check_stall: Rc<Cell<bool>>,
 }
 
 impl OutboxHandle {
+    /// Asks the source to reconnect if libzmq gave up on the connection: after a protocol
+    /// error (e.g. a frame over ZMQ_MAXMSGSIZE, or a corrupt CURVE frame) libzmq closes the
+    /// connection and never retries it. Call this a little while after `Disconnected`.
+    pub fn check_stalled_connection(&self) {
+        self.check_stall.set(true);
+        self.ping.ping();
+    }
+
     /// Queues a message and wakes the source; gives it back when the outbox is full.
     pub fn push(&self, m: Message) -> Result<(), Message> {
         self.outbox.borrow_mut().push_back(m)?;
@@ -167,6 +176,11 @@ pub struct ZmqSource {
     ping_source: PingSource,
     ping: Ping,
     outbox: Rc<RefCell<Outbox>>,
+    check_stall: Rc<Cell<bool>>,
+    /// Endpoint to reconnect to when libzmq gave up (see `check_stalled_connection`).
+    endpoint: Option<String>,
+    /// A DISCONNECTED was seen and no reconnect attempt since.
+    awaiting_retry: bool,
     monitor: zmq::Socket,
     socket: zmq::Socket,
 }
@@ -188,15 +202,45 @@ impl ZmqSource {
             ping_source,
             ping,
             outbox: Rc::new(RefCell::new(Outbox::new(outbox_max))),
+            check_stall: Rc::new(Cell::new(false)),
+            endpoint: None,
+            awaiting_retry: false,
             monitor,
             socket,
         })
+    }
+
+    /// The endpoint the socket is connected to; lets the source reconnect when libzmq gave
+    /// up on the connection.
+    pub fn set_reconnect_endpoint(&mut self, endpoint: &str) {
+        self.endpoint = Some(endpoint.to_string());
     }
 
     pub fn handle(&self) -> OutboxHandle {
         OutboxHandle {
             outbox: self.outbox.clone(),
             ping: self.ping.clone(),
+            check_stall: self.check_stall.clone(),
+        }
+    }
+
+    /// Reconnects when a stall check was requested and libzmq has not retried since the
+    /// last disconnect.
+    fn reconnect_if_stalled(&mut self) {
+        if !self.check_stall.replace(false) || !self.awaiting_retry {
+            return;
+        }
+        let Some(ep) = self.endpoint.clone() else {
+            return;
+        };
+        self.awaiting_retry = false;
+        log::warn!(
+            "backend connection {ep} was closed after a protocol error (oversized or corrupt \
+             frame) and libzmq does not retry it: reconnecting"
+        );
+        let _ = self.socket.disconnect(&ep);
+        if let Err(e) = self.socket.connect(&ep) {
+            log::error!("reconnecting to {ep} failed: {e}");
         }
     }
 
@@ -225,8 +269,17 @@ impl ZmqSource {
                 .unwrap_or_default();
             use zmq::SocketEvent as E;
             match E::from_raw(event) {
-                E::HANDSHAKE_SUCCEEDED => callback(ZmqEvent::Connected, &mut ()),
-                E::DISCONNECTED => callback(ZmqEvent::Disconnected, &mut ()),
+                E::CONNECTED | E::CONNECT_DELAYED | E::CONNECT_RETRIED => {
+                    self.awaiting_retry = false;
+                }
+                E::HANDSHAKE_SUCCEEDED => {
+                    self.awaiting_retry = false;
+                    callback(ZmqEvent::Connected, &mut ())
+                }
+                E::DISCONNECTED => {
+                    self.awaiting_retry = true;
+                    callback(ZmqEvent::Disconnected, &mut ())
+                }
                 E::HANDSHAKE_FAILED_AUTH => callback(
                     ZmqEvent::HandshakeFailed(format!(
                         "authentication failed at {addr} (ZAP status {value}): the backend \
@@ -334,6 +387,7 @@ impl EventSource for ZmqSource {
             .process_events(readiness, token, |_, _| Ok(PostAction::Continue))
             .map_err(|_| zmq::Error::EFAULT)?;
         self.drain_monitor(&mut callback)?;
+        self.reconnect_if_stalled();
         self.pump(&mut callback)?;
         Ok(PostAction::Continue)
     }

@@ -51,6 +51,9 @@ fn lerr<E: std::fmt::Display>(e: E) -> GatewayError {
     GatewayError::Loop(e.to_string())
 }
 
+const STALL_CHECK_MIN: Duration = Duration::from_secs(1);
+const STALL_CHECK_MAX: Duration = Duration::from_secs(30);
+
 /// How many recent command ids are remembered for duplicate detection.
 pub const REPLY_CACHE: usize = 1024;
 
@@ -223,6 +226,9 @@ pub struct Gateway {
     shutdown_deadline: Option<Instant>,
     handshake_failures: LogLimiter,
     disconnects: LogLimiter,
+    /// Delay before checking that libzmq retries a lost connection; doubles up to 30 s while
+    /// no handshake succeeds.
+    stall_check: Duration,
     command_errors: LogLimiter,
     drops: LogLimiter,
     // Last field: the context outlives the socket inside the loop's ZmqSource.
@@ -436,6 +442,7 @@ impl Gateway {
             shutdown_deadline: None,
             handshake_failures: LogLimiter::default(),
             disconnects: LogLimiter::default(),
+            stall_check: STALL_CHECK_MIN,
             command_errors: LogLimiter::default(),
             drops: LogLimiter::default(),
             _ctx: ctx,
@@ -634,6 +641,7 @@ impl Gateway {
         match event {
             ZmqEvent::Connected => {
                 self.counters.connects += 1;
+                self.stall_check = STALL_CHECK_MIN;
                 if self.counters.connects > 1 {
                     self.counters.reconnects += 1;
                 }
@@ -656,13 +664,15 @@ impl Gateway {
                 // libzmq does not retry after a protocol error (e.g. an oversized frame):
                 // check a little later and reconnect if it gave up.
                 let outbox = self.outbox.clone();
-                if let Err(e) = self.handle.insert_source(
-                    Timer::from_duration(Duration::from_secs(1)),
-                    move |_, _, _| {
-                        outbox.check_stalled_connection();
-                        TimeoutAction::Drop
-                    },
-                ) {
+                let delay = self.stall_check;
+                self.stall_check = (delay * 2).min(STALL_CHECK_MAX);
+                if let Err(e) =
+                    self.handle
+                        .insert_source(Timer::from_duration(delay), move |_, _, _| {
+                            outbox.check_stalled_connection();
+                            TimeoutAction::Drop
+                        })
+                {
                     log::error!("cannot arm the reconnect check: {e}");
                 }
             }

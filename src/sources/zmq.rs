@@ -181,6 +181,7 @@ pub struct ZmqSource {
     endpoint: Option<String>,
     /// A DISCONNECTED was seen and no reconnect attempt since.
     awaiting_retry: bool,
+    stall_log: crate::gateway::LogLimiter,
     monitor: zmq::Socket,
     socket: zmq::Socket,
 }
@@ -205,6 +206,7 @@ impl ZmqSource {
             check_stall: Rc::new(Cell::new(false)),
             endpoint: None,
             awaiting_retry: false,
+            stall_log: crate::gateway::LogLimiter::default(),
             monitor,
             socket,
         })
@@ -234,10 +236,13 @@ impl ZmqSource {
             return;
         };
         self.awaiting_retry = false;
-        log::warn!(
-            "backend connection {ep} was closed after a protocol error (oversized or corrupt \
-             frame) and libzmq does not retry it: reconnecting"
-        );
+        if self.stall_log.allow("reconnect after protocol error") {
+            log::warn!(
+                "libzmq closed the connection to {ep} after a protocol error (oversized or \
+                 corrupt frame, or security mechanism mismatch) and does not retry it: \
+                 reconnecting"
+            );
+        }
         let _ = self.socket.disconnect(&ep);
         if let Err(e) = self.socket.connect(&ep) {
             log::error!("reconnecting to {ep} failed: {e}");

@@ -266,6 +266,9 @@ pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, G
             pair.public,
             cfg.gateway.id
         );
+        if b.insecure {
+            log::warn!("backend.insecure = true has no effect: CURVE is configured");
+        }
     } else if b.insecure_link() {
         log::warn!(
             "INSECURE: backend.insecure = true: the link to {} is plaintext and \

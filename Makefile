@@ -40,5 +40,24 @@ test-arm: cross
 
 test: lint test-rust test-py test-arm check-deploy
 
+# Fuzzing (not part of `make test`): every target in fuzz/ for FUZZ_SECONDS each.
+# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.
+# A crash stops the run; its input is in fuzz/artifacts/<target>/ — turn it into a unit test.
+FUZZ_SECONDS ?= 30
+fuzz: setup
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@mkdir -p fuzz/corpus/config fuzz/corpus/command fuzz/corpus/serial_line
+	@cp src/config_template.toml fuzz/corpus/config/template.toml
+	@printf '%s' '{"id":"c-1","target":"relay1","action":"pulse","value":{"ms":250}}' \
+		> fuzz/corpus/command/pulse.json
+	@printf '%s' '{"id":"c-2","target":"weather","action":"write","value":"GO"}' \
+		> fuzz/corpus/command/write.json
+	@printf '%s' '0temperature=21.5 humidity=40,ok=true' > fuzz/corpus/serial_line/kv
+	@printf '%s' '1{"t": [1, {"a": "x"}], "s": "\\u00e9"}' > fuzz/corpus/serial_line/json
+	@set -e; for t in $$(RUSTC_BOOTSTRAP=1 $(CARGO) fuzz list); do \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS); \
+	done
+
 clean:
 	$(CARGO) clean

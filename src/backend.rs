@@ -8,21 +8,202 @@
 //! Commands are read from stdin, one JSON line each:
 //! `{"gateway":"gw-01","command":{"id":"c-1","target":"relay1","action":"toggle"}}`
 //! (an `id` is generated when missing). Errors are printed as `{"kind":"error",...}` lines.
+//!
+//! With `--secret-key FILE --allow DIR` the backend is a CURVE server. Its ZAP handler (a REP
+//! socket on `inproc://zeromq.zap.01`, served in the same poll loop) accepts a gateway only
+//! when its public key is one of the `DIR/<gateway-id>.pub` files, and names the connection
+//! with that id (the ZAP user id). Every message whose routing id differs from that user id
+//! is dropped and logged: a gateway cannot speak as another one, and commands are not sent to
+//! a routing id last seen with another gateway's key. Rejections go to the log (stderr) with
+//! the peer's address.
 
+use crate::gateway::LogLimiter;
 use crate::protocol;
+use crate::security;
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
 /// Out-of-order seqs remembered per gateway before the oldest are forgotten.
 const MAX_PENDING_SEQS: usize = 100_000;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BackendOptions {
     pub bind: String,
     /// Send acks (turn off to test a backend that never acknowledges).
     pub ack: bool,
+    /// CURVE server secret key file (Z85, mode 0600). Requires `allow_dir`.
+    pub secret_key: Option<PathBuf>,
+    /// Directory of `<gateway-id>.pub` files: the gateways allowed to connect.
+    pub allow_dir: Option<PathBuf>,
+}
+
+/// The ZAP endpoint libzmq asks for authentication (RFC 27).
+pub const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
+/// The ZAP domain of the backend's ROUTER socket.
+pub const ZAP_DOMAIN: &str = "zgate";
+
+/// The ids whose `.pub` file in `dir` holds `key` (Z85). Unreadable or malformed files are
+/// skipped with a warning.
+pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut ids = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("pub") {
+            continue;
+        }
+        let Some(id) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        match security::load_public_key(&path) {
+            Ok(k) if k == key => ids.push(id.to_string()),
+            Ok(_) => {}
+            Err(e) => log::warn!("allow list: skipping {}: {e}", path.display()),
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// A ZAP decision: status code, status text, user id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZapDecision {
+    pub status: &'static str,
+    pub text: String,
+    pub user_id: String,
+}
+
+/// Decides a ZAP request (frames: version, request id, domain, address, routing id,
+/// mechanism, credentials...). `lookup` maps a Z85 client key to the ids it is registered
+/// under.
+pub fn zap_decide(
+    frames: &[Vec<u8>],
+    lookup: impl Fn(&str) -> Result<Vec<String>, String>,
+) -> ZapDecision {
+    let deny = |status: &'static str, text: String| ZapDecision {
+        status,
+        text,
+        user_id: String::new(),
+    };
+    if frames.len() < 6 || frames[0] != b"1.0" {
+        return deny("500", "malformed ZAP request".into());
+    }
+    if frames[5] != b"CURVE" {
+        return deny(
+            "400",
+            format!(
+                "mechanism {} refused: CURVE required",
+                String::from_utf8_lossy(&frames[5])
+            ),
+        );
+    }
+    let Some(key) = frames
+        .get(6)
+        .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+    else {
+        return deny("400", "no CURVE client key".into());
+    };
+    let key = security::z85_encode_key(&key);
+    match lookup(&key) {
+        Ok(ids) if ids.len() == 1 => ZapDecision {
+            status: "200",
+            text: "OK".into(),
+            user_id: ids[0].clone(),
+        },
+        Ok(ids) if ids.is_empty() => deny("400", format!("key {key} is not in the allow list")),
+        Ok(ids) => deny(
+            "400",
+            format!(
+                "key {key} is registered under several ids ({}): refused",
+                ids.join(", ")
+            ),
+        ),
+        Err(e) => deny("500", format!("allow list unavailable: {e}")),
+    }
+}
+
+/// The ZAP handler: a REP socket on [`ZAP_ENDPOINT`], served from the backend's poll loop.
+pub struct Zap {
+    socket: zmq::Socket,
+    allow_dir: PathBuf,
+}
+
+impl Zap {
+    /// Binds the handler. Must happen before the CURVE server socket accepts connections.
+    pub fn bind(ctx: &zmq::Context, allow_dir: PathBuf) -> Result<Zap, zmq::Error> {
+        let socket = ctx.socket(zmq::REP)?;
+        socket.set_linger(0)?;
+        socket.bind(ZAP_ENDPOINT)?;
+        Ok(Zap { socket, allow_dir })
+    }
+
+    /// Answers every pending request.
+    pub fn serve(&self) -> Result<(), zmq::Error> {
+        loop {
+            let frames = match self.socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(f) => f,
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let d = zap_decide(&frames, |key| allowed_ids(&self.allow_dir, key));
+            let address = frames
+                .get(3)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default();
+            if d.status == "200" {
+                log::info!("gateway authenticated gateway={} peer={address}", d.user_id);
+            } else {
+                log::warn!(
+                    "connection rejected peer={address} status={} reason=\"{}\"",
+                    d.status,
+                    d.text
+                );
+            }
+            let empty: &[u8] = b"";
+            let request_id = frames.get(1).map_or(empty, Vec::as_slice);
+            let reply: [&[u8]; 6] = [
+                b"1.0",
+                request_id,
+                d.status.as_bytes(),
+                d.text.as_bytes(),
+                d.user_id.as_bytes(),
+                b"",
+            ];
+            self.socket.send_multipart(reply, 0)?;
+        }
+    }
+}
+
+/// Who last spoke under a routing id (CURVE only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// The key registered under this id.
+    Verified,
+    /// A key registered under another id (the user id).
+    Impersonated(String),
+}
+
+/// One received message and what libzmq knows about its sender.
+struct Received {
+    frames: Vec<Vec<u8>>,
+    user_id: Option<String>,
+    peer: Option<String>,
+}
+
+/// The peer address of a socket fd owned by libzmq, if it is still open.
+fn peer_of_fd(fd: i32) -> Option<String> {
+    use std::os::fd::FromRawFd;
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the fd is only borrowed: ManuallyDrop never closes it. If libzmq closed it
+    // meanwhile, peer_addr fails (or names whatever reuses it: used for a log line only).
+    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    stream.peer_addr().ok().map(|a| a.to_string())
 }
 
 /// Per-gateway delivery state: every seq ≤ `high` was received; `ahead` holds seqs > high+1.
@@ -80,6 +261,14 @@ pub struct Backend {
     ledgers: HashMap<Vec<u8>, GatewayLedger>,
     opts: BackendOptions,
     next_command: u64,
+    zap: Option<Zap>,
+    monitor: zmq::Socket,
+    routes: HashMap<Vec<u8>, Route>,
+    /// Peer addresses of accepted connections, by fd (for handshake failure logs).
+    accepted: HashMap<i32, String>,
+    /// A handshake failure waiting for its DISCONNECTED event (which names the fd).
+    failed_handshake: Option<String>,
+    rejections: LogLimiter,
 }
 
 fn print_line(v: &Value) {
@@ -90,17 +279,64 @@ fn print_line(v: &Value) {
 }
 
 impl Backend {
-    pub fn new(ctx: &zmq::Context, opts: BackendOptions) -> Result<Backend, zmq::Error> {
+    pub fn new(ctx: &zmq::Context, opts: BackendOptions) -> Result<Backend, anyhow::Error> {
+        use anyhow::Context as _;
         let socket = ctx.socket(zmq::ROUTER)?;
         socket.set_router_mandatory(true)?;
         socket.set_linger(1000)?;
-        socket.bind(&opts.bind)?;
+        let zap = match (&opts.secret_key, &opts.allow_dir) {
+            (Some(key), Some(dir)) => {
+                security::require_curve().map_err(anyhow::Error::msg)?;
+                let pair = security::load_secret_key(key).map_err(anyhow::Error::msg)?;
+                let meta = std::fs::metadata(dir)
+                    .with_context(|| format!("allow list directory {}", dir.display()))?;
+                anyhow::ensure!(meta.is_dir(), "{} is not a directory", dir.display());
+                // The ZAP handler exists before the socket can accept anyone.
+                let zap = Zap::bind(ctx, dir.clone())
+                    .with_context(|| format!("binding the ZAP handler {ZAP_ENDPOINT}"))?;
+                socket.set_curve_server(true)?;
+                socket.set_curve_secretkey(&pair.secret_bytes())?;
+                socket.set_zap_domain(ZAP_DOMAIN)?;
+                log::info!(
+                    "CURVE on: backend public key {} (gateways set it as backend.server_public_key); allow list {}",
+                    pair.public,
+                    dir.display()
+                );
+                Some(zap)
+            }
+            (None, None) => None,
+            _ => anyhow::bail!("--secret-key and --allow go together"),
+        };
+        let monitor_ep = format!("inproc://zgate-backend-monitor-{}", std::process::id());
+        socket.monitor(
+            &monitor_ep,
+            (zmq::SocketEvent::ACCEPTED as u16
+                | zmq::SocketEvent::DISCONNECTED as u16
+                | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as u16
+                | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as u16
+                | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as u16) as i32,
+        )?;
+        let monitor = ctx.socket(zmq::PAIR)?;
+        monitor.connect(&monitor_ep)?;
+        socket
+            .bind(&opts.bind)
+            .with_context(|| format!("cannot bind {}", opts.bind))?;
         Ok(Backend {
             socket,
             ledgers: HashMap::new(),
             opts,
             next_command: 1,
+            zap,
+            monitor,
+            routes: HashMap::new(),
+            accepted: HashMap::new(),
+            failed_handshake: None,
+            rejections: LogLimiter::default(),
         })
+    }
+
+    fn curve(&self) -> bool {
+        self.zap.is_some()
     }
 
     pub fn socket(&self) -> &zmq::Socket {
@@ -114,14 +350,32 @@ impl Backend {
         let mut stdin_open = true;
         let mut lines = stdin.lock().lines();
         loop {
-            let mut items = vec![self.socket.as_poll_item(zmq::POLLIN)];
+            let mut items = vec![
+                self.socket.as_poll_item(zmq::POLLIN),
+                self.monitor.as_poll_item(zmq::POLLIN),
+            ];
+            if let Some(zap) = &self.zap {
+                items.push(zap.socket.as_poll_item(zmq::POLLIN));
+            }
+            let stdin_index = items.len();
             if stdin_open {
                 items.push(zmq::PollItem::from_fd(stdin_fd, zmq::POLLIN));
             }
             zmq::poll(&mut items, -1)?;
             let sock_ready = items[0].is_readable();
-            let stdin_ready = stdin_open && (items[1].is_readable() || items[1].is_error());
+            let monitor_ready = items[1].is_readable();
+            let zap_ready = self.zap.is_some() && items[2].is_readable();
+            let stdin_ready =
+                stdin_open && (items[stdin_index].is_readable() || items[stdin_index].is_error());
             drop(items);
+            if zap_ready {
+                if let Some(zap) = &self.zap {
+                    zap.serve()?;
+                }
+            }
+            if monitor_ready {
+                self.drain_monitor()?;
+            }
             if sock_ready {
                 self.drain()?;
             }
@@ -138,16 +392,118 @@ impl Backend {
         }
     }
 
+    /// Logs handshake failures (e.g. a peer without CURVE, or with the wrong server key).
+    fn drain_monitor(&mut self) -> Result<(), zmq::Error> {
+        loop {
+            let frames = match self.monitor.recv_multipart(zmq::DONTWAIT) {
+                Ok(f) => f,
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let Some(head) = frames.first().filter(|f| f.len() >= 6) else {
+                continue;
+            };
+            let event = u16::from_ne_bytes([head[0], head[1]]);
+            let value = u32::from_ne_bytes([head[2], head[3], head[4], head[5]]);
+            use zmq::SocketEvent as E;
+            match E::from_raw(event) {
+                E::ACCEPTED => {
+                    let fd = value as i32;
+                    let peer = peer_of_fd(fd).unwrap_or_else(|| "unknown".into());
+                    self.accepted.insert(fd, peer);
+                }
+                E::HANDSHAKE_FAILED_PROTOCOL => {
+                    self.failed_handshake = Some(format!(
+                        "protocol error {value:#x}: a peer without CURVE, or one using the \
+                         wrong server public key"
+                    ));
+                }
+                E::HANDSHAKE_FAILED_NO_DETAIL => {
+                    self.failed_handshake = Some(format!(
+                        "errno {value}: peer closed during the handshake or uses another \
+                         security mechanism"
+                    ));
+                }
+                // Logged by the ZAP handler, with the reason.
+                E::HANDSHAKE_FAILED_AUTH => self.failed_handshake = None,
+                E::DISCONNECTED => {
+                    let peer = self.accepted.remove(&(value as i32));
+                    if let Some(why) = self.failed_handshake.take() {
+                        if self.rejections.allow("handshake failed") {
+                            log::warn!(
+                                "connection rejected peer={} reason=\"handshake failed: {why}\"",
+                                peer.as_deref().unwrap_or("unknown")
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Receives one multipart message with the sender's ZAP user id and address.
+    fn recv_message(&self) -> Result<Option<Received>, zmq::Error> {
+        let mut frames = Vec::new();
+        let mut user_id = None;
+        let mut peer = None;
+        loop {
+            let mut msg = match self.socket.recv_msg(zmq::DONTWAIT) {
+                Ok(m) => m,
+                Err(zmq::Error::EAGAIN) if frames.is_empty() => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if frames.len() == 1 {
+                // The first frame the peer sent (after the routing id ROUTER adds).
+                user_id = msg.gets("User-Id").map(str::to_string);
+                peer = msg.gets("Peer-Address").map(str::to_string);
+            }
+            let more = msg.get_more();
+            frames.push(msg.to_vec());
+            if !more {
+                return Ok(Some(Received {
+                    frames,
+                    user_id,
+                    peer,
+                }));
+            }
+        }
+    }
+
+    /// With CURVE: true when the routing id is the id the sender's key is registered under.
+    fn sender_verified(&mut self, r: &Received) -> bool {
+        if !self.curve() {
+            return true;
+        }
+        let Some(id) = r.frames.first() else {
+            return false;
+        };
+        let user = r.user_id.as_deref().unwrap_or("");
+        if user.as_bytes() == id.as_slice() {
+            self.routes.insert(id.clone(), Route::Verified);
+            return true;
+        }
+        self.routes
+            .insert(id.clone(), Route::Impersonated(user.to_string()));
+        if self.rejections.allow("impersonation") {
+            log::warn!(
+                "message rejected peer={} reason=\"routing id {:?} but the key is registered as {:?} (impersonation)\"",
+                r.peer.as_deref().unwrap_or("unknown"),
+                String::from_utf8_lossy(id),
+                user
+            );
+        }
+        false
+    }
+
     /// Receives everything available, then acks each gateway once.
     pub fn drain(&mut self) -> Result<(), zmq::Error> {
         let mut to_ack: Vec<Vec<u8>> = Vec::new();
-        loop {
-            let frames = match self.socket.recv_multipart(zmq::DONTWAIT) {
-                Ok(f) => f,
-                Err(zmq::Error::EAGAIN) => break,
-                Err(e) => return Err(e),
-            };
-            if let Some(id) = self.handle_message(frames) {
+        while let Some(received) = self.recv_message()? {
+            if !self.sender_verified(&received) {
+                continue;
+            }
+            if let Some(id) = self.handle_message(received.frames) {
                 if !to_ack.contains(&id) {
                     to_ack.push(id);
                 }
@@ -255,6 +611,14 @@ impl Backend {
                 return;
             }
         };
+        if let Some(Route::Impersonated(by)) = self.routes.get(gateway.as_bytes()) {
+            print_line(&json!({
+                "kind": "error",
+                "gateway": gateway,
+                "error": format!("command not sent: routing id {gateway} was last used with the key of {by} (impersonation)"),
+            }));
+            return;
+        }
         if command.get("id").is_none() {
             command["id"] = Value::String(format!("b-{}", self.next_command));
             self.next_command += 1;
@@ -301,6 +665,71 @@ mod tests {
         assert_eq!(l.high, 11);
         l.resume(5);
         assert_eq!(l.high, 11);
+    }
+
+    fn zap_request(mechanism: &str, key: Option<[u8; 32]>) -> Vec<Vec<u8>> {
+        let mut f: Vec<Vec<u8>> = vec![
+            b"1.0".to_vec(),
+            b"1".to_vec(),
+            b"zgate".to_vec(),
+            b"192.0.2.7".to_vec(),
+            b"".to_vec(),
+            mechanism.as_bytes().to_vec(),
+        ];
+        if let Some(k) = key {
+            f.push(k.to_vec());
+        }
+        f
+    }
+
+    #[test]
+    fn zap_decisions() {
+        let a = security::KeyPair::generate().unwrap();
+        let b = security::KeyPair::generate().unwrap();
+        let (pa, pb) = (a.public.clone(), b.public.clone());
+        let lookup = move |k: &str| -> Result<Vec<String>, String> {
+            Ok(if k == pa {
+                vec!["gw-a".into()]
+            } else if k == pb {
+                vec!["gw-b".into(), "gw-c".into()]
+            } else {
+                vec![]
+            })
+        };
+        let d = zap_decide(&zap_request("CURVE", Some(a.public_bytes())), &lookup);
+        assert_eq!((d.status, d.user_id.as_str()), ("200", "gw-a"));
+        let d = zap_decide(&zap_request("CURVE", Some(b.public_bytes())), &lookup);
+        assert_eq!(d.status, "400");
+        assert!(d.text.contains("several ids"), "{}", d.text);
+        let other = security::KeyPair::generate().unwrap();
+        let d = zap_decide(&zap_request("CURVE", Some(other.public_bytes())), &lookup);
+        assert_eq!((d.status, d.user_id.as_str()), ("400", ""));
+        assert!(d.text.contains("not in the allow list"));
+        assert_eq!(
+            zap_decide(&zap_request("NULL", None), &lookup).status,
+            "400"
+        );
+        assert_eq!(
+            zap_decide(&zap_request("CURVE", None), &lookup).status,
+            "400"
+        );
+        assert_eq!(zap_decide(&[b"1.0".to_vec()], &lookup).status, "500");
+        let failing = |_: &str| -> Result<Vec<String>, String> { Err("gone".into()) };
+        let d = zap_decide(&zap_request("CURVE", Some(a.public_bytes())), failing);
+        assert_eq!(d.status, "500");
+    }
+
+    #[test]
+    fn allow_dir_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, pub_a) = security::keygen(&dir.path().join("gw-a")).unwrap();
+        std::fs::write(dir.path().join("junk.pub"), "not a key\n").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        let key = security::load_public_key(&pub_a).unwrap();
+        assert_eq!(allowed_ids(dir.path(), &key).unwrap(), vec!["gw-a"]);
+        let other = security::KeyPair::generate().unwrap();
+        assert!(allowed_ids(dir.path(), &other.public).unwrap().is_empty());
+        assert!(allowed_ids(&dir.path().join("missing"), &key).is_err());
     }
 
     #[test]

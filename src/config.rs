@@ -41,6 +41,8 @@ pub struct Config {
     pub serial: Vec<SerialConfig>,
     #[serde(default)]
     pub spool: SpoolConfig,
+    #[serde(default)]
+    pub commands: CommandsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -63,6 +65,19 @@ pub struct BackendConfig {
     pub outbox_max: usize,
     #[serde(default = "default_shutdown_flush_ms")]
     pub shutdown_flush_ms: u64,
+    /// The backend's CURVE public key (Z85, 40 characters). With `secret_key_file`, turns
+    /// CURVE on for the link.
+    #[serde(default)]
+    pub server_public_key: Option<String>,
+    /// File holding this gateway's CURVE secret key (Z85), mode 0600.
+    #[serde(default)]
+    pub secret_key_file: Option<PathBuf>,
+    /// Accept a plaintext link to a non-loopback endpoint (loud warning, `hello` says so).
+    #[serde(default)]
+    pub insecure: bool,
+    /// ZMQ_MAXMSGSIZE: libzmq drops a peer that sends a larger frame.
+    #[serde(default = "default_max_msg_size")]
+    pub max_msg_size: i64,
 }
 
 impl Default for BackendConfig {
@@ -71,6 +86,39 @@ impl Default for BackendConfig {
             endpoint: default_endpoint(),
             outbox_max: default_outbox_max(),
             shutdown_flush_ms: default_shutdown_flush_ms(),
+            server_public_key: None,
+            secret_key_file: None,
+            insecure: false,
+            max_msg_size: default_max_msg_size(),
+        }
+    }
+}
+
+impl BackendConfig {
+    /// True when the link uses CURVE.
+    pub fn curve(&self) -> bool {
+        self.server_public_key.is_some() && self.secret_key_file.is_some()
+    }
+    /// True when the link is plaintext and the operator accepted it with `insecure = true`.
+    pub fn insecure_link(&self) -> bool {
+        self.insecure && !self.curve()
+    }
+}
+
+/// Limits on commands from the backend.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// Commands accepted per second (token bucket of this size, refilled at this rate);
+    /// the excess is refused with `ok: false`.
+    #[serde(default = "default_max_per_s")]
+    pub max_per_s: u32,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            max_per_s: default_max_per_s(),
         }
     }
 }
@@ -180,6 +228,9 @@ pub struct SerialConfig {
     pub format: LineFormat,
     #[serde(default = "default_line_ending")]
     pub line_ending: String,
+    /// Allow control characters in `write` command values (refused by default).
+    #[serde(default)]
+    pub allow_binary: bool,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -197,6 +248,12 @@ fn default_outbox_max() -> usize {
 fn default_shutdown_flush_ms() -> u64 {
     2000
 }
+fn default_max_msg_size() -> i64 {
+    64 * 1024
+}
+fn default_max_per_s() -> u32 {
+    20
+}
 fn default_sim_dir() -> PathBuf {
     PathBuf::from("/run/zgate-sim")
 }
@@ -212,6 +269,9 @@ fn default_baud() -> u32 {
 fn default_line_ending() -> String {
     "\n".into()
 }
+
+/// Builds a ConfigError from (section, table index, key, message).
+type ErrAt<'a> = dyn Fn(&str, Option<usize>, &str, String) -> ConfigError + 'a;
 
 /// Highest BCM GPIO number on any Raspberry Pi header.
 pub const MAX_BCM_PIN: u8 = 27;
@@ -278,6 +338,7 @@ impl Config {
                 format!("{ep:?} is not a ZeroMQ endpoint (tcp://host:port or ipc:///path)"),
             ));
         }
+        self.validate_security(&err)?;
         if self.backend.outbox_max == 0 || self.backend.outbox_max > 10_000_000 {
             return Err(err(
                 "backend",
@@ -425,6 +486,79 @@ impl Config {
                     "must be at most 4 bytes".into(),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// CURVE keys, the endpoint policy and the command limits.
+    fn validate_security(&self, err: &ErrAt) -> Result<(), ConfigError> {
+        let b = &self.backend;
+        if let Some(key) = &b.server_public_key {
+            crate::security::z85_decode_key(key)
+                .map_err(|e| err("backend", None, "server_public_key", e))?;
+        }
+        if let Some(path) = &b.secret_key_file {
+            if path.as_os_str().is_empty() {
+                return Err(err(
+                    "backend",
+                    None,
+                    "secret_key_file",
+                    "must not be empty".into(),
+                ));
+            }
+        }
+        match (&b.server_public_key, &b.secret_key_file) {
+            (Some(_), None) => {
+                return Err(err(
+                    "backend",
+                    None,
+                    "secret_key_file",
+                    "server_public_key is set but secret_key_file is not: CURVE needs both \
+                     (create the gateway's key with `zgate keygen --out PREFIX`)"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "backend",
+                    None,
+                    "server_public_key",
+                    "secret_key_file is set but server_public_key is not: CURVE needs both \
+                     (the backend's public key, Z85)"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        if !b.curve() && !b.insecure && !crate::security::endpoint_is_local(&b.endpoint) {
+            return Err(err(
+                "backend",
+                None,
+                "endpoint",
+                format!(
+                    "{:?} is not a loopback or ipc endpoint, and the link is not encrypted: \
+                     set backend.server_public_key and backend.secret_key_file (CURVE, see \
+                     docs/security.md), or set backend.insecure = true to accept a plaintext \
+                     link",
+                    b.endpoint
+                ),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&b.max_msg_size) {
+            return Err(err(
+                "backend",
+                None,
+                "max_msg_size",
+                "must be between 1024 and 16777216 bytes".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&self.commands.max_per_s) {
+            return Err(err(
+                "commands",
+                None,
+                "max_per_s",
+                "must be between 1 and 10000".into(),
+            ));
         }
         Ok(())
     }
@@ -686,6 +820,74 @@ path = "/dev/ttyUSB0"
             assert_eq!(e.key, key, "{e}");
             assert!(e.line > 0, "{e}");
         }
+    }
+
+    const KEY: &str = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID";
+
+    #[test]
+    fn security_keys_and_defaults() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert!(!c.backend.curve());
+        assert!(!c.backend.insecure_link());
+        assert_eq!(c.backend.max_msg_size, 65536);
+        assert_eq!(c.commands.max_per_s, 20);
+        assert!(!c.serial[0].allow_binary);
+        let text = GOOD.replace(
+            "endpoint = \"tcp://127.0.0.1:5555\"",
+            &format!(
+                "endpoint = \"tcp://192.0.2.1:5555\"\nserver_public_key = \"{KEY}\"\nsecret_key_file = \"/etc/zgate/gw.key\""
+            ),
+        ) + "\n[commands]\nmax_per_s = 5\n";
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(c.backend.curve());
+        assert_eq!(c.commands.max_per_s, 5);
+    }
+
+    #[test]
+    fn non_loopback_plaintext_is_refused_unless_insecure() {
+        let remote = GOOD.replace("tcp://127.0.0.1:5555", "tcp://192.0.2.1:5555");
+        let e = Config::parse(&remote, "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (7, "backend.endpoint"), "{e}");
+        assert!(e.message.contains("server_public_key"), "{e}");
+        assert!(e.message.contains("insecure = true"), "{e}");
+        let insecure = remote.replace(
+            "endpoint = \"tcp://192.0.2.1:5555\"",
+            "endpoint = \"tcp://192.0.2.1:5555\"\ninsecure = true",
+        );
+        let c = Config::parse(&insecure, "z.toml").unwrap();
+        assert!(c.backend.insecure_link());
+        for ep in ["tcp://localhost:1", "tcp://[::1]:1", "ipc:///tmp/x"] {
+            Config::parse(&GOOD.replace("tcp://127.0.0.1:5555", ep), "z.toml").unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_curve_keys_name_line_and_key() {
+        let bad = GOOD.replace(
+            "endpoint = \"tcp://127.0.0.1:5555\"",
+            "endpoint = \"tcp://127.0.0.1:5555\"\nserver_public_key = \"abc\"\nsecret_key_file = \"k\"",
+        );
+        let e = Config::parse(&bad, "z.toml").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (8, "backend.server_public_key"),
+            "{e}"
+        );
+        let bad = bad.replace("\"abc\"", &format!("\"{}~\"", &KEY[..39]));
+        let e = Config::parse(&bad, "z.toml").unwrap_err();
+        assert!(e.message.contains("Z85 alphabet"), "{e}");
+        let half = GOOD.replace(
+            "endpoint = \"tcp://127.0.0.1:5555\"",
+            &format!("endpoint = \"tcp://127.0.0.1:5555\"\nserver_public_key = \"{KEY}\""),
+        );
+        let e = Config::parse(&half, "z.toml").unwrap_err();
+        assert_eq!(e.key, "backend.secret_key_file", "{e}");
+        let e = Config::parse(
+            &(GOOD.to_string() + "[commands]\nmax_per_s = 0\n"),
+            "z.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "commands.max_per_s", "{e}");
     }
 
     #[test]

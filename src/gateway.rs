@@ -11,6 +11,7 @@ use crate::config::{Config, Edge as EdgeSetting, LineFormat};
 use crate::hw::{self, Edge, GpioBackend, HwError};
 use crate::protocol::{self, Action, Command, Message};
 use crate::sd_notify;
+use crate::security;
 use crate::sources::serial::{SerialEvent, SerialHandle, SerialSource, WriteError};
 use crate::sources::zmq::{OutboxHandle, ZmqEvent, ZmqSource};
 use crate::spool::{Appended, Spool, SpoolError};
@@ -42,6 +43,8 @@ pub enum GatewayError {
     Loop(String),
     #[error("spool: {0}")]
     Spool(#[from] SpoolError),
+    #[error("link security: {0}")]
+    Security(String),
 }
 
 fn zerr(what: &'static str) -> impl FnOnce(zmq::Error) -> GatewayError {
@@ -52,8 +55,45 @@ fn lerr<E: std::fmt::Display>(e: E) -> GatewayError {
     GatewayError::Loop(e.to_string())
 }
 
+const STALL_CHECK_MIN: Duration = Duration::from_secs(1);
+const STALL_CHECK_MAX: Duration = Duration::from_secs(30);
+
 /// How many recent command ids are remembered for duplicate detection.
 pub const REPLY_CACHE: usize = 1024;
+
+/// A token bucket: a burst of `capacity`, refilled at `rate` per second.
+#[derive(Debug)]
+pub struct RateLimiter {
+    capacity: f64,
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: u32, now: Instant) -> RateLimiter {
+        let capacity = f64::from(per_second.max(1));
+        RateLimiter {
+            capacity,
+            rate: capacity,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// Allows a burst of log lines per minute for one kind of problem, then summarises.
 #[derive(Debug)]
@@ -146,6 +186,7 @@ struct PortState {
     handle: SerialHandle,
     format: LineFormat,
     line_ending: String,
+    allow_binary: bool,
     bad_lines: u64,
     overlong_lines: u64,
     disconnects: u64,
@@ -192,21 +233,64 @@ pub struct Gateway {
     /// When the ack last advanced, readings were last rewound, or a reading was queued while
     /// none was outstanding: the start of the `retransmit_s` wait.
     ack_progress: Instant,
+    command_rate: RateLimiter,
     pub counters: Counters,
     started: Instant,
     shutdown_deadline: Option<Instant>,
     handshake_failures: LogLimiter,
+    disconnects: LogLimiter,
+    /// Delay before checking that libzmq retries a lost connection; doubles up to 30 s while
+    /// no handshake succeeds.
+    stall_check: Duration,
     command_errors: LogLimiter,
     drops: LogLimiter,
     // Last field: the context outlives the socket inside the loop's ZmqSource.
     _ctx: zmq::Context,
 }
 
-/// Builds the DEALER socket that dials out to the backend (not yet connected).
+/// Builds the DEALER socket that dials out to the backend, with CURVE when configured
+/// (not yet connected: [`ZmqSource::connect`] connects it once the monitor is attached).
 pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, GatewayError> {
+    let b = &cfg.backend;
+    // The config parser enforces the endpoint policy; checked again here for callers that
+    // build a Config by hand.
+    if !b.curve() && !b.insecure && !security::endpoint_is_local(&b.endpoint) {
+        return Err(GatewayError::Security(format!(
+            "key backend.endpoint: {} is not loopback and the link is not encrypted: set \
+             backend.server_public_key and backend.secret_key_file, or backend.insecure = true",
+            b.endpoint
+        )));
+    }
     let s = ctx
         .socket(zmq::DEALER)
         .map_err(zerr("creating the socket"))?;
+    if let (Some(server), Some(secret_file)) = (&b.server_public_key, &b.secret_key_file) {
+        security::require_curve().map_err(GatewayError::Security)?;
+        let server = security::z85_decode_key(server)
+            .map_err(|e| GatewayError::Security(format!("backend.server_public_key: {e}")))?;
+        let pair = security::load_secret_key(secret_file).map_err(GatewayError::Security)?;
+        s.set_curve_serverkey(&server)
+            .map_err(zerr("setting ZMQ_CURVE_SERVERKEY"))?;
+        s.set_curve_publickey(&pair.public_bytes())
+            .map_err(zerr("setting ZMQ_CURVE_PUBLICKEY"))?;
+        s.set_curve_secretkey(&pair.secret_bytes())
+            .map_err(zerr("setting ZMQ_CURVE_SECRETKEY"))?;
+        log::info!(
+            "CURVE on: gateway public key {} (this is what the backend's allow list needs, as {}.pub)",
+            pair.public,
+            cfg.gateway.id
+        );
+        if b.insecure {
+            log::warn!("backend.insecure = true has no effect: CURVE is configured");
+        }
+    } else if b.insecure_link() {
+        log::warn!(
+            "INSECURE: backend.insecure = true: the link to {} is plaintext and \
+             unauthenticated; anyone on the network path can read and forge readings and \
+             commands (see docs/security.md)",
+            b.endpoint
+        );
+    }
     s.set_identity(cfg.gateway.id.as_bytes())
         .map_err(zerr("setting the routing id"))?;
     // Queue only to completed connections: while the backend is away, messages wait in our
@@ -219,7 +303,7 @@ pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, G
         .map_err(zerr("setting ZMQ_RECONNECT_IVL"))?;
     s.set_reconnect_ivl_max(5000)
         .map_err(zerr("setting ZMQ_RECONNECT_IVL_MAX"))?;
-    s.set_maxmsgsize(64 * 1024)
+    s.set_maxmsgsize(b.max_msg_size)
         .map_err(zerr("setting ZMQ_MAXMSGSIZE"))?;
     s.set_heartbeat_ivl(10_000)
         .map_err(zerr("setting ZMQ_HEARTBEAT_IVL"))?;
@@ -247,8 +331,9 @@ impl Gateway {
 
         let ctx = zmq::Context::new();
         let socket = backend_socket(&ctx, &cfg)?;
-        let zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
+        let mut zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
             .map_err(zerr("creating the socket monitor"))?;
+        zsource.set_reconnect_endpoint(&cfg.backend.endpoint);
         zsource
             .connect(&cfg.backend.endpoint)
             .map_err(zerr("connecting to the backend endpoint"))?;
@@ -326,6 +411,7 @@ impl Gateway {
                     handle: port_handle,
                     format: sc.format,
                     line_ending: sc.line_ending.clone(),
+                    allow_binary: sc.allow_binary,
                     bad_lines: 0,
                     overlong_lines: 0,
                     disconnects: 0,
@@ -357,10 +443,12 @@ impl Gateway {
             )
             .map_err(lerr)?;
 
+        let max_per_s = cfg.commands.max_per_s;
         log::info!(
-            "gateway starting id={} endpoint={} inputs={} outputs={} serial={} gpio={:?}",
+            "gateway starting id={} endpoint={} security={} inputs={} outputs={} serial={} gpio={:?}",
             cfg.gateway.id,
             cfg.backend.endpoint,
+            if cfg.backend.curve() { "curve" } else { "none" },
             cfg.gpio.input.len(),
             cfg.gpio.output.len(),
             cfg.serial.len(),
@@ -383,10 +471,13 @@ impl Gateway {
             spool,
             tick_armed: false,
             ack_progress: Instant::now(),
+            command_rate: RateLimiter::new(max_per_s, Instant::now()),
             counters: Counters::default(),
             started: Instant::now(),
             shutdown_deadline: None,
             handshake_failures: LogLimiter::default(),
+            disconnects: LogLimiter::default(),
+            stall_check: STALL_CHECK_MIN,
             command_errors: LogLimiter::default(),
             drops: LogLimiter::default(),
             _ctx: ctx,
@@ -510,6 +601,8 @@ impl Gateway {
                 "outputs": self.cfg.outputs(),
                 "serial": self.cfg.serial_names(),
                 "resume_seq": self.resume_seq(),
+                "security": if self.cfg.backend.curve() { "curve" } else { "none" },
+                "insecure": self.cfg.backend.insecure_link(),
             }),
         )
     }
@@ -766,6 +859,7 @@ impl Gateway {
         match event {
             ZmqEvent::Connected => {
                 self.counters.connects += 1;
+                self.stall_check = STALL_CHECK_MIN;
                 if self.counters.connects > 1 {
                     self.counters.reconnects += 1;
                 }
@@ -780,14 +874,39 @@ impl Gateway {
                 self.outbox.with(|o| o.push_front(hello));
             }
             ZmqEvent::Disconnected => {
-                log::warn!(
-                    "backend disconnected endpoint={}",
-                    self.cfg.backend.endpoint
-                )
+                // Rate-limited: a failing handshake (e.g. a wrong key) disconnects repeatedly.
+                if self.disconnects.allow("backend disconnected") {
+                    log::warn!(
+                        "backend disconnected endpoint={}",
+                        self.cfg.backend.endpoint
+                    );
+                }
+                // libzmq does not retry after a protocol error (e.g. an oversized frame):
+                // check a little later and reconnect if it gave up.
+                let outbox = self.outbox.clone();
+                let delay = self.stall_check;
+                self.stall_check = (delay * 2).min(STALL_CHECK_MAX);
+                if let Err(e) =
+                    self.handle
+                        .insert_source(Timer::from_duration(delay), move |_, _, _| {
+                            outbox.check_stalled_connection();
+                            TimeoutAction::Drop
+                        })
+                {
+                    log::error!("cannot arm the reconnect check: {e}");
+                }
             }
             ZmqEvent::HandshakeFailed(why) => {
                 if self.handshake_failures.allow("backend handshake failed") {
-                    log::error!("backend handshake failed: {why}");
+                    let hint = if self.cfg.backend.curve() {
+                        "; check that backend.server_public_key is the backend's public key, \
+                         that the backend has CURVE on, and that this gateway's public key is \
+                         in the backend's allow list as <gateway id>.pub"
+                    } else {
+                        "; this gateway has no CURVE keys: if the backend uses CURVE, set \
+                         backend.server_public_key and backend.secret_key_file"
+                    };
+                    log::error!("backend handshake failed: {why}{hint}");
                 }
             }
             ZmqEvent::Drained => self.fill_outbox(),
@@ -862,7 +981,40 @@ impl Gateway {
     }
 
     fn on_command(&mut self, body: &[u8]) {
-        let cmd = match protocol::parse_command(body) {
+        // Size and nesting limits are checked before serde_json sees the body.
+        let parsed = protocol::parse_command(body);
+        let id = match &parsed {
+            Ok(c) => Some(c.id.as_str()),
+            Err(e) => e.id.as_deref(),
+        };
+        if let Some(id) = id {
+            if let Some(prev) = self.replies.get(id) {
+                // Same id seen before: answer as before, never execute twice.
+                log::info!("duplicate command id={id}: not executed again");
+                if let Some(reply) = prev.clone() {
+                    self.send(reply);
+                }
+                return;
+            }
+        }
+        // The rate limit comes after the duplicate check (a retry of an executed command is
+        // answered as before) and is not remembered (the same id may be retried later).
+        if !self.command_rate.try_take(Instant::now()) {
+            self.counters.commands_failed += 1;
+            let msg = format!(
+                "rate limit exceeded (max_per_s={})",
+                self.cfg.commands.max_per_s
+            );
+            if self.command_errors.allow("command rate limit") {
+                log::warn!("command refused id={} error=\"{msg}\"", id.unwrap_or("-"));
+            }
+            if let Some(id) = id {
+                let reply = protocol::reply_err(id, &msg);
+                self.send(reply);
+            }
+            return;
+        }
+        let cmd = match parsed {
             Ok(c) => c,
             Err(e) => {
                 if let Some(prev) = e.id.as_deref().and_then(|id| self.replies.get(id)) {
@@ -892,13 +1044,6 @@ impl Gateway {
                 return;
             }
         };
-        if let Some(prev) = self.replies.get(&cmd.id) {
-            log::info!("duplicate command id={}: not executed again", cmd.id);
-            if let Some(reply) = prev.clone() {
-                self.send(reply);
-            }
-            return;
-        }
         match self.execute(&cmd) {
             Ok(true) => self.finish_command(&cmd.id, Ok(())),
             Ok(false) => self.replies.insert(&cmd.id, None),
@@ -991,6 +1136,7 @@ impl Gateway {
             let Action::Write(text) = &cmd.action else {
                 return Err(format!("{} is a serial port: use write", cmd.target));
             };
+            protocol::check_write_value(text, port.allow_binary)?;
             let mut data = text.clone().into_bytes();
             data.extend_from_slice(port.line_ending.as_bytes());
             let token = self.next_write_token;
@@ -1197,6 +1343,21 @@ mod tests {
         assert_eq!(r[0], r[1]);
         assert_eq!(r[2], r[3]);
         assert!(r[2].contains("\"ok\":false"), "{}", r[2]);
+    }
+
+    #[test]
+    fn rate_limiter_bursts_then_refills() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(20, t0);
+        let burst = (0..50).filter(|_| r.try_take(t0)).count();
+        assert_eq!(burst, 20);
+        assert!(!r.try_take(t0 + Duration::from_millis(10)));
+        // 20/s: one token every 50 ms.
+        assert!(r.try_take(t0 + Duration::from_millis(60)));
+        assert!(!r.try_take(t0 + Duration::from_millis(70)));
+        // Never more than the burst, however long the pause.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..50).filter(|_| r.try_take(later)).count(), 20);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`spool`]: the on-disk spool of unacknowledged readings.
 //! - [`gateway`]: the loop's shared state: readings, commands, stats, shutdown.
 //! - [`sd_notify`]: systemd readiness and watchdog notifications.
+//! - [`security`]: CURVE keys, key files, the endpoint policy (docs/security.md).
 //! - [`backend`]: the reference backend (`zgate backend`).
 //! - [`demo`]: `zgate demo`, the embedded default with simulated hardware.
 
@@ -18,6 +19,7 @@ pub mod gateway;
 pub mod hw;
 pub mod protocol;
 pub mod sd_notify;
+pub mod security;
 pub mod sources;
 pub mod spool;
 

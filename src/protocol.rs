@@ -18,6 +18,82 @@ pub const KIND_COMMAND: &str = "command";
 /// Longest serial line accepted, in bytes (without the line ending).
 pub const MAX_LINE: usize = 4096;
 
+/// Largest `command` (and `ack`) body accepted, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+/// Deepest nesting of JSON arrays/objects accepted in commands, acks and json serial lines
+/// (serde_json's own limit is 128).
+pub const MAX_JSON_DEPTH: usize = 8;
+
+/// Longest `write` command value, in bytes (before the port's line ending).
+pub const MAX_WRITE_BYTES: usize = 1024;
+
+/// True when `json` nests arrays/objects deeper than `max`. A linear scan over the bytes that
+/// skips string contents (with escapes); it does not validate the JSON.
+pub fn json_depth_exceeds(json: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The string `id` of a JSON object, without building the rest of it (other values are
+/// skipped; serde_json bounds the recursion). Used to answer a refused command.
+pub fn command_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<IdOnly>(body).ok()?.id? {
+        Value::String(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => Some(s),
+        _ => None,
+    }
+}
+
+/// Checks a serial `write` value: at most [`MAX_WRITE_BYTES`], and no control characters
+/// unless the port sets `allow_binary`.
+pub fn check_write_value(text: &str, allow_binary: bool) -> Result<(), String> {
+    if text.len() > MAX_WRITE_BYTES {
+        return Err(format!(
+            "write: value is {} bytes, the limit is {MAX_WRITE_BYTES}",
+            text.len()
+        ));
+    }
+    if !allow_binary {
+        if let Some(c) = text.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "write: control character {:?} refused (set allow_binary = true on the port to \
+                 allow it)",
+                c
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A two-frame message: kind and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -54,6 +130,8 @@ pub enum LineError {
     Json(String),
     #[error("JSON line is not an object")]
     NotObject,
+    #[error("JSON nests deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
 }
 
 /// Parses one serial line (without its line ending) into the `values` of a reading.
@@ -120,6 +198,9 @@ fn kv_value(v: &str) -> Value {
 fn parse_json_object(text: &str) -> Result<Map<String, Value>, LineError> {
     if text.trim().is_empty() {
         return Err(LineError::Empty);
+    }
+    if json_depth_exceeds(text.as_bytes(), MAX_JSON_DEPTH) {
+        return Err(LineError::TooDeep);
     }
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(m)) => Ok(m),
@@ -197,6 +278,21 @@ pub const MAX_ID_LEN: usize = 128;
 /// the target exists and accepts the action is decided by the gateway.
 pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
     let bad = |id: Option<String>, message: String| CommandError { id, message };
+    if body.len() > MAX_COMMAND_BYTES {
+        return Err(bad(
+            command_id(body),
+            format!(
+                "command is {} bytes, the limit is {MAX_COMMAND_BYTES}",
+                body.len()
+            ),
+        ));
+    }
+    if json_depth_exceeds(body, MAX_JSON_DEPTH) {
+        return Err(bad(
+            command_id(body),
+            format!("command JSON nests deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
     let v: Value =
         serde_json::from_slice(body).map_err(|e| bad(None, format!("malformed JSON: {e}")))?;
     let Value::Object(obj) = v else {
@@ -280,6 +376,9 @@ pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
 
 /// Parses the JSON body of an `ack` message: `{"seq": N}`.
 pub fn parse_ack(body: &[u8]) -> Result<u64, String> {
+    if body.len() > MAX_COMMAND_BYTES || json_depth_exceeds(body, MAX_JSON_DEPTH) {
+        return Err("ack too large or too deeply nested".into());
+    }
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
     v.get("seq")
         .and_then(Value::as_u64)
@@ -397,6 +496,69 @@ mod tests {
             assert_eq!(e.id.is_some(), has_id, "{}", String::from_utf8_lossy(body));
             assert!(!e.message.is_empty());
         }
+    }
+
+    #[test]
+    fn json_depth_scan() {
+        assert!(!json_depth_exceeds(b"{}", 1));
+        assert!(json_depth_exceeds(b"{\"a\":[]}", 1));
+        assert!(!json_depth_exceeds(b"{\"a\":[]}", 2));
+        // Brackets inside strings, with escaped quotes, do not count.
+        assert!(!json_depth_exceeds(br#"{"a":"[[[[\"[[[["}"#, 1));
+        assert!(json_depth_exceeds(br#"{"a":"\\"}[[[ "#, 2));
+        let deep = format!("{}{}", "[".repeat(9), "]".repeat(9));
+        assert!(json_depth_exceeds(deep.as_bytes(), MAX_JSON_DEPTH));
+        let ok = format!("{}{}", "[".repeat(8), "]".repeat(8));
+        assert!(!json_depth_exceeds(ok.as_bytes(), MAX_JSON_DEPTH));
+        // Unbalanced closers never underflow.
+        assert!(!json_depth_exceeds(b"]]]]}}{", 1));
+    }
+
+    #[test]
+    fn command_limits() {
+        let deep = format!(
+            r#"{{"id":"c-9","target":"r","action":"set","value":{}1{}}}"#,
+            "[".repeat(20),
+            "]".repeat(20)
+        );
+        let e = parse_command(deep.as_bytes()).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c-9"));
+        assert!(e.message.contains("deeper"), "{}", e.message);
+        let big = format!(
+            r#"{{"id":"c-8","target":"r","action":"write","value":"{}"}}"#,
+            "x".repeat(MAX_COMMAND_BYTES)
+        );
+        let e = parse_command(big.as_bytes()).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c-8"));
+        assert!(e.message.contains("limit"), "{}", e.message);
+        // Way past serde_json's recursion limit: refused by the scan, no id, no crash.
+        let abyss = "[".repeat(100_000);
+        assert_eq!(parse_command(abyss.as_bytes()).unwrap_err().id, None);
+        assert_eq!(
+            command_id(br#"{"id":"x","v":[[[1]]]}"#).as_deref(),
+            Some("x")
+        );
+        assert_eq!(command_id(br#"{"id":5}"#), None);
+        let deep_line = format!("{{\"a\":{}{}}}", "[".repeat(9), "]".repeat(9));
+        assert_eq!(
+            parse_line(LineFormat::Json, deep_line.as_bytes()),
+            Err(LineError::TooDeep)
+        );
+        assert!(parse_ack(abyss.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn write_values() {
+        assert!(check_write_value("GO 12.5", false).is_ok());
+        assert!(check_write_value("\x1b[2J", false)
+            .unwrap_err()
+            .contains("allow_binary"));
+        assert!(check_write_value("a\tb", false).is_err());
+        assert!(check_write_value("a\u{7f}", false).is_err());
+        assert!(check_write_value("a\u{85}", false).is_err());
+        assert!(check_write_value("\x1b[2J", true).is_ok());
+        assert!(check_write_value(&"x".repeat(MAX_WRITE_BYTES), false).is_ok());
+        assert!(check_write_value(&"x".repeat(MAX_WRITE_BYTES + 1), true).is_err());
     }
 
     #[test]

@@ -42,6 +42,19 @@ enum Cmd {
         /// Do not acknowledge readings (for testing retransmission).
         #[arg(long)]
         no_ack: bool,
+        /// CURVE: the backend's secret key file (from `zgate keygen`, mode 0600).
+        #[arg(long, requires = "allow")]
+        secret_key: Option<PathBuf>,
+        /// CURVE: directory of `<gateway-id>.pub` files, the gateways allowed to connect.
+        #[arg(long, requires = "secret_key")]
+        allow: Option<PathBuf>,
+    },
+    /// Generate a CURVE key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub (public).
+    /// Never overwrites an existing file.
+    Keygen {
+        /// Path prefix, e.g. /etc/zgate/gw-01 (writes gw-01.key and gw-01.pub).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Run the embedded demo: local backend, simulated sensor and GPIO, and the gateway.
     Demo {
@@ -84,18 +97,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{TEMPLATE}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Backend { bind, no_ack } => {
+        Cmd::Backend {
+            bind,
+            no_ack,
+            secret_key,
+            allow,
+        } => {
             let ctx = zmq::Context::new();
             let mut backend = Backend::new(
                 &ctx,
                 BackendOptions {
                     bind: bind.clone(),
                     ack: !no_ack,
+                    secret_key,
+                    allow_dir: allow,
                 },
             )
-            .with_context(|| format!("cannot bind {bind}"))?;
+            .context("cannot start the backend")?;
             log::info!("backend listening bind={bind}");
             backend.run().context("backend failed")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keygen { out } => {
+            let (key, public) = zgate::security::keygen(&out).map_err(anyhow::Error::msg)?;
+            println!("secret key: {} (mode 0600)", key.display());
+            println!("public key: {}", public.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { seconds } => {

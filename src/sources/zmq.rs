@@ -128,9 +128,18 @@ pub struct OutboxHandle {
     outbox: Rc<RefCell<Outbox>>,
     ping: Ping,
     close_linger_ms: Rc<Cell<i32>>,
+    check_stall: Rc<Cell<bool>>,
 }
 
 impl OutboxHandle {
+    /// Asks the source to reconnect if libzmq gave up on the connection: after a protocol
+    /// error (e.g. a frame over ZMQ_MAXMSGSIZE, or a corrupt CURVE frame) libzmq closes the
+    /// connection and never retries it. Call this a little while after `Disconnected`.
+    pub fn check_stalled_connection(&self) {
+        self.check_stall.set(true);
+        self.ping.ping();
+    }
+
     /// Queues a message and wakes the source; gives it back when the outbox is full.
     pub fn push(&self, m: Message) -> Result<(), Message> {
         self.outbox.borrow_mut().push_back(m)?;
@@ -195,6 +204,12 @@ pub struct ZmqSource {
     /// A handshake was reported ([`ZmqEvent::Connected`]) and no disconnect since: only then
     /// does the outbox go to the socket.
     connected: bool,
+    check_stall: Rc<Cell<bool>>,
+    /// Endpoint to reconnect to when libzmq gave up (see `check_stalled_connection`).
+    endpoint: Option<String>,
+    /// A DISCONNECTED was seen and no reconnect attempt since.
+    awaiting_retry: bool,
+    stall_log: crate::gateway::LogLimiter,
     monitor: zmq::Socket,
     socket: zmq::Socket,
 }
@@ -226,9 +241,19 @@ impl ZmqSource {
             outbox: Rc::new(RefCell::new(Outbox::new(outbox_max))),
             close_linger_ms: Rc::new(Cell::new(0)),
             connected: false,
+            check_stall: Rc::new(Cell::new(false)),
+            endpoint: None,
+            awaiting_retry: false,
+            stall_log: crate::gateway::LogLimiter::default(),
             monitor,
             socket,
         })
+    }
+
+    /// The endpoint the socket is connected to; lets the source reconnect when libzmq gave
+    /// up on the connection.
+    pub fn set_reconnect_endpoint(&mut self, endpoint: &str) {
+        self.endpoint = Some(endpoint.to_string());
     }
 
     pub fn handle(&self) -> OutboxHandle {
@@ -236,6 +261,30 @@ impl ZmqSource {
             outbox: self.outbox.clone(),
             ping: self.ping.clone(),
             close_linger_ms: self.close_linger_ms.clone(),
+            check_stall: self.check_stall.clone(),
+        }
+    }
+
+    /// Reconnects when a stall check was requested and libzmq has not retried since the
+    /// last disconnect.
+    fn reconnect_if_stalled(&mut self) {
+        if !self.check_stall.replace(false) || !self.awaiting_retry {
+            return;
+        }
+        let Some(ep) = self.endpoint.clone() else {
+            return;
+        };
+        self.awaiting_retry = false;
+        if self.stall_log.allow("reconnect after protocol error") {
+            log::warn!(
+                "libzmq closed the connection to {ep} after a protocol error (oversized or \
+                 corrupt frame, or security mechanism mismatch) and does not retry it: \
+                 reconnecting"
+            );
+        }
+        let _ = self.socket.disconnect(&ep);
+        if let Err(e) = self.socket.connect(&ep) {
+            log::error!("reconnecting to {ep} failed: {e}");
         }
     }
 
@@ -270,11 +319,16 @@ impl ZmqSource {
                 .unwrap_or_default();
             use zmq::SocketEvent as E;
             match E::from_raw(event) {
+                E::CONNECTED | E::CONNECT_DELAYED | E::CONNECT_RETRIED => {
+                    self.awaiting_retry = false;
+                }
                 E::HANDSHAKE_SUCCEEDED => {
+                    self.awaiting_retry = false;
                     self.connected = true;
                     callback(ZmqEvent::Connected, &mut ());
                 }
                 E::DISCONNECTED => {
+                    self.awaiting_retry = true;
                     self.connected = false;
                     callback(ZmqEvent::Disconnected, &mut ());
                 }
@@ -387,6 +441,7 @@ impl EventSource for ZmqSource {
             .process_events(readiness, token, |_, _| Ok(PostAction::Continue))
             .map_err(|_| zmq::Error::EFAULT)?;
         self.drain_monitor(&mut callback)?;
+        self.reconnect_if_stalled();
         self.pump(&mut callback)?;
         Ok(PostAction::Continue)
     }

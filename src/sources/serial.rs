@@ -289,6 +289,11 @@ impl SerialSource {
                 Ok(n) => {
                     total += n;
                     self.frame(&buf[..n], callback);
+                    // A short read emptied the tty's buffer: the fd is level-triggered, so
+                    // skip the read that would only return EAGAIN (one syscall per wake).
+                    if n < buf.len() {
+                        return Ok(());
+                    }
                 }
                 Err(nix::errno::Errno::EAGAIN) => return Ok(()),
                 Err(nix::errno::Errno::EINTR) => continue,

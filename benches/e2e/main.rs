@@ -1007,16 +1007,16 @@ fn bench_steady(o: &Opts, r: &mut Report) -> Res<()> {
     let per = |s: &Steady| format!("{:.1} µs CPU/reading", s.cpu_per_reading_ns / 1e3);
     r.row(
         "7",
-        format!("zgate, 1,000 readings/s × {secs} s: CPU per reading | RSS"),
-        format!("{} | {}", per(&z), mib(z.hwm_kib)),
+        format!("zgate, 1,000 readings/s × {secs} s: CPU per reading / RSS"),
+        format!("{} / {}", per(&z), mib(z.hwm_kib)),
     );
     match py {
         Ok(p) => {
             r.row(
                 "7",
-                "Python pyserial+pyzmq script, same feed: CPU per reading | RSS",
+                "Python pyserial+pyzmq script, same feed: CPU per reading / RSS",
                 format!(
-                    "{} | {}{}",
+                    "{} / {}{}",
                     per(&p),
                     mib(p.hwm_kib),
                     if p.received < count {

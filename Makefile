@@ -59,5 +59,14 @@ fuzz: setup
 		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS); \
 	done
 
+# Benchmarks (issue 6): criterion micro-benchmarks, then the end-to-end harness against the
+# release binary. Prints the table and writes docs/benchmarks.md. BENCH_QUICK=1: smoke run.
+BENCH_CRITERION = $(if $(BENCH_QUICK),--quick --warm-up-time 1 --measurement-time 2,--warm-up-time 2 --measurement-time 5)
+bench: setup
+	@benches/setup
+	$(CARGO) build --release --bin zgate --example bench_e2e
+	$(CARGO) bench --bench protocol --bench outbox -- $(BENCH_CRITERION)
+	./target/release/examples/bench_e2e --zgate ./target/release/zgate --out docs/benchmarks.md $(if $(BENCH_QUICK),--quick)
+
 clean:
 	$(CARGO) clean

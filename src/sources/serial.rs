@@ -348,7 +348,10 @@ impl SerialSource {
                 Ok(n) => {
                     total += n;
                     self.frame(&buf[..n], callback);
-                    if started.elapsed() >= READ_TIME_BUDGET {
+                    // Stop when a short read emptied the tty's buffer (the fd is level-triggered:
+                    // skip the read that would only return EAGAIN), or when this wake has held
+                    // the loop long enough (a flood must not delay commands).
+                    if n < buf.len() || started.elapsed() >= READ_TIME_BUDGET {
                         return Ok(());
                     }
                 }

@@ -141,9 +141,19 @@ impl OutboxHandle {
     }
 
     /// Queues a message and wakes the source; gives it back when the outbox is full.
+    ///
+    /// Only a push into an empty outbox pings (one eventfd write per burst, not per
+    /// message): a non-empty outbox is already known to the source, which either has a ping
+    /// pending (budget spent) or is waiting for the socket to become writable, which ZMQ_FD
+    /// reports.
     pub fn push(&self, m: Message) -> Result<(), Message> {
-        self.outbox.borrow_mut().push_back(m)?;
-        self.ping.ping();
+        let mut outbox = self.outbox.borrow_mut();
+        let was_empty = outbox.is_empty();
+        outbox.push_back(m)?;
+        drop(outbox);
+        if was_empty {
+            self.ping.ping();
+        }
         Ok(())
     }
     /// Runs `f` on the outbox (to push several messages, inspect, reorder), then wakes the
@@ -360,18 +370,27 @@ impl ZmqSource {
     }
 
     /// Sends and receives until neither made progress or the budget is spent.
+    ///
+    /// ZMQ_EVENTS is read once per round, not once per message sent (each read costs libzmq
+    /// a `poll` and `getpid` system calls); within a round we receive one message and send
+    /// until EAGAIN or the outbox is empty. The last thing before returning is always a ZMQ_EVENTS read that
+    /// showed no work (or a self-ping), as the edge-triggered ZMQ_FD requires.
     fn pump<F>(&mut self, callback: &mut F) -> zmq::Result<()>
     where
         F: FnMut(ZmqEvent, &mut ()),
     {
         let mut sent_any = false;
-        for _ in 0..BUDGET {
+        let mut budget = BUDGET;
+        while budget > 0 {
             let events = self.socket.get_events()?;
             let mut progress = false;
+            // One message per round: a recv that ends in EAGAIN costs the same `poll` as the
+            // next round's ZMQ_EVENTS read, which is needed anyway.
             if events.contains(zmq::POLLIN) {
                 match self.socket.recv_multipart(zmq::DONTWAIT) {
                     Ok(frames) => {
                         progress = true;
+                        budget -= 1;
                         callback(ZmqEvent::Message(frames), &mut ());
                     }
                     Err(zmq::Error::EAGAIN) => {}
@@ -382,7 +401,8 @@ impl ZmqSource {
             // Connected puts the hello first and rewinds the readings.
             if self.connected && events.contains(zmq::POLLOUT) {
                 let mut outbox = self.outbox.borrow_mut();
-                if let Some(m) = outbox.front() {
+                while budget > 0 {
+                    let Some(m) = outbox.front() else { break };
                     let [kind, body] = m.frames();
                     // Multipart messages are atomic: if the first frame is accepted, the
                     // last one is too. EAGAIN on the first frame means nothing was queued.
@@ -392,8 +412,9 @@ impl ZmqSource {
                             outbox.pop_front();
                             progress = true;
                             sent_any = true;
+                            budget -= 1;
                         }
-                        Err(zmq::Error::EAGAIN) => {}
+                        Err(zmq::Error::EAGAIN) => break,
                         Err(e) => return Err(e),
                     }
                 }

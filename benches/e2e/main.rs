@@ -1,0 +1,1423 @@
+//! `bench_e2e`: the end-to-end benchmark harness behind `make bench` (issue 6).
+//!
+//! It drives the real release binary (`zgate run`) with generated configurations: sensors on
+//! pseudo-terminals (the config's serial path is the pty slave), simulated GPIO in a temp dir,
+//! and itself as the backend (a ROUTER on tcp loopback). It measures, in order:
+//!
+//! 1. outbox throughput, in process: `ZmqSource` vs a plain libzmq loop (ratio of medians);
+//! 2. line written into the pty → reading received: p50/p99/max at 100/s and 5,000/s;
+//! 3. command `set` → sim GPIO file renamed (inotify) and → reply received, while 5,000
+//!    readings/s flow, and while the backend has stopped reading;
+//! 4. idle cost: 2 serial ports, 4 GPIO lines, no traffic: wake-ups/s and CPU;
+//! 5. peak RSS (VmHWM) at steady 1,000/s and after an N-reading backlog; binary size;
+//! 6. instructions per reading (valgrind cachegrind, minus an idle run of the same length);
+//! 7. a pyserial + pyzmq script doing the same job: CPU per reading and RSS side by side.
+//!
+//! Timings are medians or percentiles of many samples; budgets are printed PASS/FAIL.
+//! `BENCH_QUICK=1` (or `--quick`) runs a short smoke version of everything.
+//!
+//! `cargo run --release --example bench_e2e -- --zgate target/release/zgate --out docs/benchmarks.md`
+
+mod outbox;
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+type Res<T> = Result<T, String>;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the harness started (monotonic; shared by all threads).
+fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+// ---------------------------------------------------------------------------------------
+// Options and results
+
+struct Opts {
+    quick: bool,
+    zgate: PathBuf,
+    out: Option<PathBuf>,
+    python: String,
+    py_script: PathBuf,
+    criterion_dir: PathBuf,
+    only: Option<Vec<String>>,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        quick: std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0"),
+        zgate: PathBuf::from("target/release/zgate"),
+        out: None,
+        python: std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()),
+        py_script: PathBuf::from("benches/py_baseline.py"),
+        criterion_dir: PathBuf::from(
+            std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
+        )
+        .join("criterion"),
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--zgate" => o.zgate = args.next().expect("--zgate PATH").into(),
+            "--out" => o.out = Some(args.next().expect("--out PATH").into()),
+            "--python" => o.python = args.next().expect("--python EXE"),
+            "--only" => {
+                o.only = Some(
+                    args.next()
+                        .expect("--only 1,2,...")
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                )
+            }
+            "--bench" => {} // passed by `cargo bench`; ignored
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    o
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Status {
+    Pass,
+    Fail,
+    Info,
+}
+
+struct Row {
+    item: &'static str,
+    what: String,
+    result: String,
+    budget: String,
+    status: Status,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, item: &'static str, what: impl Into<String>, result: impl Into<String>) {
+        self.push(item, what, result, "—", Status::Info);
+    }
+    fn check(
+        &mut self,
+        item: &'static str,
+        what: impl Into<String>,
+        result: impl Into<String>,
+        budget: impl Into<String>,
+        ok: bool,
+    ) {
+        let s = if ok { Status::Pass } else { Status::Fail };
+        self.push(item, what, result, budget, s);
+    }
+    fn push(
+        &mut self,
+        item: &'static str,
+        what: impl Into<String>,
+        result: impl Into<String>,
+        budget: impl Into<String>,
+        status: Status,
+    ) {
+        let r = Row {
+            item,
+            what: what.into(),
+            result: result.into(),
+            budget: budget.into(),
+            status,
+        };
+        eprintln!(
+            "bench: [{}] {}: {} {}",
+            r.item,
+            r.what,
+            r.result,
+            match r.status {
+                Status::Pass => format!("(budget {}: PASS)", r.budget),
+                Status::Fail => format!("(budget {}: FAIL)", r.budget),
+                Status::Info => String::new(),
+            }
+        );
+        self.rows.push(r);
+    }
+    fn fail(&mut self, item: &'static str, what: &str, e: String) {
+        self.push(item, what, format!("error: {e}"), "—", Status::Fail);
+    }
+}
+
+fn us(ns: u64) -> String {
+    if ns >= 10_000_000 {
+        format!("{:.1} ms", ns as f64 / 1e6)
+    } else {
+        format!("{:.0} µs", ns as f64 / 1e3)
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Percentile (nearest rank) of a sorted slice.
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc readings
+
+fn status_field(path: &Path, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn tasks(pid: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    /// Voluntary context switches of the loop (main) thread.
+    wake_main: u64,
+    /// Voluntary context switches of all threads.
+    wake_all: u64,
+    /// CPU time of all threads, ns (schedstat).
+    cpu_ns: u64,
+    /// utime+stime in clock ticks (whole process, from /proc/PID/stat).
+    ticks: u64,
+    threads: usize,
+}
+
+fn sample(pid: u32) -> Sample {
+    let mut s = Sample::default();
+    for t in tasks(pid) {
+        let v = status_field(&t.join("status"), "voluntary_ctxt_switches").unwrap_or(0);
+        s.wake_all += v;
+        if t.file_name().and_then(|n| n.to_str()) == Some(&pid.to_string()) {
+            s.wake_main = v;
+        }
+        if let Ok(text) = std::fs::read_to_string(t.join("schedstat")) {
+            s.cpu_ns += text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        s.threads += 1;
+    }
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Fields after the ")" of comm: state is field 3; utime 14, stime 15.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let g = |i: usize| {
+                f.get(i - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            s.ticks = g(14) + g(15);
+        }
+    }
+    s
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    status_field(Path::new(&format!("/proc/{pid}/status")), "VmHWM").unwrap_or(0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// Sensors on pseudo-terminals
+
+struct Pty {
+    master: Arc<File>,
+    _slave: OwnedFd,
+    path: PathBuf,
+}
+
+fn pty() -> Res<Pty> {
+    let p = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+    let mut t = nix::sys::termios::tcgetattr(&p.slave).map_err(|e| e.to_string())?;
+    nix::sys::termios::cfmakeraw(&mut t);
+    nix::sys::termios::tcsetattr(&p.slave, nix::sys::termios::SetArg::TCSANOW, &t)
+        .map_err(|e| e.to_string())?;
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd()))
+        .map_err(|e| e.to_string())?;
+    Ok(Pty {
+        master: Arc::new(File::from(p.master)),
+        _slave: p.slave,
+        path,
+    })
+}
+
+/// Writes `count` lines `t=<ns> n=<i>` at `rate` lines/s (0: as fast as the pty takes them,
+/// in 64-line writes) from a thread. Returns the thread; it yields the writing time.
+fn writer(
+    master: Arc<File>,
+    rate: u64,
+    count: u64,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Duration> {
+    thread::spawn(move || {
+        let mut f: &File = &master;
+        let start = Instant::now();
+        let mut buf = String::with_capacity(4096);
+        let mut i = 0;
+        while i < count && !stop.load(Ordering::Relaxed) {
+            buf.clear();
+            match (i * 1_000_000_000).checked_div(rate) {
+                None => {
+                    let end = (i + 64).min(count);
+                    while i < end {
+                        let _ = writeln!(buf, "t={} n={i}", now_ns());
+                        i += 1;
+                    }
+                }
+                Some(offset) => {
+                    let due = start + Duration::from_nanos(offset);
+                    let now = Instant::now();
+                    if due > now {
+                        thread::sleep(due - now);
+                    }
+                    let _ = writeln!(buf, "t={} n={i}", now_ns());
+                    i += 1;
+                }
+            }
+            if f.write_all(buf.as_bytes()).is_err() {
+                break;
+            }
+        }
+        start.elapsed()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The gateway under test
+
+const CONFIG: &str = r#"
+[gateway]
+id = "gw-bench"
+data_dir = "{dir}/data"
+stats_interval_s = {stats}
+
+[backend]
+endpoint = "{endpoint}"
+outbox_max = 10000
+shutdown_flush_ms = 500
+
+[gpio]
+backend = "sim"
+sim_dir = "{dir}/gpio"
+
+[[gpio.input]]
+name = "door"
+pin = 17
+pull = "up"
+
+[[gpio.input]]
+name = "button"
+pin = 22
+
+[[gpio.output]]
+name = "relay1"
+pin = 27
+
+[[gpio.output]]
+name = "relay2"
+pin = 23
+
+[[serial]]
+name = "weather"
+path = "{tty1}"
+baud = 115200
+format = "kv"
+
+[[serial]]
+name = "aux"
+path = "{tty2}"
+baud = 115200
+format = "kv"
+"#;
+
+const STATS_INTERVAL_S: u64 = 30;
+/// libzmq heartbeat interval configured by the gateway (ZMQ_HEARTBEAT_IVL).
+const ZMQ_HEARTBEAT_S: u64 = 10;
+
+struct Gw {
+    child: Child,
+    dir: tempfile::TempDir,
+    ptys: [Pty; 2],
+    cachegrind_out: Option<PathBuf>,
+}
+
+impl Gw {
+    fn start(o: &Opts, endpoint: &str, valgrind: bool) -> Res<Gw> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let ptys = [pty()?, pty()?];
+        let cfg = CONFIG
+            .replace("{dir}", &dir.path().display().to_string())
+            .replace("{stats}", &STATS_INTERVAL_S.to_string())
+            .replace("{endpoint}", endpoint)
+            .replace("{tty1}", &ptys[0].path.display().to_string())
+            .replace("{tty2}", &ptys[1].path.display().to_string());
+        let cfg_path = dir.path().join("zgate.toml");
+        std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
+        let log = File::create(dir.path().join("zgate.log")).map_err(|e| e.to_string())?;
+        let cachegrind_out = valgrind.then(|| dir.path().join("cachegrind.out"));
+        let mut cmd = match &cachegrind_out {
+            Some(out) => {
+                let mut c = Command::new("valgrind");
+                c.arg("--tool=cachegrind")
+                    .arg("--cache-sim=no")
+                    .arg(format!("--cachegrind-out-file={}", out.display()))
+                    .arg(&o.zgate);
+                c
+            }
+            None => Command::new(&o.zgate),
+        };
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", o.zgate.display()))?;
+        Ok(Gw {
+            child,
+            dir,
+            ptys,
+            cachegrind_out,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn sim_dir(&self) -> PathBuf {
+        self.dir.path().join("gpio")
+    }
+
+    /// Waits until the gateway holds both pty slaves open (its serial ports are connected).
+    fn wait_serial_open(&self, timeout: Duration) -> Res<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let open = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .map(|d| {
+                    d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                        .filter(|l| self.ptys.iter().any(|p| &p.path == l))
+                        .count()
+                })
+                .unwrap_or(0);
+            if open >= 2 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("serial ports not opened; log: {}", self.log_tail()));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("zgate.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+
+    /// SIGTERM, then wait (SIGKILL after `timeout`).
+    fn stop(mut self, timeout: Duration) -> Gw {
+        let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The harness as backend
+
+struct Backend {
+    sock: zmq::Socket,
+    _ctx: zmq::Context,
+    endpoint: String,
+    gw: Option<Vec<u8>>,
+    hello: bool,
+    readings: u64,
+    max_n: i64,
+    max_seq: u64,
+    last_rx: Option<Instant>,
+    first_rx: Option<Instant>,
+    /// Latency samples (ns), recorded while `record` is true.
+    lat: Vec<u64>,
+    record: bool,
+    /// Command id → receive time (ns) of its reply.
+    replies: HashMap<String, u64>,
+}
+
+impl Backend {
+    fn bind(endpoint: &str) -> Res<Backend> {
+        let ctx = zmq::Context::new();
+        let sock = ctx.socket(zmq::ROUTER).map_err(|e| e.to_string())?;
+        sock.set_linger(0).map_err(|e| e.to_string())?;
+        sock.bind(endpoint)
+            .map_err(|e| format!("bind {endpoint}: {e}"))?;
+        let endpoint = sock
+            .get_last_endpoint()
+            .map_err(|e| e.to_string())?
+            .map_err(|_| "endpoint".to_string())?;
+        Ok(Backend {
+            sock,
+            _ctx: ctx,
+            endpoint,
+            gw: None,
+            hello: false,
+            readings: 0,
+            max_n: -1,
+            max_seq: 0,
+            last_rx: None,
+            first_rx: None,
+            lat: Vec::new(),
+            record: false,
+            replies: HashMap::new(),
+        })
+    }
+
+    /// Waits up to `timeout` for messages, handles all that are available, acks. Returns how
+    /// many messages were handled.
+    fn poll(&mut self, timeout: Duration) -> usize {
+        let mut n = 0;
+        let mut items = [self.sock.as_poll_item(zmq::POLLIN)];
+        if zmq::poll(&mut items, timeout.as_millis() as i64).unwrap_or(0) == 0 {
+            return 0;
+        }
+        while let Ok(frames) = self.sock.recv_multipart(zmq::DONTWAIT) {
+            let at = now_ns();
+            n += 1;
+            self.handle(frames, at);
+            if n >= 4096 {
+                break;
+            }
+        }
+        if n > 0 && self.max_seq > 0 {
+            if let Some(gw) = &self.gw {
+                let body = format!("{{\"seq\":{}}}", self.max_seq);
+                let _ = self
+                    .sock
+                    .send_multipart([&gw[..], b"ack", body.as_bytes()], zmq::DONTWAIT);
+            }
+        }
+        n
+    }
+
+    fn handle(&mut self, frames: Vec<Vec<u8>>, at: u64) {
+        if frames.len() != 3 {
+            return;
+        }
+        let now = Instant::now();
+        self.last_rx = Some(now);
+        self.first_rx.get_or_insert(now);
+        if self.gw.is_none() {
+            self.gw = Some(frames[0].clone());
+        }
+        let Ok(body) = serde_json::from_slice::<Value>(&frames[2]) else {
+            return;
+        };
+        match &frames[1][..] {
+            b"hello" => self.hello = true,
+            b"reading" => {
+                self.readings += 1;
+                if let Some(seq) = body.get("seq").and_then(Value::as_u64) {
+                    self.max_seq = self.max_seq.max(seq);
+                }
+                let values = &body["values"];
+                if let Some(n) = values.get("n").and_then(Value::as_i64) {
+                    self.max_n = self.max_n.max(n);
+                }
+                if self.record {
+                    if let Some(t) = values.get("t").and_then(Value::as_u64) {
+                        self.lat.push(at.saturating_sub(t));
+                    }
+                }
+            }
+            b"reply" => {
+                if let Some(id) = body.get("id").and_then(Value::as_str) {
+                    self.replies.insert(id.to_string(), at);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn wait_hello(&mut self, timeout: Duration) -> Res<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.hello {
+            if Instant::now() > deadline {
+                return Err("no hello from the gateway".into());
+            }
+            self.poll(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Receives until `n` readings in total arrived, or nothing came for `quiet`.
+    fn recv_until(&mut self, n: u64, quiet: Duration) {
+        let mut last = Instant::now();
+        while self.readings < n && last.elapsed() < quiet {
+            if self.poll(Duration::from_millis(20)) > 0 {
+                last = Instant::now();
+            }
+        }
+    }
+
+    fn command(&self, id: &str, target: &str, value: u8) {
+        let body = format!(
+            "{{\"id\":\"{id}\",\"target\":\"{target}\",\"action\":\"set\",\"value\":{value}}}"
+        );
+        if let Some(gw) = &self.gw {
+            let _ = self
+                .sock
+                .send_multipart([&gw[..], b"command", body.as_bytes()], 0);
+        }
+    }
+}
+
+fn free_tcp_endpoint() -> Res<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = l.local_addr().map_err(|e| e.to_string())?.port();
+    Ok(format!("tcp://127.0.0.1:{port}"))
+}
+
+/// Starts a backend on a fresh loopback port and a gateway dialling it; waits for `hello`.
+fn setup(o: &Opts, valgrind: bool) -> Res<(Backend, Gw)> {
+    let mut be = Backend::bind("tcp://127.0.0.1:*")?;
+    let gw = Gw::start(o, &be.endpoint, valgrind)?;
+    let t = if valgrind { 120 } else { 10 };
+    be.wait_hello(Duration::from_secs(t))
+        .map_err(|e| format!("{e}; log: {}", gw.log_tail()))?;
+    gw.wait_serial_open(Duration::from_secs(t))?;
+    Ok((be, gw))
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Outbox throughput
+
+fn bench_outbox(o: &Opts, r: &mut Report) {
+    let (n, runs) = if o.quick { (5_000, 3) } else { (20_000, 7) };
+    let mut src = Vec::new();
+    let mut plain = Vec::new();
+    // Interleaved, so a change of machine load hits both sides alike.
+    for _ in 0..runs {
+        src.push(n as f64 / outbox::zmq_source(n).as_secs_f64());
+        plain.push(n as f64 / outbox::plain(n).as_secs_f64());
+    }
+    let (s, p) = (median(&mut src), median(&mut plain));
+    r.row(
+        "1",
+        format!("outbox: ZmqSource → ROUTER, tcp loopback (median of {runs}×{n})"),
+        format!("{:.0} readings/s", s),
+    );
+    r.row(
+        "1",
+        format!("outbox: plain libzmq send loop, same layout (median of {runs}×{n})"),
+        format!("{:.0} msgs/s", p),
+    );
+    r.check(
+        "1",
+        "outbox throughput ratio ZmqSource / plain",
+        format!("{:.2}", s / p),
+        "≥ 0.5",
+        s / p >= 0.5,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. End-to-end latency
+
+fn bench_latency(o: &Opts, r: &mut Report) -> Res<()> {
+    let (be, gw) = setup(o, false)?;
+    let mut be = be;
+    for (rate, secs, budget) in [(100u64, 30u64, true), (5_000, 10, false)] {
+        let secs = if o.quick { 3 } else { secs };
+        let count = rate * secs;
+        be.lat.clear();
+        be.record = true;
+        let before = be.readings;
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = writer(gw.ptys[0].master.clone(), rate, count, stop);
+        while !w.is_finished() {
+            be.poll(Duration::from_millis(20));
+        }
+        let _ = w.join();
+        be.recv_until(before + count, Duration::from_secs(2));
+        be.record = false;
+        let mut lat = std::mem::take(&mut be.lat);
+        lat.sort_unstable();
+        let lost = count.saturating_sub(lat.len() as u64);
+        let (p50, p99, max) = (pct(&lat, 50.0), pct(&lat, 99.0), pct(&lat, 100.0));
+        let what = format!("pty line → backend, {rate}/s × {secs} s: p50 / p99 / max");
+        let res = format!(
+            "{} / {} / {}{}",
+            us(p50),
+            us(p99),
+            us(max),
+            if lost > 0 {
+                format!(" ({lost} lost)")
+            } else {
+                String::new()
+            }
+        );
+        if budget {
+            r.check("2", what, res, "p99 < 1 ms", p99 < 1_000_000 && lost == 0);
+        } else {
+            r.push(
+                "2",
+                what,
+                res,
+                "—",
+                if lost > 0 { Status::Fail } else { Status::Info },
+            );
+        }
+    }
+    drop(gw.stop(Duration::from_secs(5)));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Command latency
+
+/// Records the time of every rename onto `<dir>/gpio27` (the sim's atomic write).
+fn watch_pin(dir: &Path, stop: Arc<AtomicBool>) -> Res<thread::JoinHandle<Vec<u64>>> {
+    let ino =
+        Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|e| e.to_string())?;
+    ino.add_watch(dir, AddWatchFlags::IN_MOVED_TO)
+        .map_err(|e| e.to_string())?;
+    Ok(thread::spawn(move || {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(50u16));
+            let at = now_ns();
+            while let Ok(events) = ino.read_events() {
+                for e in events {
+                    if e.name.as_deref().and_then(|n| n.to_str()) == Some("gpio27") {
+                        seen.push(at);
+                    }
+                }
+            }
+        }
+        seen
+    }))
+}
+
+fn bench_commands(o: &Opts, r: &mut Report) -> Res<()> {
+    let (mut be, gw) = setup(o, false)?;
+    let ncmd: usize = if o.quick { 50 } else { 300 };
+    let stop_w = Arc::new(AtomicBool::new(false));
+    let w = writer(gw.ptys[0].master.clone(), 5_000, u64::MAX, stop_w.clone());
+    let mut id = 0u64;
+    for reading in [true, false] {
+        // Let the flow settle; when the backend stops reading, let the pipes fill up first.
+        let settle = Instant::now() + Duration::from_secs(if o.quick { 1 } else { 3 });
+        while Instant::now() < settle {
+            if reading {
+                be.poll(Duration::from_millis(10));
+            } else {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = watch_pin(&gw.sim_dir(), stop.clone())?;
+        let mut sent = Vec::new();
+        for k in 0..ncmd {
+            id += 1;
+            let cid = format!("c-{id}");
+            let t = now_ns();
+            be.command(&cid, "relay1", (k % 2) as u8);
+            sent.push((cid, t));
+            let next = Instant::now() + Duration::from_millis(10);
+            while Instant::now() < next {
+                if reading {
+                    be.poll(next.saturating_duration_since(Instant::now()));
+                } else {
+                    thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+            }
+        }
+        if reading {
+            let end = Instant::now() + Duration::from_millis(200);
+            while Instant::now() < end {
+                be.poll(Duration::from_millis(10));
+            }
+        } else {
+            thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let seen = watcher.join().map_err(|_| "watcher panicked")?;
+        let mut file_lat: Vec<u64> = sent
+            .iter()
+            .zip(&seen)
+            .map(|((_, t), s)| s.saturating_sub(*t))
+            .collect();
+        file_lat.sort_unstable();
+        let missing = ncmd.saturating_sub(seen.len());
+        let ctx = if reading {
+            "while 5,000 readings/s flow"
+        } else {
+            "backend not reading, 5,000 readings/s queued"
+        };
+        let (p50, p99) = (pct(&file_lat, 50.0), pct(&file_lat, 99.0));
+        r.check(
+            "3",
+            format!("command set → GPIO file changed, {ctx} ({ncmd} cmds): p50 / p99"),
+            format!(
+                "{} / {}{}",
+                us(p50),
+                us(p99),
+                if missing > 0 {
+                    format!(" ({missing} not applied)")
+                } else {
+                    String::new()
+                }
+            ),
+            "p99 < 2 ms",
+            p99 < 2_000_000 && missing == 0,
+        );
+        if reading {
+            let mut reply_lat: Vec<u64> = sent
+                .iter()
+                .filter_map(|(cid, t)| be.replies.get(cid).map(|at| at.saturating_sub(*t)))
+                .collect();
+            reply_lat.sort_unstable();
+            let missing = ncmd - reply_lat.len();
+            let (p50, p99) = (pct(&reply_lat, 50.0), pct(&reply_lat, 99.0));
+            r.check(
+                "3",
+                format!("command set → reply received, {ctx}: p50 / p99"),
+                format!(
+                    "{} / {}{}",
+                    us(p50),
+                    us(p99),
+                    if missing > 0 {
+                        format!(" ({missing} missing)")
+                    } else {
+                        String::new()
+                    }
+                ),
+                "p99 < 2 ms",
+                p99 < 2_000_000 && missing == 0,
+            );
+        } else {
+            r.row(
+                "3",
+                "command set → reply, backend not reading",
+                "n/a (the backend reads no replies)",
+            );
+        }
+    }
+    stop_w.store(true, Ordering::Relaxed);
+    let _ = w.join();
+    drop(gw.stop(Duration::from_secs(5)));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Idle cost
+
+fn bench_idle(o: &Opts, r: &mut Report) -> Res<()> {
+    let (mut be, gw) = setup(o, false)?;
+    let secs = if o.quick { 10 } else { 60 };
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        be.poll(Duration::from_millis(100));
+    }
+    let a = sample(gw.pid());
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        // The backend answers stats (acks) like a real one; nothing else is sent.
+        be.poll(Duration::from_millis(500));
+    }
+    let b = sample(gw.pid());
+    let s = secs as f64;
+    let main = (b.wake_main - a.wake_main) as f64 / s;
+    let all = (b.wake_all - a.wake_all) as f64 / s;
+    // Configured timers: stats (loop thread); libzmq heartbeats (I/O thread: send PING,
+    // receive PONG).
+    let timers_main = 1.0 / STATS_INTERVAL_S as f64;
+    let timers_all = timers_main + 2.0 / ZMQ_HEARTBEAT_S as f64;
+    r.check(
+        "4",
+        format!("idle {secs} s, 2 serial + 4 GPIO: wake-ups/s, loop thread (timers: {timers_main:.2}/s)"),
+        format!("{main:.2}/s"),
+        "≤ timers + 1/s",
+        main <= timers_main + 1.0,
+    );
+    r.check(
+        "4",
+        format!(
+            "idle: wake-ups/s, all {} threads (timers incl. zmq heartbeat: {timers_all:.2}/s)",
+            b.threads
+        ),
+        format!("{all:.2}/s"),
+        "≤ timers + 1/s",
+        all <= timers_all + 1.0,
+    );
+    let cpu = (b.cpu_ns - a.cpu_ns) as f64;
+    r.row(
+        "4",
+        format!("idle: CPU time over {secs} s (all threads)"),
+        format!(
+            "{:.2} ms ({:.4} % of a core; {} ticks)",
+            cpu / 1e6,
+            cpu / (s * 1e9) * 100.0,
+            b.ticks - a.ticks
+        ),
+    );
+    drop(gw.stop(Duration::from_secs(5)));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 5 + 7. Steady 1,000/s: RSS and CPU per reading (zgate and the Python peer)
+
+struct Steady {
+    cpu_per_reading_ns: f64,
+    hwm_kib: u64,
+    received: u64,
+}
+
+/// Feeds `count` lines at 1,000/s into `pty` while `be` receives; measures `pid`.
+fn steady(be: &mut Backend, pid: u32, pty: &Pty, count: u64) -> Steady {
+    let before = be.readings;
+    let a = sample(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(pty.master.clone(), 1_000, count, stop);
+    while !w.is_finished() {
+        be.poll(Duration::from_millis(20));
+    }
+    let _ = w.join();
+    be.recv_until(before + count, Duration::from_secs(3));
+    let b = sample(pid);
+    let received = be.readings - before;
+    Steady {
+        cpu_per_reading_ns: (b.cpu_ns - a.cpu_ns) as f64 / received.max(1) as f64,
+        hwm_kib: vm_hwm_kib(pid),
+        received,
+    }
+}
+
+fn bench_steady(o: &Opts, r: &mut Report) -> Res<()> {
+    let secs = if o.quick { 3 } else { 20 };
+    let count = 1_000 * secs;
+    let (mut be, gw) = setup(o, false)?;
+    let z = steady(&mut be, gw.pid(), &gw.ptys[0], count);
+    drop(gw.stop(Duration::from_secs(5)));
+    r.check(
+        "5",
+        format!("peak RSS (VmHWM), steady 1,000 readings/s × {secs} s"),
+        mib(z.hwm_kib),
+        "< 16 MiB",
+        z.hwm_kib < 16 * 1024 && z.received == count,
+    );
+
+    // The Python peer: same pty feed, same ROUTER.
+    let py = (|| -> Res<Steady> {
+        let mut be = Backend::bind("tcp://127.0.0.1:*")?;
+        let p = pty()?;
+        let mut child = Command::new(&o.python)
+            .arg(&o.py_script)
+            .args(["--serial", &p.path.display().to_string()])
+            .args(["--endpoint", &be.endpoint])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", o.python))?;
+        let res = be.wait_hello(Duration::from_secs(20)).map(|_| {
+            thread::sleep(Duration::from_millis(200));
+            steady(&mut be, child.id(), &p, count)
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        res
+    })();
+    let per = |s: &Steady| format!("{:.1} µs CPU/reading", s.cpu_per_reading_ns / 1e3);
+    r.row(
+        "7",
+        format!("zgate, 1,000 readings/s × {secs} s: CPU per reading / RSS"),
+        format!("{} / {}", per(&z), mib(z.hwm_kib)),
+    );
+    match py {
+        Ok(p) => {
+            r.row(
+                "7",
+                "Python pyserial+pyzmq script, same feed: CPU per reading / RSS",
+                format!(
+                    "{} / {}{}",
+                    per(&p),
+                    mib(p.hwm_kib),
+                    if p.received < count {
+                        format!(" ({} of {count} received)", p.received)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            r.row(
+                "7",
+                "Python / zgate",
+                format!(
+                    "CPU ×{:.1}, RSS ×{:.1}",
+                    p.cpu_per_reading_ns / z.cpu_per_reading_ns,
+                    p.hwm_kib as f64 / z.hwm_kib as f64
+                ),
+            );
+        }
+        Err(e) => r.fail("7", "Python baseline", e),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Backlog: backend absent while N readings are written, then present
+
+fn bench_backlog(o: &Opts, r: &mut Report) -> Res<()> {
+    let n: u64 = if o.quick { 20_000 } else { 1_000_000 };
+    let endpoint = free_tcp_endpoint()?;
+    let gw = Gw::start(o, &endpoint, false)?;
+    gw.wait_serial_open(Duration::from_secs(10))?;
+    let t0 = sample(gw.pid());
+    let w = writer(
+        gw.ptys[0].master.clone(),
+        0,
+        n,
+        Arc::new(AtomicBool::new(false)),
+    );
+    let wrote = w.join().map_err(|_| "writer panicked")?;
+    // Let the gateway finish what is still in the pty buffer.
+    let mut last = sample(gw.pid()).cpu_ns;
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let now = sample(gw.pid()).cpu_ns;
+        if now - last < 5_000_000 {
+            break;
+        }
+        last = now;
+    }
+    let t1 = sample(gw.pid());
+    let hwm_backlog = vm_hwm_kib(gw.pid());
+    let connect_at = Instant::now();
+    let mut be = Backend::bind(&endpoint)?;
+    while be.first_rx.is_none() && connect_at.elapsed() < Duration::from_secs(15) {
+        be.poll(Duration::from_millis(20));
+    }
+    be.recv_until(u64::MAX, Duration::from_secs(2));
+    let hwm_after = vm_hwm_kib(gw.pid());
+    drop(gw.stop(Duration::from_secs(5)));
+    let first = be
+        .first_rx
+        .map(|t| t - connect_at)
+        .unwrap_or(Duration::ZERO);
+    let drain = match (be.first_rx, be.last_rx) {
+        (Some(a), Some(b)) => b - a,
+        _ => Duration::ZERO,
+    };
+    r.row(
+        "5",
+        format!("backlog: {n} lines written, backend absent: ingest rate (pty → gateway)"),
+        format!(
+            "{:.0} lines/s ({:.1} s; {:.1} µs CPU/line)",
+            n as f64 / wrote.as_secs_f64(),
+            wrote.as_secs_f64(),
+            (t1.cpu_ns - t0.cpu_ns) as f64 / n as f64 / 1e3
+        ),
+    );
+    r.check(
+        "5",
+        format!("backlog: peak RSS (VmHWM) with {n} readings while backend absent"),
+        mib(hwm_backlog),
+        "< 16 MiB",
+        hwm_backlog < 16 * 1024,
+    );
+    r.row(
+        "5",
+        "backlog: backend back: delivered / reconnect delay / drain time",
+        format!(
+            "{} of {n} (last n={}) / {} / {:.2} s ({:.0}/s); VmHWM after {}",
+            be.readings,
+            be.max_n,
+            us(first.as_nanos() as u64),
+            drain.as_secs_f64(),
+            be.readings as f64 / drain.as_secs_f64().max(1e-9),
+            mib(hwm_after)
+        ),
+    );
+    if be.readings < n {
+        r.notes.push(format!(
+            "Backlog case measured: in-memory outbox only (outbox_max = 10000, oldest readings \
+             dropped when full): {} of {n} readings were delivered. Once the on-disk spool \
+             (issue 3) is merged the same case measures the spool.",
+            be.readings
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Binary size
+
+fn bench_size(o: &Opts, r: &mut Report) {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let arm = PathBuf::from(&target).join("aarch64-unknown-linux-gnu/release/zgate");
+    let (bin, strip, label) = if arm.exists() {
+        (arm, "aarch64-linux-gnu-strip", "aarch64")
+    } else {
+        (
+            o.zgate.clone(),
+            "strip",
+            "x86_64 host (no aarch64 build present)",
+        )
+    };
+    let tmp = std::env::temp_dir().join(format!("zgate-size-{}", std::process::id()));
+    let size = std::fs::copy(&bin, &tmp)
+        .ok()
+        .and_then(|_| Command::new(strip).arg(&tmp).status().ok())
+        .filter(|s| s.success())
+        .and_then(|_| std::fs::metadata(&tmp).ok())
+        .map(|m| m.len());
+    let _ = std::fs::remove_file(&tmp);
+    match size {
+        Some(b) => r.check(
+            "5",
+            format!("stripped binary size, {label}"),
+            format!("{:.2} MiB", b as f64 / 1048576.0),
+            "< 4 MiB",
+            b < 4 * 1048576,
+        ),
+        None => r.fail(
+            "5",
+            "binary size",
+            format!("cannot strip {}", bin.display()),
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Instructions per reading
+
+fn cachegrind_total(path: &Path) -> Res<u64> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| "no summary in cachegrind output".into())
+}
+
+fn bench_instructions(o: &Opts, r: &mut Report) -> Res<()> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        r.fail(
+            "6",
+            "instructions per reading",
+            "valgrind not installed".into(),
+        );
+        return Ok(());
+    }
+    let (n, rate) = if o.quick {
+        (500u64, 500u64)
+    } else {
+        (5_000, 500)
+    };
+    let secs = n / rate;
+    let mut totals = [0u64; 2];
+    for (i, with_readings) in [false, true].into_iter().enumerate() {
+        let (mut be, gw) = setup(o, true)?;
+        let before = be.readings;
+        if with_readings {
+            let w = writer(
+                gw.ptys[0].master.clone(),
+                rate,
+                n,
+                Arc::new(AtomicBool::new(false)),
+            );
+            while !w.is_finished() {
+                be.poll(Duration::from_millis(20));
+            }
+            let _ = w.join();
+            be.recv_until(before + n, Duration::from_secs(10));
+            if be.readings - before < n {
+                return Err(format!(
+                    "only {} of {n} readings arrived under valgrind",
+                    be.readings - before
+                ));
+            }
+        } else {
+            let end = Instant::now() + Duration::from_secs(secs);
+            while Instant::now() < end {
+                be.poll(Duration::from_millis(50));
+            }
+        }
+        let gw = gw.stop(Duration::from_secs(60));
+        let out = gw.cachegrind_out.clone().ok_or("no cachegrind output")?;
+        totals[i] = cachegrind_total(&out)?;
+    }
+    let per = totals[1].saturating_sub(totals[0]) as f64 / n as f64;
+    r.row(
+        "6",
+        format!("instructions per reading ({n} at {rate}/s, minus an idle run of {secs} s; all threads)"),
+        format!("{per:.0}"),
+    );
+    r.notes.push(format!(
+        "Instructions (valgrind cachegrind, whole process incl. libzmq threads): idle run {} / \
+         run with {n} readings {}.",
+        totals[0], totals[1]
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Criterion results (written by `cargo bench --bench protocol|outbox` before this runs)
+
+fn criterion_rows(o: &Opts) -> Vec<(String, f64)> {
+    let mut rows = Vec::new();
+    let Ok(groups) = std::fs::read_dir(&o.criterion_dir) else {
+        return rows;
+    };
+    for g in groups.flatten() {
+        let Ok(benches) = std::fs::read_dir(g.path()) else {
+            continue;
+        };
+        for b in benches.flatten() {
+            let est = b.path().join("new/estimates.json");
+            let Ok(text) = std::fs::read_to_string(&est) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if let Some(ns) = v["median"]["point_estimate"].as_f64() {
+                rows.push((
+                    format!(
+                        "{}/{}",
+                        g.file_name().to_string_lossy(),
+                        b.file_name().to_string_lossy()
+                    ),
+                    ns,
+                ));
+            }
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn main() {
+    let o = opts();
+    now_ns();
+    let load_start = loadavg();
+    let started = Instant::now();
+    let mut r = Report::default();
+    let want = |k: &str| match &o.only {
+        None => true,
+        Some(v) => v.iter().any(|x| x == k),
+    };
+    if !o.zgate.exists() {
+        eprintln!(
+            "bench: {} not found (run `cargo build --release`)",
+            o.zgate.display()
+        );
+        std::process::exit(2);
+    }
+    if want("1") {
+        bench_outbox(&o, &mut r);
+    }
+    if want("2") {
+        if let Err(e) = bench_latency(&o, &mut r) {
+            r.fail("2", "end-to-end latency", e);
+        }
+    }
+    if want("3") {
+        if let Err(e) = bench_commands(&o, &mut r) {
+            r.fail("3", "command latency", e);
+        }
+    }
+    if want("4") {
+        if let Err(e) = bench_idle(&o, &mut r) {
+            r.fail("4", "idle cost", e);
+        }
+    }
+    if want("5") || want("7") {
+        if let Err(e) = bench_steady(&o, &mut r) {
+            r.fail("5", "steady RSS / Python baseline", e);
+        }
+    }
+    if want("5") {
+        if let Err(e) = bench_backlog(&o, &mut r) {
+            r.fail("5", "backlog", e);
+        }
+        bench_size(&o, &mut r);
+    }
+    if want("6") {
+        if let Err(e) = bench_instructions(&o, &mut r) {
+            r.fail("6", "instructions per reading", e);
+        }
+    }
+    let load_end = loadavg();
+    let md = render(&o, &r, &load_start, &load_end, started.elapsed());
+    println!("{md}");
+    if let Some(out) = &o.out {
+        if let Some(parent) = out.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        std::fs::write(out, &md).expect("writing the report");
+        eprintln!("bench: wrote {}", out.display());
+    }
+}
+
+fn render(o: &Opts, r: &Report, load_start: &str, load_end: &str, took: Duration) -> String {
+    let cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2");
+    let mut md = String::new();
+    let _ = writeln!(md, "# zgate benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Generated by `make bench`{} — do not edit by hand. Numbers from a shared, noisy \
+         machine: compare ratios, percentiles and instruction counts, not single timings.\n",
+        if o.quick {
+            " with BENCH_QUICK=1 (smoke run: short samples)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(md, "| machine | |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| CPU | {} × {} |",
+        sh("nproc"),
+        if cpu.is_empty() { "?" } else { &cpu }
+    );
+    let _ = writeln!(md, "| kernel | {} |", sh("uname -sr"));
+    let _ = writeln!(md, "| date | {} |", sh("date -u '+%Y-%m-%d %H:%M UTC'"));
+    let _ = writeln!(
+        md,
+        "| commit | {}{} |",
+        sh("git rev-parse --short HEAD"),
+        if sh("git status --porcelain --untracked-files=no").is_empty() {
+            ""
+        } else {
+            " (with uncommitted changes)"
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| load average (1/5/15 min) | start {load_start}, end {load_end} |"
+    );
+    let _ = writeln!(md, "| run time | {:.0} s |\n", took.as_secs_f64());
+    let _ = writeln!(md, "| # | benchmark | result | budget | status |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for row in &r.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            row.item,
+            row.what,
+            row.result,
+            row.budget,
+            match row.status {
+                Status::Pass => "PASS",
+                Status::Fail => "**FAIL**",
+                Status::Info => "",
+            }
+        );
+    }
+    let crit = criterion_rows(o);
+    if !crit.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nMicro-benchmarks (criterion, median per iteration; `cargo bench --bench protocol`, \
+             `--bench outbox`):\n"
+        );
+        let _ = writeln!(md, "| benchmark | median |\n|---|---|");
+        for (name, ns) in crit {
+            let v = if ns >= 1e6 {
+                format!("{:.2} ms", ns / 1e6)
+            } else if ns >= 1e3 {
+                format!("{:.2} µs", ns / 1e3)
+            } else {
+                format!("{ns:.0} ns")
+            };
+            let _ = writeln!(md, "| {name} | {v} |");
+        }
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(md, "\nNotes:\n");
+        for n in &r.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+    md
+}

@@ -20,6 +20,7 @@
 use crate::gateway::LogLimiter;
 use crate::protocol;
 use crate::security;
+use crate::sources::zmq::{recv_monitor_event, MonitorEvent};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Write};
@@ -394,19 +395,9 @@ impl Backend {
 
     /// Logs handshake failures (e.g. a peer without CURVE, or with the wrong server key).
     fn drain_monitor(&mut self) -> Result<(), zmq::Error> {
-        loop {
-            let frames = match self.monitor.recv_multipart(zmq::DONTWAIT) {
-                Ok(f) => f,
-                Err(zmq::Error::EAGAIN) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let Some(head) = frames.first().filter(|f| f.len() >= 6) else {
-                continue;
-            };
-            let event = u16::from_ne_bytes([head[0], head[1]]);
-            let value = u32::from_ne_bytes([head[2], head[3], head[4], head[5]]);
+        while let Some(MonitorEvent { event, value, .. }) = recv_monitor_event(&self.monitor)? {
             use zmq::SocketEvent as E;
-            match E::from_raw(event) {
+            match event {
                 E::ACCEPTED => {
                     let fd = value as i32;
                     let peer = peer_of_fd(fd).unwrap_or_else(|| "unknown".into());
@@ -440,6 +431,7 @@ impl Backend {
                 _ => {}
             }
         }
+        Ok(())
     }
 
     /// Receives one multipart message with the sender's ZAP user id and address.

@@ -203,6 +203,38 @@ pub enum ZmqEvent {
 
 static MONITOR_ID: AtomicUsize = AtomicUsize::new(0);
 
+/// One event from a socket monitor (`zmq_socket_monitor`).
+#[derive(Debug)]
+pub struct MonitorEvent {
+    pub event: zmq::SocketEvent,
+    /// The event's value: an fd, an errno or a ZAP/protocol status, depending on the event.
+    pub value: u32,
+    /// The endpoint address the event is about.
+    pub addr: String,
+}
+
+/// Receives the next monitor event without blocking; `None` when there is none. Malformed
+/// monitor messages are skipped.
+pub fn recv_monitor_event(monitor: &zmq::Socket) -> zmq::Result<Option<MonitorEvent>> {
+    loop {
+        let frames = match monitor.recv_multipart(zmq::DONTWAIT) {
+            Ok(f) => f,
+            Err(zmq::Error::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(head) = frames.first().filter(|f| f.len() >= 6) else {
+            continue;
+        };
+        let event = zmq::SocketEvent::from_raw(u16::from_ne_bytes([head[0], head[1]]));
+        let value = u32::from_ne_bytes([head[2], head[3], head[4], head[5]]);
+        let addr = frames
+            .get(1)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .unwrap_or_default();
+        return Ok(Some(MonitorEvent { event, value, addr }));
+    }
+}
+
 pub struct ZmqSource {
     // Field order matters: the Generic wrappers (borrowing the fds) drop before the sockets.
     socket_fd: Generic<ZmqFd>,
@@ -312,23 +344,9 @@ impl ZmqSource {
     where
         F: FnMut(ZmqEvent, &mut ()),
     {
-        loop {
-            let frames = match self.monitor.recv_multipart(zmq::DONTWAIT) {
-                Ok(f) => f,
-                Err(zmq::Error::EAGAIN) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let Some(head) = frames.first().filter(|f| f.len() >= 6) else {
-                continue;
-            };
-            let event = u16::from_ne_bytes([head[0], head[1]]);
-            let value = u32::from_ne_bytes([head[2], head[3], head[4], head[5]]);
-            let addr = frames
-                .get(1)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .unwrap_or_default();
+        while let Some(MonitorEvent { event, value, addr }) = recv_monitor_event(&self.monitor)? {
             use zmq::SocketEvent as E;
-            match E::from_raw(event) {
+            match event {
                 E::CONNECTED | E::CONNECT_DELAYED | E::CONNECT_RETRIED => {
                     self.awaiting_retry = false;
                 }
@@ -367,6 +385,7 @@ impl ZmqSource {
                 other => log::trace!("zmq monitor event={other:?} value={value} addr={addr}"),
             }
         }
+        Ok(())
     }
 
     /// Sends and receives until neither made progress or the budget is spent.

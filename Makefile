@@ -60,7 +60,9 @@ fuzz: setup
 	done
 
 # Benchmarks (issue 6): criterion micro-benchmarks, then the end-to-end harness against the
-# release binary. Prints the table and writes docs/benchmarks.md. BENCH_QUICK=1: smoke run.
+# release binary (and the spool benchmarks of issue 3, in process). Prints the table and writes
+# docs/benchmarks.md. BENCH_QUICK=1: smoke run. The aarch64 size row needs `cross/build aarch64`
+# to have been run (not done here: it takes minutes the first time).
 BENCH_CRITERION = $(if $(BENCH_QUICK),--quick --warm-up-time 1 --measurement-time 2,--warm-up-time 2 --measurement-time 5)
 bench: setup
 	@benches/setup

@@ -665,8 +665,11 @@ impl Spool {
     fn roll(&mut self, seq: u64) -> Result<(), SpoolError> {
         if let Some(old) = self.active.take() {
             if self.dirty {
-                // Under "interval" only the active file can be dirty: sync it before moving on.
-                old.file.sync_data().map_err(io_err(&old.path))?;
+                // Under "interval" only the active file can be dirty: the helper thread syncs
+                // it (the descriptor moves there) while the loop goes on.
+                self.deleter
+                    .sync_data(old.file, old.path.clone())
+                    .map_err(io_err(&old.path))?;
                 self.fsyncs += 1;
                 self.dirty = false;
             }
@@ -730,14 +733,20 @@ impl Spool {
         Ok(())
     }
 
-    fn write_state(&mut self, floor: u64) -> Result<(), SpoolError> {
+    /// Writes the `state` file (temp file, fsync, rename, directory fsync): `inline`, or
+    /// queued to the helper thread, which writes it after everything queued before.
+    fn write_state(&mut self, floor: u64, inline: bool) -> Result<(), SpoolError> {
         // Invariant: the persisted floor is above every seq handed out.
         let s = State {
             floor: floor.max(self.next_seq),
             acked: self.acked,
         };
-        state::store(&self.dir, &self.dir_handle, &s)
-            .map_err(io_err(&self.dir.join(STATE_FILE)))?;
+        if inline {
+            state::store(&self.dir, &self.dir_handle, &s)
+        } else {
+            self.deleter.store_state(s)
+        }
+        .map_err(io_err(&self.dir.join(STATE_FILE)))?;
         self.fsyncs += 2;
         self.seq_floor = s.floor;
         self.ack_dirty = false;
@@ -887,28 +896,50 @@ impl Spool {
     /// Call from a timer every `fsync_interval_ms`: under `fsync = "interval"` fsyncs the
     /// active segment (and the directory) if written since the last fsync; persists the ack
     /// if it changed (at most once per `fsync_interval_ms`); logs pending drop counts.
+    ///
+    /// The fsyncs and the `state` write are handed to the spool's helper thread (each one can
+    /// take milliseconds, too long for the loop); `tick()` itself does no blocking I/O. An error
+    /// the helper met since the previous tick is returned from this one.
     pub fn tick(&mut self) -> Result<(), SpoolError> {
         if self.cfg.fsync == FsyncPolicy::Interval {
-            self.sync_pending()?;
+            self.sync_pending(false)?;
         }
         let every = Duration::from_millis(self.cfg.fsync_interval_ms);
         if self.ack_dirty && !matches!(self.last_state_write, Some(t) if t.elapsed() < every) {
-            self.write_state(self.seq_floor)?;
+            self.write_state(self.seq_floor, false)?;
         }
         self.maybe_log_drops();
-        Ok(())
+        match self.deleter.take_error() {
+            Some((path, source)) => Err(SpoolError::Io { path, source }),
+            None => Ok(()),
+        }
     }
 
-    fn sync_pending(&mut self) -> Result<(), SpoolError> {
+    /// fsyncs the active segment if written since the last sync, and the directory if a
+    /// segment was created: `inline`, or queued to the helper thread.
+    fn sync_pending(&mut self, inline: bool) -> Result<(), SpoolError> {
         if self.dirty {
             if let Some(a) = &self.active {
-                a.file.sync_data().map_err(io_err(&a.path))?;
+                if inline {
+                    a.file.sync_data().map_err(io_err(&a.path))?;
+                } else {
+                    let dup = a.file.try_clone().map_err(io_err(&a.path))?;
+                    self.deleter
+                        .sync_data(dup, a.path.clone())
+                        .map_err(io_err(&a.path))?;
+                }
                 self.fsyncs += 1;
             }
             self.dirty = false;
         }
         if self.dir_dirty {
-            self.sync_dir()?;
+            if inline {
+                self.sync_dir()?;
+            } else {
+                self.deleter.sync_dir().map_err(io_err(&self.dir))?;
+                self.fsyncs += 1;
+                self.dir_dirty = false;
+            }
         }
         Ok(())
     }
@@ -918,19 +949,26 @@ impl Spool {
         self.deleter.wait();
     }
 
-    /// fsyncs everything now, waits for pending segment unlinks, and persists the ack and the
-    /// exact next seq (so a restart after a flush skips no seqs). Call on shutdown; it costs
-    /// three to five fsyncs.
+    /// Waits for the helper thread (pending unlinks and queued syncs), fsyncs everything now
+    /// on the calling thread, and persists the ack and the exact next seq (so a restart after
+    /// a flush skips no seqs). Call on shutdown; it costs three to five fsyncs.
     pub fn flush(&mut self) -> Result<(), SpoolError> {
         self.deleter.wait();
-        self.sync_pending()?;
-        self.write_state(self.next_seq)?;
+        // A sync the helper thread failed is retried by these inline ones (they cover it),
+        // and still reported.
+        let earlier = self.deleter.take_error();
+        self.dirty |= earlier.is_some() && self.active.is_some();
+        self.sync_pending(true)?;
+        self.write_state(self.next_seq, true)?;
         let (o, n) = (self.drop_log.oldest, self.drop_log.newest);
         if o + n > 0 {
             self.drop_log.last = None;
             self.maybe_log_drops();
         }
-        Ok(())
+        match earlier {
+            Some((path, source)) => Err(SpoolError::Io { path, source }),
+            None => Ok(()),
+        }
     }
 
     fn maybe_log_drops(&mut self) {

@@ -701,6 +701,27 @@ fn fsync_interval_syncs_on_tick_when_dirty() {
 }
 
 #[test]
+fn interval_tick_hands_its_syncs_and_state_write_to_the_helper() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut sp, _) = Spool::open(d.path(), small()).unwrap();
+    append_n(&mut sp, 200, 100); // several 4 KiB segments: rolls hand over closed segments
+    sp.ack(150).unwrap();
+    sp.tick().unwrap();
+    // Everything tick() queued is done once the helper's queue is empty.
+    sp.wait_for_deletions();
+    let text = fs::read_to_string(d.path().join("state")).unwrap();
+    assert!(text.contains(" acked=150 "), "{text}");
+    // The synced data is all there after a "crash" (no flush).
+    drop(sp);
+    let (mut sp, rec) = Spool::open(d.path(), small()).unwrap();
+    assert_eq!(
+        (rec.acked, rec.next_seq, rec.discarded_bytes),
+        (150, 201, 0)
+    );
+    assert_eq!(read_all(&mut sp).len(), 50);
+}
+
+#[test]
 fn oldest_unacked_time_follows_acks_and_marks() {
     let d = tempfile::tempdir().unwrap();
     let c = cfg(8 << 20, WhenFull::DropOldest, FsyncPolicy::Interval); // 1 MiB segments

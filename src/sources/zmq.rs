@@ -598,8 +598,9 @@ mod tests {
     /// monitor reports the handshake, so without the gate some would go out earlier.)
     #[test]
     fn nothing_sent_before_connected_is_reported() {
-        let ctx = zmq::Context::new();
         for round in 0..5 {
+            // A context per round, as in the gateway (one monitored socket per process).
+            let ctx = zmq::Context::new();
             // The backend appears only after a few refused connection attempts, as when it
             // comes back after an outage.
             let port = {

@@ -333,7 +333,6 @@ impl Gateway {
         let socket = backend_socket(&ctx, &cfg)?;
         let mut zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
             .map_err(zerr("creating the socket monitor"))?;
-        zsource.set_reconnect_endpoint(&cfg.backend.endpoint);
         zsource
             .connect(&cfg.backend.endpoint)
             .map_err(zerr("connecting to the backend endpoint"))?;

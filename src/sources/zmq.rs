@@ -72,9 +72,6 @@ impl Outbox {
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
-    pub fn max(&self) -> usize {
-        self.max
-    }
     pub fn room(&self) -> usize {
         self.max - self.queue.len().min(self.max)
     }
@@ -100,11 +97,6 @@ impl Outbox {
     /// messages, never by readings.
     pub fn push_front(&mut self, m: Message) {
         self.queue.push_front(m);
-    }
-    /// Removes the oldest message of `kind`, if any (used to make room by dropping a reading).
-    pub fn drop_oldest_of(&mut self, kind: &str) -> Option<Message> {
-        let i = self.queue.iter().position(|m| m.kind == kind)?;
-        self.queue.remove(i)
     }
     /// Keeps only the messages for which `keep` is true.
     pub fn retain(&mut self, keep: impl FnMut(&Message) -> bool) {
@@ -292,12 +284,6 @@ impl ZmqSource {
         })
     }
 
-    /// The endpoint the socket is connected to; lets the source reconnect when libzmq gave
-    /// up on the connection.
-    pub fn set_reconnect_endpoint(&mut self, endpoint: &str) {
-        self.endpoint = Some(endpoint.to_string());
-    }
-
     pub fn handle(&self) -> OutboxHandle {
         OutboxHandle {
             outbox: self.outbox.clone(),
@@ -335,9 +321,12 @@ impl ZmqSource {
     }
 
     /// Connects the socket; the monitor is already attached, so every handshake, the first
-    /// one included, is reported as [`ZmqEvent::Connected`].
-    pub fn connect(&self, endpoint: &str) -> zmq::Result<()> {
-        self.socket.connect(endpoint)
+    /// one included, is reported as [`ZmqEvent::Connected`]. The endpoint is remembered, so
+    /// the source can reconnect when libzmq gives up on the connection.
+    pub fn connect(&mut self, endpoint: &str) -> zmq::Result<()> {
+        self.socket.connect(endpoint)?;
+        self.endpoint = Some(endpoint.to_string());
+        Ok(())
     }
 
     fn drain_monitor<F>(&mut self, callback: &mut F) -> zmq::Result<()>
@@ -531,8 +520,12 @@ mod tests {
         assert!(o.push_back(msg(2)).is_ok());
         assert_eq!(o.push_back(msg(3)), Err(msg(3)));
         assert_eq!(o.room(), 0);
-        assert_eq!(o.drop_oldest_of("reading"), Some(msg(1)));
-        assert_eq!(o.room(), 1);
+        // Control messages have a reserve of their own beyond max, and no more.
+        for _ in 0..CONTROL_RESERVE {
+            assert!(o.push_control(msg(0)).is_ok());
+        }
+        assert_eq!(o.push_control(msg(4)), Err(msg(4)));
+        assert_eq!(o.push_back(msg(5)), Err(msg(5)));
     }
 
     #[derive(Default)]
@@ -551,8 +544,8 @@ mod tests {
         let ep = router.get_last_endpoint().unwrap().unwrap();
         let dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_identity(b"gw-t").unwrap();
-        let source = ZmqSource::new(&ctx, dealer, 100).unwrap();
-        source.socket().connect(&ep).unwrap();
+        let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+        source.connect(&ep).unwrap();
         let handle = source.handle();
         let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
         ev.handle()
@@ -612,12 +605,12 @@ mod tests {
             dealer.set_immediate(true).unwrap();
             dealer.set_linger(0).unwrap();
             dealer.set_reconnect_ivl(20).unwrap();
-            let source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+            let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
             let handle = source.handle();
             for i in 0..50 {
                 handle.push(msg(i)).unwrap();
             }
-            source.socket().connect(&ep).unwrap();
+            source.connect(&ep).unwrap();
             let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
             let h = handle.clone();
             ev.handle()
@@ -670,8 +663,8 @@ mod tests {
         let dealer = ctx.socket(zmq::DEALER).unwrap();
         dealer.set_immediate(true).unwrap();
         dealer.set_linger(0).unwrap();
-        let source = ZmqSource::new(&ctx, dealer, 10).unwrap();
-        source.socket().connect("tcp://127.0.0.1:1").unwrap();
+        let mut source = ZmqSource::new(&ctx, dealer, 10).unwrap();
+        source.connect("tcp://127.0.0.1:1").unwrap();
         let handle = source.handle();
         let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
         ev.handle()

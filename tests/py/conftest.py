@@ -39,6 +39,13 @@ TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 READING_KEYS = {"gateway", "seq", "source", "time", "values"}
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_until(pred, timeout, what, interval=0.005):
     """Polls ``pred`` until it returns a truthy value (returned) or fails the test."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import threading
@@ -25,28 +24,12 @@ from pathlib import Path
 
 import zmq
 
+from conftest import free_port, wait_until  # noqa: F401 (re-exported to the tests)
+
 ZGATE_BIN = os.environ.get("ZGATE_BIN") or str(
     Path(__file__).resolve().parents[2] / "target" / "debug" / "zgate"
 )
 GATEWAY_ID = "gw-rel"
-
-
-def wait_until(pred, timeout, interval=0.02, what="condition"):
-    """Polls pred() until it returns a true value (returned) or raises AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------

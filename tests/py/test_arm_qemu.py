@@ -11,7 +11,6 @@ ZGATE_QEMU_ARCHES. Without that variable these tests are skipped (plain `pytest 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import zmq
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHES = os.environ.get("ZGATE_QEMU_ARCHES", "").split()
@@ -28,10 +29,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout, what):

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import zmq
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 ZGATE = os.environ.get("ZGATE_BIN") or str(ROOT / "target" / "debug" / "zgate")
 
@@ -25,10 +27,6 @@ ZGATE = os.environ.get("ZGATE_BIN") or str(ROOT / "target" / "debug" / "zgate")
 # ----------------------------------------------------------------------------- helpers
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout=10.0, step=0.05):

@@ -28,9 +28,12 @@ fn protocol_benches(c: &mut Criterion) {
                 black_box(42),
                 "weather",
                 "2026-11-28T01:02:03.456Z",
-                values.clone(),
+                &values,
             );
-            Message::new(protocol::KIND_READING, &body)
+            Message {
+                kind: protocol::KIND_READING,
+                body,
+            }
         })
     });
     g.bench_function("now_rfc3339", |b| b.iter(protocol::now_rfc3339));
@@ -39,8 +42,11 @@ fn protocol_benches(c: &mut Criterion) {
         b.iter(|| {
             let values = protocol::parse_line(LineFormat::Kv, black_box(KV_LINE)).unwrap();
             let body =
-                protocol::reading_body("gw-01", 42, "weather", &protocol::now_rfc3339(), values);
-            Message::new(protocol::KIND_READING, &body)
+                protocol::reading_body("gw-01", 42, "weather", &protocol::now_rfc3339(), &values);
+            Message {
+                kind: protocol::KIND_READING,
+                body,
+            }
         })
     });
     g.bench_function("parse_command", |b| {

@@ -9,7 +9,7 @@
 
 use crate::config::{Config, Edge as EdgeSetting, LineFormat};
 use crate::hw::{self, Edge, GpioBackend, HwError};
-use crate::protocol::{self, Action, Command, Message};
+use crate::protocol::{self, Action, Command, Message, Values};
 use crate::sd_notify;
 use crate::security;
 use crate::sources::serial::{SerialEvent, SerialHandle, SerialSource, WriteError};
@@ -629,18 +629,19 @@ impl Gateway {
     }
 
     /// Stores a reading in the spool, then lets the outbox take it if it has room.
-    fn emit_reading(&mut self, source: &str, values: Map<String, Value>) {
+    fn emit_reading(&mut self, source: &str, values: &Values) {
         let now = std::time::SystemTime::now();
         let time_ms = now
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let time = humantime::format_rfc3339_millis(now).to_string();
         let gateway = &self.cfg.gateway.id;
-        let mut body = None;
-        let appended = self.spool.append_with(time_ms, |seq| {
-            let text = protocol::reading_body(gateway, seq, source, &time, values).to_string();
-            body = Some(text.clone());
-            text.into_bytes()
+        let mut body = String::new();
+        let buf = &mut body;
+        let appended = self.spool.append_with(time_ms, move |seq| {
+            let buf = buf; // moved: the closure is FnOnce and may return a borrow of it
+            protocol::write_reading_body(buf, gateway, seq, source, &time, values);
+            buf.as_bytes()
         });
         match appended {
             Ok(Appended::Stored {
@@ -653,14 +654,12 @@ impl Gateway {
                 // into the outbox without being read back from disk.
                 if self.next_send == seq {
                     self.start_retransmit_clock(seq);
-                    if let Some(body) = body {
-                        let m = Message {
-                            kind: protocol::KIND_READING,
-                            body,
-                        };
-                        if self.outbox.push(m).is_ok() {
-                            self.next_send = seq + 1;
-                        }
+                    let m = Message {
+                        kind: protocol::KIND_READING,
+                        body,
+                    };
+                    if self.outbox.push(m).is_ok() {
+                        self.next_send = seq + 1;
                     }
                 }
             }
@@ -1205,9 +1204,8 @@ impl Gateway {
         input.changed_at = Some(now);
         if input.edge.reports(edge.level) {
             let name = input.name.clone();
-            let mut values = Map::new();
-            values.insert("level".into(), json!(edge.level));
-            self.emit_reading(&name, values);
+            let values = Values::single("level", &json!(edge.level));
+            self.emit_reading(&name, &values);
         }
     }
 
@@ -1229,7 +1227,7 @@ impl Gateway {
                     return;
                 };
                 match protocol::parse_line(port.format, &line) {
-                    Ok(values) => self.emit_reading(name, values),
+                    Ok(values) => self.emit_reading(name, &values),
                     Err(e) => {
                         port.bad_lines += 1;
                         if port.limiter.allow("bad serial line") {

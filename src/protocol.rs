@@ -134,24 +134,100 @@ pub enum LineError {
     TooDeep,
 }
 
+/// The `values` object of a reading, already serialised as compact JSON text
+/// (`{"temperature":21.5,"ok":true}`).
+///
+/// Readings are written straight to text: building a `serde_json::Value` tree (an ordered map
+/// per line) and serialising it again was the largest cost per reading on the loop thread
+/// (docs/benchmarks.md, item 6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Values(String);
+
+impl Values {
+    /// The JSON object text.
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+
+    /// Parsed back into a JSON object (for tests and tools; not used per reading).
+    pub fn to_map(&self) -> Map<String, Value> {
+        match serde_json::from_str(&self.0) {
+            Ok(Value::Object(m)) => m,
+            // Values are only ever built from a JSON object; see the constructors.
+            _ => unreachable!("Values holds a JSON object"),
+        }
+    }
+
+    /// `{"<key>":<value>}` with one entry.
+    pub fn single(key: &str, value: &Value) -> Values {
+        let mut out = String::with_capacity(key.len() + 16);
+        out.push('{');
+        push_json_str(&mut out, key);
+        out.push(':');
+        out.push_str(&value.to_string());
+        out.push('}');
+        Values(out)
+    }
+}
+
+/// Appends `s` as a JSON string literal (quotes, escapes for `"`, `\\` and control
+/// characters, exactly as serde_json writes them).
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
 /// Parses one serial line (without its line ending) into the `values` of a reading.
-pub fn parse_line(format: LineFormat, line: &[u8]) -> Result<Map<String, Value>, LineError> {
+pub fn parse_line(format: LineFormat, line: &[u8]) -> Result<Values, LineError> {
     let text = std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)?;
     match format {
         LineFormat::Kv => parse_kv(text),
         LineFormat::Json => parse_json_object(text),
         LineFormat::Raw => {
-            let mut m = Map::new();
-            m.insert("line".into(), Value::String(text.to_string()));
-            Ok(m)
+            let mut out = String::with_capacity(text.len() + 12);
+            out.push_str("{\"line\":");
+            push_json_str(&mut out, text);
+            out.push('}');
+            Ok(Values(out))
         }
     }
 }
 
+/// Above this many pairs, duplicate keys are found with a hash set instead of a scan.
+const KV_SCAN_KEYS: usize = 16;
+
 /// `temperature=21.5 humidity=40,ok=true`: pairs split by spaces or commas; numbers become
 /// JSON numbers, `true`/`false` booleans, anything else strings.
-pub fn parse_kv(text: &str) -> Result<Map<String, Value>, LineError> {
-    let mut m = Map::new();
+pub fn parse_kv(text: &str) -> Result<Values, LineError> {
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut keys: Vec<&str> = Vec::new();
+    let mut seen: Option<std::collections::HashSet<&str>> = None;
+    out.push('{');
     for pair in text
         .split(|c: char| c == ',' || c.is_ascii_whitespace())
         .filter(|p| !p.is_empty())
@@ -162,24 +238,45 @@ pub fn parse_kv(text: &str) -> Result<Map<String, Value>, LineError> {
         if k.is_empty() {
             return Err(LineError::EmptyKey(pair.to_string()));
         }
-        if m.insert(k.to_string(), kv_value(v)).is_some() {
+        let duplicate = match &mut seen {
+            Some(set) => !set.insert(k),
+            None if keys.len() < KV_SCAN_KEYS => keys.contains(&k),
+            None => {
+                let mut set: std::collections::HashSet<&str> = keys.drain(..).collect();
+                let dup = !set.insert(k);
+                seen = Some(set);
+                dup
+            }
+        };
+        if duplicate {
             return Err(LineError::DuplicateKey(k.to_string()));
         }
+        if seen.is_none() {
+            keys.push(k);
+        }
+        if out.len() > 1 {
+            out.push(',');
+        }
+        push_json_str(&mut out, k);
+        out.push(':');
+        push_kv_value(&mut out, v);
     }
-    if m.is_empty() {
+    if out.len() == 1 {
         return Err(LineError::Empty);
     }
-    Ok(m)
+    out.push('}');
+    Ok(Values(out))
 }
 
-fn kv_value(v: &str) -> Value {
+fn push_kv_value(out: &mut String, v: &str) {
+    use std::fmt::Write;
     match v {
-        "true" => return Value::Bool(true),
-        "false" => return Value::Bool(false),
+        "true" | "false" => return out.push_str(v),
         _ => {}
     }
     if let Ok(i) = v.parse::<i64>() {
-        return Value::from(i);
+        let _ = write!(out, "{i}");
+        return;
     }
     // Only plain decimal notation counts as a number: "inf", "nan", "1e5x" stay strings.
     if v.bytes()
@@ -188,14 +285,15 @@ fn kv_value(v: &str) -> Value {
     {
         if let Ok(f) = v.parse::<f64>() {
             if let Some(n) = serde_json::Number::from_f64(f) {
-                return Value::Number(n);
+                let _ = write!(out, "{n}");
+                return;
             }
         }
     }
-    Value::String(v.to_string())
+    push_json_str(out, v)
 }
 
-fn parse_json_object(text: &str) -> Result<Map<String, Value>, LineError> {
+fn parse_json_object(text: &str) -> Result<Values, LineError> {
     if text.trim().is_empty() {
         return Err(LineError::Empty);
     }
@@ -203,7 +301,7 @@ fn parse_json_object(text: &str) -> Result<Map<String, Value>, LineError> {
         return Err(LineError::TooDeep);
     }
     match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(m)) => Ok(m),
+        Ok(v @ Value::Object(_)) => Ok(Values(v.to_string())),
         Ok(_) => Err(LineError::NotObject),
         Err(e) => Err(LineError::Json(e.to_string())),
     }
@@ -214,14 +312,34 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-pub fn reading_body(
+pub fn reading_body(gateway: &str, seq: u64, source: &str, time: &str, values: &Values) -> String {
+    let mut out = String::new();
+    write_reading_body(&mut out, gateway, seq, source, time, values);
+    out
+}
+
+/// Writes the body of a `reading` into `out` (cleared first):
+/// `{"gateway":…,"seq":…,"source":…,"time":…,"values":{…}}`.
+pub fn write_reading_body(
+    out: &mut String,
     gateway: &str,
     seq: u64,
     source: &str,
     time: &str,
-    values: Map<String, Value>,
-) -> Value {
-    json!({"gateway": gateway, "seq": seq, "source": source, "time": time, "values": values})
+    values: &Values,
+) {
+    use std::fmt::Write;
+    out.clear();
+    out.reserve(64 + gateway.len() + source.len() + time.len() + values.0.len());
+    out.push_str("{\"gateway\":");
+    push_json_str(out, gateway);
+    let _ = write!(out, ",\"seq\":{seq},\"source\":");
+    push_json_str(out, source);
+    out.push_str(",\"time\":");
+    push_json_str(out, time);
+    out.push_str(",\"values\":");
+    out.push_str(&values.0);
+    out.push('}');
 }
 
 pub fn reply_ok(id: &str) -> Message {
@@ -376,13 +494,24 @@ pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
 
 /// Parses the JSON body of an `ack` message: `{"seq": N}`.
 pub fn parse_ack(body: &[u8]) -> Result<u64, String> {
+    #[derive(serde::Deserialize)]
+    struct Ack {
+        seq: u64,
+    }
     if body.len() > MAX_COMMAND_BYTES || json_depth_exceeds(body, MAX_JSON_DEPTH) {
         return Err("ack too large or too deeply nested".into());
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
-    v.get("seq")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| "ack must be {\"seq\": N} with N a non-negative integer".into())
+    // Typed: no JSON tree is built for the message that arrives once per reading.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("ack must be {\"seq\": N} with N a non-negative integer".into());
+    }
+    match serde_json::from_slice::<Ack>(body) {
+        Ok(a) => Ok(a.seq),
+        Err(e) if e.is_data() => {
+            Err("ack must be {\"seq\": N} with N a non-negative integer".into())
+        }
+        Err(e) => Err(format!("malformed JSON: {e}")),
+    }
 }
 
 #[cfg(test)]
@@ -394,7 +523,7 @@ mod tests {
         let m =
             parse_kv("temperature=21.5 humidity=40,ok=true flag=false name=abc neg=-3").unwrap();
         assert_eq!(
-            Value::Object(m),
+            Value::Object(m.to_map()),
             json!({"temperature": 21.5, "humidity": 40, "ok": true, "flag": false, "name": "abc", "neg": -3})
         );
     }
@@ -410,7 +539,11 @@ mod tests {
         ));
         let m = parse_kv("a= b=nan c=inf d=1e3 e=x=y").unwrap();
         assert_eq!(
-            Value::Object(m),
+            m.as_json(),
+            r#"{"a":"","b":"nan","c":"inf","d":1000.0,"e":"x=y"}"#
+        );
+        assert_eq!(
+            Value::Object(m.to_map()),
             json!({"a": "", "b": "nan", "c": "inf", "d": 1000.0, "e": "x=y"})
         );
     }
@@ -418,7 +551,7 @@ mod tests {
     #[test]
     fn json_and_raw_lines() {
         let m = parse_line(LineFormat::Json, br#"{"t": 1, "s": "x"}"#).unwrap();
-        assert_eq!(Value::Object(m), json!({"t": 1, "s": "x"}));
+        assert_eq!(m.as_json(), r#"{"t":1,"s":"x"}"#);
         assert_eq!(
             parse_line(LineFormat::Json, b"[1,2]"),
             Err(LineError::NotObject)
@@ -427,8 +560,11 @@ mod tests {
             parse_line(LineFormat::Json, b"{oops"),
             Err(LineError::Json(_))
         ));
-        let m = parse_line(LineFormat::Raw, b"hello world").unwrap();
-        assert_eq!(Value::Object(m), json!({"line": "hello world"}));
+        let m = parse_line(LineFormat::Raw, b"hello \"world\"\t\x01").unwrap();
+        assert_eq!(
+            Value::Object(m.to_map()),
+            json!({"line": "hello \"world\"\t\u{1}"})
+        );
         assert_eq!(
             parse_line(LineFormat::Raw, b"\xff\xfe"),
             Err(LineError::NotUtf8)
@@ -564,8 +700,61 @@ mod tests {
     #[test]
     fn acks() {
         assert_eq!(parse_ack(br#"{"seq": 42}"#), Ok(42));
-        assert!(parse_ack(br#"{"seq": -1}"#).is_err());
-        assert!(parse_ack(b"{").is_err());
+        assert_eq!(parse_ack(br#" {"other": [1], "seq": 7}"#), Ok(7));
+        let must = Err("ack must be {\"seq\": N} with N a non-negative integer".to_string());
+        assert_eq!(parse_ack(br#"{"seq": -1}"#), must);
+        assert_eq!(parse_ack(br#"{"seq": 1.5}"#), must);
+        assert_eq!(parse_ack(br#"{"n": 1}"#), must);
+        assert_eq!(parse_ack(b"[42]"), must);
+        assert!(parse_ack(b"{").unwrap_err().starts_with("malformed JSON"));
+    }
+
+    /// The hand-written JSON text is what serde_json would write, for every ASCII byte,
+    /// multi-byte characters and escapes.
+    #[test]
+    fn json_text_matches_serde_json() {
+        let mut strings: Vec<String> = (0u8..128).map(|b| format!("a{}b", b as char)).collect();
+        strings.extend(
+            [
+                "",
+                "\\\"",
+                "température=21.5°C",
+                "日本\u{7f}\u{1f}",
+                "\u{2028}x",
+            ]
+            .map(String::from),
+        );
+        for s in &strings {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+        }
+        let values = parse_kv("t=1 x=\"q\" f=2.50 big=18446744073709551616 e=-1E-3").unwrap();
+        let body = reading_body("gw\"1", 9, "we\\ather", "2026-11-28T01:02:03.456Z", &values);
+        let expected = json!({
+            "gateway": "gw\"1", "seq": 9, "source": "we\\ather",
+            "time": "2026-11-28T01:02:03.456Z",
+            "values": {"t": 1, "x": "\"q\"", "f": 2.5, "big": 18446744073709551616.0, "e": -0.001}
+        });
+        assert_eq!(body, expected.to_string());
+        let edge = Values::single("level", &json!(1));
+        assert_eq!(edge.as_json(), r#"{"level":1}"#);
+    }
+
+    /// Duplicate keys are found past the scan limit too.
+    #[test]
+    fn kv_many_keys() {
+        let line: Vec<String> = (0..40).map(|i| format!("k{i}={i}")).collect();
+        let ok = parse_kv(&line.join(" ")).unwrap();
+        assert_eq!(ok.to_map().len(), 40);
+        for dup in [3, 20, 39] {
+            let mut l = line.clone();
+            l.push(format!("k{dup}=x"));
+            assert_eq!(
+                parse_kv(&l.join(",")),
+                Err(LineError::DuplicateKey(format!("k{dup}")))
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use zgate::config::LineFormat;
-use zgate::protocol::{parse_line, MAX_LINE};
+use zgate::protocol::{parse_line, reading_body, MAX_LINE};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, line)) = data.split_first() else {
@@ -17,8 +17,14 @@ fuzz_target!(|data: &[u8]| {
         _ => LineFormat::Raw,
     };
     if let Ok(values) = parse_line(format, line) {
-        assert!(!values.is_empty() || format == LineFormat::Json);
-        // Every reading must serialise back to JSON.
-        let _ = serde_json::to_string(&values).expect("values serialise");
+        // The hand-written JSON text must be a JSON object (kv and raw: never empty), and
+        // a reading body built from it must be valid JSON too.
+        let map = match serde_json::from_str::<serde_json::Value>(values.as_json()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            other => panic!("values are not a JSON object: {other:?} from {:?}", values.as_json()),
+        };
+        assert!(!map.is_empty() || format == LineFormat::Json);
+        let body = reading_body("gw", 1, "port", "2026-11-28T00:00:00.000Z", &values);
+        let _: serde_json::Value = serde_json::from_str(&body).expect("reading body is JSON");
     }
 });

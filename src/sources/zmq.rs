@@ -243,6 +243,8 @@ pub struct ZmqSource {
     endpoint: Option<String>,
     /// A DISCONNECTED was seen and no reconnect attempt since.
     awaiting_retry: bool,
+    /// Read the monitor on the next dispatch even if its fd did not fire (set on register).
+    check_monitor: bool,
     stall_log: crate::gateway::LogLimiter,
     monitor: zmq::Socket,
     socket: zmq::Socket,
@@ -278,6 +280,7 @@ impl ZmqSource {
             check_stall: Rc::new(Cell::new(false)),
             endpoint: None,
             awaiting_retry: false,
+            check_monitor: true,
             stall_log: crate::gateway::LogLimiter::default(),
             monitor,
             socket,
@@ -466,10 +469,19 @@ impl EventSource for ZmqSource {
         self.socket_fd
             .process_events(readiness, token, |_, _| Ok(PostAction::Continue))
             .map_err(|_| zmq::Error::EFAULT)?;
+        // The monitor socket is only read when its own fd fired (or on the first dispatch):
+        // nothing else calls it, so no other call can consume its edge, and an empty read
+        // costs libzmq two system calls per wake.
+        let mut monitor_fired = std::mem::take(&mut self.check_monitor);
         self.monitor_fd
-            .process_events(readiness, token, |_, _| Ok(PostAction::Continue))
+            .process_events(readiness, token, |_, _| {
+                monitor_fired = true;
+                Ok(PostAction::Continue)
+            })
             .map_err(|_| zmq::Error::EFAULT)?;
-        self.drain_monitor(&mut callback)?;
+        if monitor_fired {
+            self.drain_monitor(&mut callback)?;
+        }
         self.reconnect_if_stalled();
         self.pump(&mut callback)?;
         Ok(PostAction::Continue)
@@ -479,7 +491,9 @@ impl EventSource for ZmqSource {
         self.socket_fd.register(poll, factory)?;
         self.monitor_fd.register(poll, factory)?;
         self.ping_source.register(poll, factory)?;
-        // Check the socket on the first dispatch: it may be readable already.
+        // Check the socket and the monitor on the first dispatch: either may be readable
+        // already.
+        self.check_monitor = true;
         self.ping.ping();
         Ok(())
     }
@@ -488,6 +502,7 @@ impl EventSource for ZmqSource {
         self.socket_fd.reregister(poll, factory)?;
         self.monitor_fd.reregister(poll, factory)?;
         self.ping_source.reregister(poll, factory)?;
+        self.check_monitor = true;
         self.ping.ping();
         Ok(())
     }

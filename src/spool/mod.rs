@@ -537,13 +537,17 @@ impl Spool {
 
     /// Assigns the next seq, builds the payload with it, stores it. On return the record has
     /// been handed to the kernel with write(2) (and fsynced under `fsync = "always"`).
-    pub fn append_with(
+    ///
+    /// `build` may return a borrow of a caller's buffer (`&[u8]`), so the caller keeps the
+    /// payload for the outbox without a copy.
+    pub fn append_with<P: AsRef<[u8]>>(
         &mut self,
         time_ms: u64,
-        build: impl FnOnce(u64) -> Vec<u8>,
+        build: impl FnOnce(u64) -> P,
     ) -> Result<Appended, SpoolError> {
         let seq = self.next_seq;
         let payload = build(seq);
+        let payload = payload.as_ref();
         let rec_len = (OVERHEAD + payload.len()) as u64;
         if payload.len() > MAX_PAYLOAD || rec_len > self.cfg.max_bytes {
             let limit = (MAX_PAYLOAD as u64).min(self.cfg.max_bytes - OVERHEAD as u64);
@@ -608,7 +612,7 @@ impl Spool {
         }
 
         self.scratch.clear();
-        encode_record(seq, time_ms, &payload, &mut self.scratch);
+        encode_record(seq, time_ms, payload, &mut self.scratch);
         let active = self.active.as_mut().expect("active segment after roll");
         let fresh = active.fresh;
         let offset = if fresh {

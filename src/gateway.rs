@@ -72,13 +72,41 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(per_second: u32, now: Instant) -> RateLimiter {
-        let capacity = f64::from(per_second.max(1));
+        RateLimiter::with_burst(per_second, per_second, now)
+    }
+
+    /// `per_second` tokens per second, at most `burst` saved up (both at least 1).
+    pub fn with_burst(per_second: u32, burst: u32, now: Instant) -> RateLimiter {
+        let capacity = f64::from(burst.max(1));
         RateLimiter {
             capacity,
-            rate: capacity,
+            rate: f64::from(per_second.max(1)),
             tokens: capacity,
             last: now,
         }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+    }
+
+    /// Whole tokens available now.
+    pub fn available(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        self.tokens as usize
+    }
+
+    /// Spends `n` tokens (at most what [`RateLimiter::available`] returned).
+    pub fn take(&mut self, n: usize) {
+        self.tokens = (self.tokens - n as f64).max(0.0);
+    }
+
+    /// How long until `n` tokens (capped at the burst) are available.
+    pub fn time_until(&self, n: usize) -> Duration {
+        let want = (n as f64).min(self.capacity);
+        Duration::from_secs_f64(((want - self.tokens) / self.rate).max(0.0))
     }
 
     /// Takes one token if there is one.
@@ -94,6 +122,9 @@ impl RateLimiter {
         }
     }
 }
+
+/// Readings moved from the spool into the outbox per step (and per paced-replay timer).
+const REPLAY_BATCH: usize = 256;
 
 /// Allows a burst of log lines per minute for one kind of problem, then summarises.
 #[derive(Debug)]
@@ -230,6 +261,10 @@ pub struct Gateway {
     next_send: u64,
     /// A one-shot spool tick (fsync / ack persistence) is scheduled.
     tick_armed: bool,
+    /// `[spool] replay_max_per_s`: paces readings read back from the spool (None: no limit).
+    replay: Option<RateLimiter>,
+    /// A one-shot timer will continue a paced replay.
+    replay_armed: bool,
     /// When the ack last advanced, readings were last rewound, or a reading was queued while
     /// none was outstanding: the start of the `retransmit_s` wait.
     ack_progress: Instant,
@@ -443,6 +478,15 @@ impl Gateway {
             .map_err(lerr)?;
 
         let max_per_s = cfg.commands.max_per_s;
+        // Burst: a tenth of a second's worth (at least one batch, or the rate if smaller).
+        let replay = match cfg.spool.replay_max_per_s {
+            0 => None,
+            rate => Some(RateLimiter::with_burst(
+                rate,
+                (rate / 10).max(rate.min(REPLAY_BATCH as u32)),
+                Instant::now(),
+            )),
+        };
         log::info!(
             "gateway starting id={} endpoint={} security={} inputs={} outputs={} serial={} gpio={:?}",
             cfg.gateway.id,
@@ -469,6 +513,8 @@ impl Gateway {
             next_send: spool.first_unacked().unwrap_or(spool.next_seq()),
             spool,
             tick_armed: false,
+            replay,
+            replay_armed: false,
             ack_progress: Instant::now(),
             command_rate: RateLimiter::new(max_per_s, Instant::now()),
             counters: Counters::default(),
@@ -711,12 +757,19 @@ impl Gateway {
         if room == 0 || self.next_send >= self.spool.next_seq() {
             return;
         }
+        let mut want = room.min(REPLAY_BATCH);
+        if let Some(limit) = &mut self.replay {
+            let available = limit.available(Instant::now());
+            if available == 0 {
+                self.arm_replay_timer();
+                return;
+            }
+            want = want.min(available);
+            limit.take(want);
+        }
         self.start_retransmit_clock(self.next_send);
         let mut batch = Vec::new();
-        if let Err(e) = self
-            .spool
-            .read_from(self.next_send, room.min(256), &mut batch)
-        {
+        if let Err(e) = self.spool.read_from(self.next_send, want, &mut batch) {
             self.counters.spool_errors += 1;
             if self.drops.allow("spool read") {
                 log::error!("spool read failed from seq={}: {e}", self.next_send);
@@ -747,6 +800,26 @@ impl Gateway {
             }
         });
         self.next_send = next_send;
+    }
+
+    /// Continues a paced replay (`[spool] replay_max_per_s`) once a batch worth of tokens is
+    /// available. One-shot: no timer runs when nothing waits in the spool.
+    fn arm_replay_timer(&mut self) {
+        let Some(limit) = &self.replay else { return };
+        if self.replay_armed {
+            return;
+        }
+        let delay = limit.time_until(REPLAY_BATCH).max(Duration::from_millis(1));
+        match self
+            .handle
+            .insert_source(Timer::from_duration(delay), |_, _, gw: &mut Gateway| {
+                gw.replay_armed = false;
+                gw.fill_outbox();
+                TimeoutAction::Drop
+            }) {
+            Ok(_) => self.replay_armed = true,
+            Err(e) => log::error!("cannot arm the replay timer: {e}"),
+        }
     }
 
     /// Readings from `from` on are about to be queued for sending. If no earlier reading is
@@ -1355,6 +1428,34 @@ mod tests {
         // Never more than the burst, however long the pause.
         let later = t0 + Duration::from_secs(3600);
         assert_eq!((0..50).filter(|_| r.try_take(later)).count(), 20);
+    }
+
+    /// The replay pace: a burst, then `rate` per second; `time_until` says when a batch is
+    /// available.
+    #[test]
+    fn replay_limiter_paces_batches() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::with_burst(1000, 256, t0);
+        assert_eq!(r.available(t0), 256);
+        r.take(256);
+        assert_eq!(r.available(t0), 0);
+        let wait = r.time_until(REPLAY_BATCH);
+        assert!((wait.as_secs_f64() - 0.256).abs() < 1e-6, "{wait:?}");
+        // 100 ms later: 100 tokens.
+        assert_eq!(r.available(t0 + Duration::from_millis(100)), 100);
+        r.take(40);
+        assert_eq!(r.available(t0 + Duration::from_millis(100)), 60);
+        // Capped at the burst; asking for more than the burst waits for the burst only.
+        assert_eq!(r.available(t0 + Duration::from_secs(60)), 256);
+        assert_eq!(r.time_until(10_000), Duration::ZERO);
+        // Over 10 s at most burst + 10 × rate tokens are handed out.
+        let mut total = 0;
+        for ms in (0..=10_000).step_by(7) {
+            let n = r.available(t0 + Duration::from_secs(60) + Duration::from_millis(ms));
+            r.take(n);
+            total += n;
+        }
+        assert!((10_000..=10_000 + 256).contains(&total), "{total}");
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! and a newline.
 //!
 //! On open, the files are (re)created: inputs per their pull (up → 1, down/none → 0), outputs
-//! at `initial`. Outputs are written atomically (temp file + rename), so a reader never sees a
-//! partial file. The directory is watched with inotify (an fd in the loop, no polling): an
-//! input file whose content changes to a new level is an edge.
+//! at `initial`. A level is written in place, like a sysfs `value` file: one `pwrite` of the
+//! two bytes `0\n` or `1\n` at offset 0, so a reader sees the old or the new level, never a
+//! partial file. (Not temp file + rename: on ext4, a rename over an existing file flushes the
+//! new file's data first, which kept the loop thread in the kernel for about 1 ms per output
+//! write; see docs/benchmarks.md.) The directory is watched with inotify (an fd in the loop,
+//! no polling): an input file whose content changes to a new level is an edge.
 
 use super::{Edge, GpioBackend, HwError};
 use crate::config::{InputConfig, OutputConfig, Pull};
@@ -25,11 +28,21 @@ fn pin_path(dir: &Path, pin: u8) -> PathBuf {
     dir.join(format!("gpio{pin}"))
 }
 
-/// Writes `level` to a pin file atomically.
+/// Writes `level` to a pin file in place (created if missing): one `pwrite` of `0\n` or `1\n`
+/// at offset 0, then a truncation only if the file held something longer.
 pub fn write_pin_file(dir: &Path, pin: u8, level: u8) -> io::Result<()> {
-    let tmp = dir.join(format!(".gpio{pin}.tmp"));
-    std::fs::write(&tmp, if level == 0 { b"0\n" } else { b"1\n" })?;
-    std::fs::rename(&tmp, pin_path(dir, pin))
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(pin_path(dir, pin))?;
+    f.write_all_at(if level == 0 { b"0\n" } else { b"1\n" }, 0)?;
+    if f.metadata()?.len() > 2 {
+        f.set_len(2)?;
+    }
+    Ok(())
 }
 
 /// Reads a pin file: `Ok(Some(level))`, `Ok(None)` when the content is not 0 or 1.

@@ -42,6 +42,12 @@ const MARK_STRIDE: u64 = 16 * 1024;
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 const SEGMENT_EXT: &str = ".seg";
 
+/// Default `[spool] replay_max_per_s`: far above what serial sensors produce (a 115200-baud
+/// port carries at most ~600 short lines/s), low enough that a backlog drain leaves the CPU
+/// to commands (docs/benchmarks.md: unpaced, a 1,000,000-reading drain kept both cores busy
+/// and command latency p99 went to 3–6 ms).
+pub const DEFAULT_REPLAY_MAX_PER_S: u32 = 20_000;
+
 /// `[spool]` configuration.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -58,6 +64,10 @@ pub struct SpoolConfig {
     /// Seconds without an ack, while readings are unacked, before they are sent again
     /// (default 10). Used by the gateway, not by the spool itself.
     pub retransmit_s: u64,
+    /// Most readings per second read back from the spool (a backlog after an outage, or a
+    /// retransmission); 0: no limit (default 20000). Readings that find no backlog go out
+    /// directly and are not paced. Used by the gateway, not by the spool itself.
+    pub replay_max_per_s: u32,
 }
 
 impl Default for SpoolConfig {
@@ -68,6 +78,7 @@ impl Default for SpoolConfig {
             fsync: FsyncPolicy::default(),
             fsync_interval_ms: 1000,
             retransmit_s: 10,
+            replay_max_per_s: DEFAULT_REPLAY_MAX_PER_S,
         }
     }
 }

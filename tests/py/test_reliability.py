@@ -397,3 +397,44 @@ def test_retransmit_until_acked(tmp_path, cleanup):
     s = peer.last_stats()
     assert s["spool"]["acked"] == 10
     assert gw.term() == 0
+
+
+@pytest.mark.parametrize("rate", [400, 0])
+def test_backlog_replay_is_paced(tmp_path, cleanup, rate):
+    """[spool] replay_max_per_s paces the drain of a backlog (issue 6: unpaced, a drain keeps
+    the CPU busy and commands wait for it); 0 drains as fast as the link takes it. Either way
+    every reading arrives, in order."""
+    n = 1600
+    pty = Pty()
+    cleanup(pty)
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path, ep, pty.path, spool={"replay_max_per_s": rate})
+    start_gateway(tmp_path, cfg, cleanup)
+    sensor = Sensor(pty, rate=4000)
+    cleanup(sensor)
+    sensor.start()
+    wait_until(lambda: len(sensor.written) >= n, 20, what=f"{n} lines written")
+    sensor.stop()
+    count = len(sensor.written)
+    data_dir = tmp_path / "data"
+    wait_until(lambda: len(records_on_disk(data_dir) or []) == count, 10,
+               what=f"{count} records spooled")
+    peer = Peer(ep)
+    cleanup(peer)
+    wait_until(lambda: peer.high >= count, 60, interval=0.05, what="the backlog delivered")
+    with peer.lock:
+        arrivals = list(zip(peer.arrival_times, (a[0] for a in peer.arrivals)))
+    first = {}
+    for t, seq in arrivals:
+        first.setdefault(seq, t)
+    assert sorted(first) == list(range(1, count + 1))
+    assert [s for _, s in sorted((t, s) for s, t in first.items())] == list(range(1, count + 1))
+    span = first[count] - first[1]
+    print(f"replay_max_per_s={rate}: {count} readings in {span:.3f} s")
+    if rate:
+        # Burst: max(rate / 10, min(rate, 256)) = 256 readings; the rest at `rate` per second.
+        expected = (count - 256) / rate
+        assert span >= 0.8 * expected, f"{count} readings in {span:.2f} s: not paced"
+        assert span <= expected + 5, f"{count} readings in {span:.2f} s: too slow"
+    else:
+        assert span < 1.0, f"unpaced drain of {count} readings took {span:.2f} s"

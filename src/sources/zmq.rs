@@ -4,8 +4,10 @@
 //! - ZMQ_FD is edge-triggered and only ever *readable*; after every wake we loop on
 //!   `get_events()` until an iteration neither sent nor received, otherwise a readiness edge
 //!   consumed by a `send` would leave incoming messages unread forever.
-//! - A ping on register makes the first dispatch check the socket, and every push into the
-//!   outbox pings so that messages queued from other sources go out without waiting for the
+//! - A ping on register makes the first dispatch check the socket. A push from another
+//!   source goes straight to libzmq when nothing is queued and the connection is up (then
+//!   ZMQ_EVENTS is read, and the source pinged if input waits: the send may have consumed
+//!   the edge); otherwise it is queued and pings, so it goes out without waiting for the
 //!   socket to change state.
 //! - Sends never block (`DONTWAIT`); a message leaves the outbox only after libzmq took it.
 //! - The outbox is bounded (`backend.outbox_max`); callers decide what to do when it is full.
@@ -149,11 +151,7 @@ impl OutboxHandle {
         let mut outbox = self.outbox.borrow_mut();
         if outbox.is_empty() && self.connected.get() {
             let [kind, body] = m.frames();
-            if self
-                .socket
-                .send(kind, zmq::DONTWAIT | zmq::SNDMORE)
-                .is_ok()
-            {
+            if self.socket.send(kind, zmq::DONTWAIT | zmq::SNDMORE).is_ok() {
                 // Multipart messages are atomic: the last frame of an accepted first frame
                 // is accepted too.
                 if let Err(e) = self.socket.send(body, zmq::DONTWAIT) {
@@ -629,6 +627,58 @@ mod tests {
             b"ack".to_vec(),
             b"{\"seq\":1}".to_vec()
         ])));
+    }
+
+    /// Once connected, a push into an empty outbox goes straight to libzmq (no dispatch
+    /// needed), and a message that arrived meanwhile is still read although the send may have
+    /// consumed its ZMQ_FD edge.
+    #[test]
+    fn direct_send_keeps_incoming_messages() {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_identity(b"gw-d").unwrap();
+        let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+        source.connect(&ep).unwrap();
+        let handle = source.handle();
+        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
+            .unwrap();
+        let mut st = State::default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !st.got.contains(&ZmqEvent::Connected) && Instant::now() < deadline {
+            ev.dispatch(Some(Duration::from_millis(10)), &mut st)
+                .unwrap();
+        }
+        assert!(st.got.contains(&ZmqEvent::Connected), "{:?}", st.got);
+        for round in 0..20u32 {
+            // The peer's message reaches the gateway's libzmq first...
+            let ack = format!("{{\"seq\":{round}}}");
+            router
+                .send_multipart([&b"gw-d"[..], b"ack", ack.as_bytes()], 0)
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+            // ...then a reading is pushed before the loop ran: it is sent at once.
+            handle.push(msg(round as usize)).unwrap();
+            assert!(
+                handle.is_empty(),
+                "round {round}: queued, not sent directly"
+            );
+            let frames = router.recv_multipart(0).unwrap();
+            assert_eq!(frames[2], format!("{{\"n\":{round}}}").as_bytes());
+            // The loop still gets the ack, whatever happened to the edge.
+            let want = ZmqEvent::Message(vec![b"ack".to_vec(), ack.into_bytes()]);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !st.got.contains(&want) && Instant::now() < deadline {
+                ev.dispatch(Some(Duration::from_millis(10)), &mut st)
+                    .unwrap();
+            }
+            assert!(st.got.contains(&want), "round {round}: ack never read");
+        }
+        assert_eq!(handle.sent(), 20);
     }
 
     /// Messages queued while no backend was connected wait for the Connected event: the

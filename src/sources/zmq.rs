@@ -591,23 +591,37 @@ mod tests {
         sent_at_connect: Option<u64>,
     }
 
-    /// A ROUTER peer and a DEALER source over real tcp on loopback: messages both ways,
-    /// in order, with the loop stepped by zero-timeout dispatches.
-    #[test]
-    fn messages_flow_both_ways() {
+    /// A ROUTER bound on tcp loopback and a `ZmqSource` (DEALER with identity `id`, outbox of
+    /// 100) dialling it, inserted in a loop whose callback records every event.
+    fn router_and_source(
+        id: &[u8],
+    ) -> (
+        zmq::Context,
+        zmq::Socket,
+        OutboxHandle,
+        EventLoop<'static, State>,
+    ) {
         let ctx = zmq::Context::new();
         let router = ctx.socket(zmq::ROUTER).unwrap();
         router.bind("tcp://127.0.0.1:*").unwrap();
         let ep = router.get_last_endpoint().unwrap().unwrap();
         let dealer = ctx.socket(zmq::DEALER).unwrap();
-        dealer.set_identity(b"gw-t").unwrap();
+        dealer.set_identity(id).unwrap();
         let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
         source.connect(&ep).unwrap();
         let handle = source.handle();
-        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
+        let ev: EventLoop<State> = EventLoop::try_new().unwrap();
         ev.handle()
             .insert_source(source, |e, _, st: &mut State| st.got.push(e))
             .unwrap();
+        (ctx, router, handle, ev)
+    }
+
+    /// A ROUTER peer and a DEALER source over real tcp on loopback: messages both ways,
+    /// in order, with the loop stepped by zero-timeout dispatches.
+    #[test]
+    fn messages_flow_both_ways() {
+        let (_ctx, router, handle, mut ev) = router_and_source(b"gw-t");
         let mut st = State::default();
         for i in 0..50 {
             handle.push(msg(i)).unwrap();
@@ -648,19 +662,7 @@ mod tests {
     /// consumed its ZMQ_FD edge.
     #[test]
     fn direct_send_keeps_incoming_messages() {
-        let ctx = zmq::Context::new();
-        let router = ctx.socket(zmq::ROUTER).unwrap();
-        router.bind("tcp://127.0.0.1:*").unwrap();
-        let ep = router.get_last_endpoint().unwrap().unwrap();
-        let dealer = ctx.socket(zmq::DEALER).unwrap();
-        dealer.set_identity(b"gw-d").unwrap();
-        let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
-        source.connect(&ep).unwrap();
-        let handle = source.handle();
-        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
-        ev.handle()
-            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
-            .unwrap();
+        let (_ctx, router, handle, mut ev) = router_and_source(b"gw-d");
         let mut st = State::default();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !st.got.contains(&ZmqEvent::Connected) && Instant::now() < deadline {

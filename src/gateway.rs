@@ -1368,8 +1368,9 @@ mod tests {
 
     fn test_gateway(dir: &std::path::Path) -> (EventLoop<'static, Gateway>, Gateway) {
         let text = format!(
-            "[gateway]\nid = \"gw-t\"\n[backend]\nendpoint = \"tcp://127.0.0.1:1\"\n\
-             [gpio]\nbackend = \"sim\"\nsim_dir = \"{}\"\n\
+            "[gateway]\nid = \"gw-t\"\ndata_dir = \"{0}\"\n\
+             [backend]\nendpoint = \"tcp://127.0.0.1:1\"\n\
+             [gpio]\nbackend = \"sim\"\nsim_dir = \"{0}\"\n\
              [[gpio.output]]\nname = \"relay1\"\npin = 27\n",
             dir.display()
         );

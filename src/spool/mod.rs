@@ -295,6 +295,22 @@ pub struct Spool {
     deleter: Deleter,
 }
 
+/// Opens a segment for reading without updating its access time where allowed (our own
+/// files). Under `relatime` (the usual mount option) the first read after a write would
+/// update it, so every read-back of the active segment during a backlog would dirty the inode
+/// once more: one more metadata write for the journal and the SD card.
+fn open_for_reading(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(path),
+        r => r,
+    }
+}
+
 fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(SEGMENT_EXT)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -822,7 +838,7 @@ impl Spool {
         if mark.seq == seq {
             return Ok(Some(mark.time_ms));
         }
-        let mut sc = Scanner::new(File::open(&seg.path)?, mark.offset)?;
+        let mut sc = Scanner::new(open_for_reading(&seg.path)?, mark.offset)?;
         loop {
             match sc.next()? {
                 Item::Record { rec, .. } if rec.seq == seq => return Ok(Some(rec.time_ms)),
@@ -871,7 +887,7 @@ impl Spool {
                 .as_ref()
                 .is_some_and(|r| r.key == key && r.last < want && mark.seq <= r.last + 1);
             if !reuse {
-                let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
+                let file = open_for_reading(&seg.path).map_err(io_err(&seg.path))?;
                 let sc = Scanner::new(file, mark.offset).map_err(io_err(&seg.path))?;
                 self.reader = Some(CachedReader {
                     key,

@@ -969,3 +969,28 @@ fn recovery_fuzz_loop() {
         assert_eq!(rec2.records, rec.records + 1, "round {round}");
     }
 }
+
+/// Reading a segment back does not touch its access time: under `relatime` a read after a
+/// write would otherwise dirty the inode (a metadata write per backlog read-back).
+#[test]
+fn reads_do_not_update_the_access_time() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let (mut sp, _) = Spool::open(d.path(), small()).unwrap();
+    append_n(&mut sp, 10, 10);
+    let seg = segments(d.path()).remove(0);
+    // An access time older than the modification time: relatime would update it on a read.
+    let old = nix::sys::time::TimeSpec::new(1_000_000, 0);
+    let mtime = fs::metadata(&seg).unwrap().mtime();
+    nix::sys::stat::utimensat(
+        None,
+        &seg,
+        &old,
+        &nix::sys::time::TimeSpec::new(mtime, 0),
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap();
+    assert_eq!(read_all(&mut sp).len(), 10);
+    sp.stats(); // time_of reads too
+    assert_eq!(fs::metadata(&seg).unwrap().atime(), 1_000_000);
+}

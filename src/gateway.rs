@@ -272,9 +272,11 @@ pub struct Gateway {
     shutdown_deadline: Option<Instant>,
     handshake_failures: LogLimiter,
     disconnects: LogLimiter,
-    /// Delay before checking that libzmq retries a lost connection; doubles up to 30 s while
-    /// no handshake succeeds.
+    /// Delay of the next connection check (see `arm_connection_check`); doubles up to 30 s
+    /// while no handshake succeeds.
     stall_check: Duration,
+    /// The pending one-shot connection check, if any.
+    conn_check: Option<RegistrationToken>,
     command_errors: LogLimiter,
     drops: LogLimiter,
     // Last field: the context outlives the socket inside the loop's ZmqSource.
@@ -495,7 +497,7 @@ impl Gateway {
             cfg.serial.len(),
             cfg.gpio.backend
         );
-        Ok(Gateway {
+        let mut gw = Gateway {
             cfg,
             handle,
             outbox,
@@ -521,10 +523,14 @@ impl Gateway {
             handshake_failures: LogLimiter::default(),
             disconnects: LogLimiter::default(),
             stall_check: STALL_CHECK_MIN,
+            conn_check: None,
             command_errors: LogLimiter::default(),
             drops: LogLimiter::default(),
             _ctx: ctx,
-        })
+        };
+        // Until the first handshake is reported (see `arm_connection_check`).
+        gw.arm_connection_check();
+        Ok(gw)
     }
 
     /// Runs until SIGINT/SIGTERM and the shutdown flush are done.
@@ -725,6 +731,30 @@ impl Gateway {
         }
         self.arm_spool_tick();
         self.fill_outbox();
+    }
+
+    /// Schedules a check of the backend connection after `stall_check` (1 s, doubling up to
+    /// 30 s): the source reconnects if libzmq gave up after a protocol error, and reports the
+    /// connection if it is up but its handshake event was lost
+    /// ([`OutboxHandle::check_stalled_connection`]). The check re-arms itself while no
+    /// connection is reported, so no lost event can leave the gateway waiting forever; once
+    /// connected, no timer runs (idle cost).
+    fn arm_connection_check(&mut self) {
+        let delay = self.stall_check;
+        self.stall_check = (delay * 2).min(STALL_CHECK_MAX);
+        match self
+            .handle
+            .insert_source(Timer::from_duration(delay), |_, _, gw: &mut Gateway| {
+                gw.conn_check = None;
+                gw.outbox.check_stalled_connection();
+                if !gw.outbox.is_connected() {
+                    gw.arm_connection_check();
+                }
+                TimeoutAction::Drop
+            }) {
+            Ok(t) => self.conn_check = Some(t),
+            Err(e) => log::error!("cannot arm the connection check: {e}"),
+        }
     }
 
     /// Schedules one spool tick (interval fsync, ack persistence) if none is pending. One-shot,
@@ -929,6 +959,9 @@ impl Gateway {
             ZmqEvent::Connected => {
                 self.counters.connects += 1;
                 self.stall_check = STALL_CHECK_MIN;
+                if let Some(t) = self.conn_check.take() {
+                    self.handle.remove(t);
+                }
                 if self.counters.connects > 1 {
                     self.counters.reconnects += 1;
                 }
@@ -952,17 +985,8 @@ impl Gateway {
                 }
                 // libzmq does not retry after a protocol error (e.g. an oversized frame):
                 // check a little later and reconnect if it gave up.
-                let outbox = self.outbox.clone();
-                let delay = self.stall_check;
-                self.stall_check = (delay * 2).min(STALL_CHECK_MAX);
-                if let Err(e) =
-                    self.handle
-                        .insert_source(Timer::from_duration(delay), move |_, _, _| {
-                            outbox.check_stalled_connection();
-                            TimeoutAction::Drop
-                        })
-                {
-                    log::error!("cannot arm the reconnect check: {e}");
+                if self.conn_check.is_none() {
+                    self.arm_connection_check();
                 }
             }
             ZmqEvent::HandshakeFailed(why) => {

@@ -129,12 +129,25 @@ pub struct OutboxHandle {
 }
 
 impl OutboxHandle {
-    /// Asks the source to reconnect if libzmq gave up on the connection: after a protocol
-    /// error (e.g. a frame over ZMQ_MAXMSGSIZE, or a corrupt CURVE frame) libzmq closes the
-    /// connection and never retries it. Call this a little while after `Disconnected`.
+    /// Asks the source to check the connection on its next dispatch. Call it from a timer
+    /// while no connection is reported (after `Disconnected`, and from the start):
+    /// * reconnects if libzmq gave up on the connection: after a protocol error (e.g. a frame
+    ///   over ZMQ_MAXMSGSIZE, or a corrupt CURVE frame) libzmq closes the connection and
+    ///   never retries it;
+    /// * reports `Connected` if the connection is up although the monitor never said so.
+    ///   libzmq occasionally loses a monitor event (seen in processes that create many
+    ///   contexts); without this a gateway that missed its HANDSHAKE_SUCCEEDED would hold its
+    ///   readings forever. With ZMQ_IMMEDIATE (the gateway sets it) the socket is writable
+    ///   only through a completed connection, so writability is the evidence.
     pub fn check_stalled_connection(&self) {
         self.check_stall.set(true);
         self.ping.ping();
+    }
+
+    /// Whether the backend connection is up (a handshake was reported, or found by
+    /// [`OutboxHandle::check_stalled_connection`]).
+    pub fn is_connected(&self) -> bool {
+        self.connected.get()
     }
 
     /// Sends a message, or queues it and wakes the source; gives it back when the outbox is
@@ -331,12 +344,40 @@ impl ZmqSource {
         }
     }
 
-    /// Reconnects when a stall check was requested and libzmq has not retried since the
-    /// last disconnect.
-    fn reconnect_if_stalled(&mut self) {
-        if !self.check_stall.replace(false) || !self.awaiting_retry {
+    /// When a check was requested (`check_stalled_connection`): reconnects if libzmq has not
+    /// retried since the last disconnect, or reports `Connected` if the socket is writable
+    /// while no handshake was reported. Call after draining the monitor.
+    fn check_connection<F>(&mut self, callback: &mut F)
+    where
+        F: FnMut(ZmqEvent, &mut ()),
+    {
+        if !self.check_stall.replace(false) {
             return;
         }
+        if self.awaiting_retry {
+            self.reconnect();
+            return;
+        }
+        if self.connected.get() {
+            return;
+        }
+        match self.socket.get_events() {
+            Ok(events) if events.contains(zmq::POLLOUT) => {
+                log::warn!(
+                    "the connection to {} is up but libzmq never reported its handshake \
+                     (a lost monitor event): treating it as connected",
+                    self.endpoint.as_deref().unwrap_or("the backend")
+                );
+                self.connected.set(true);
+                callback(ZmqEvent::Connected, &mut ());
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("reading ZMQ_EVENTS for the connection check: {e}"),
+        }
+    }
+
+    /// Reconnects to the remembered endpoint (libzmq gave up on it).
+    fn reconnect(&mut self) {
         let Some(ep) = self.endpoint.clone() else {
             return;
         };
@@ -524,7 +565,7 @@ impl EventSource for ZmqSource {
         if fired {
             self.drain_monitor(&mut callback)?;
         }
-        self.reconnect_if_stalled();
+        self.check_connection(&mut callback);
         self.pump(&mut callback)?;
         Ok(PostAction::Continue)
     }
@@ -695,6 +736,56 @@ mod tests {
             assert!(st.got.contains(&want), "round {round}: ack never read");
         }
         assert_eq!(handle.sent(), 20);
+    }
+
+    /// A handshake whose monitor event is lost (libzmq does lose one now and then) must not
+    /// leave the source waiting forever: the connection check finds the ZMQ_IMMEDIATE socket
+    /// writable, reports Connected, and the held message goes out.
+    #[test]
+    fn connection_check_recovers_a_lost_handshake_event() {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_identity(b"gw-l").unwrap();
+        dealer.set_immediate(true).unwrap();
+        let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+        source.connect(&ep).unwrap();
+        // Lose the handshake event: read the monitor until it has gone by.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut lost = false;
+        while !lost && Instant::now() < deadline {
+            match recv_monitor_event(&source.monitor).unwrap() {
+                Some(e) => lost = e.event == zmq::SocketEvent::HANDSHAKE_SUCCEEDED,
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        assert!(lost, "no handshake within 5 s");
+        let handle = source.handle();
+        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
+            .unwrap();
+        let mut st = State::default();
+        handle.push(msg(7)).unwrap();
+        for _ in 0..20 {
+            ev.dispatch(Some(Duration::from_millis(10)), &mut st)
+                .unwrap();
+        }
+        assert!(st.got.is_empty(), "{:?}", st.got);
+        assert!(!handle.is_empty(), "held: no connection was reported");
+
+        handle.check_stalled_connection();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while handle.sent() == 0 && Instant::now() < deadline {
+            ev.dispatch(Some(Duration::from_millis(10)), &mut st)
+                .unwrap();
+        }
+        assert_eq!(st.got.first(), Some(&ZmqEvent::Connected), "{:?}", st.got);
+        assert!(handle.is_connected());
+        let frames = router.recv_multipart(0).unwrap();
+        assert_eq!(frames[2], b"{\"n\":7}");
     }
 
     /// Messages queued while no backend was connected wait for the Connected event: the

@@ -121,6 +121,9 @@ impl RateLimiter {
     }
 }
 
+/// Repeat period of the "readings faster than replay_max_per_s" warning.
+const PACE_WARN_EVERY: Duration = Duration::from_secs(3600);
+
 /// Readings moved from the spool into the outbox per step (and per paced-replay timer).
 const REPLAY_BATCH: usize = 256;
 
@@ -263,6 +266,10 @@ pub struct Gateway {
     replay: Option<RateLimiter>,
     /// A one-shot timer will continue a paced replay.
     replay_armed: bool,
+    /// Start of the current stats interval and `counters.readings` then (reading rate).
+    ingest_mark: (Instant, u64),
+    /// When the "readings faster than replay_max_per_s" warning was last logged.
+    pace_warned: Option<Instant>,
     /// When the ack last advanced, readings were last rewound, or a reading was queued while
     /// none was outstanding: the start of the `retransmit_s` wait.
     ack_progress: Instant,
@@ -472,6 +479,7 @@ impl Gateway {
                 Timer::from_duration(interval),
                 move |_, _, gw: &mut Gateway| {
                     gw.send_stats();
+                    gw.check_replay_pace();
                     TimeoutAction::ToDuration(interval)
                 },
             )
@@ -515,6 +523,8 @@ impl Gateway {
             tick_armed: false,
             replay,
             replay_armed: false,
+            ingest_mark: (Instant::now(), 0),
+            pace_warned: None,
             ack_progress: Instant::now(),
             command_rate: RateLimiter::new(max_per_s, Instant::now()),
             counters: Counters::default(),
@@ -828,6 +838,35 @@ impl Gateway {
             }
         });
         self.next_send = next_send;
+    }
+
+    /// From the stats timer: warns when readings arrived, over the last stats interval, at
+    /// least as fast as `[spool] replay_max_per_s` lets them out of the spool. Then a backlog
+    /// (after any outage) can never shrink: every new reading queues behind it. Logged once,
+    /// then at most once an hour while it lasts.
+    fn check_replay_pace(&mut self) {
+        let now = Instant::now();
+        let (t0, r0) = std::mem::replace(&mut self.ingest_mark, (now, self.counters.readings));
+        let limit = self.cfg.spool.replay_max_per_s;
+        let secs = now.duration_since(t0).as_secs_f64();
+        if limit == 0 || secs <= 0.0 {
+            return;
+        }
+        let rate = (self.counters.readings - r0) as f64 / secs;
+        if rate < f64::from(limit)
+            || self
+                .pace_warned
+                .is_some_and(|t| now.duration_since(t) < PACE_WARN_EVERY)
+        {
+            return;
+        }
+        self.pace_warned = Some(now);
+        log::warn!(
+            "readings arrive at {rate:.0}/s, at least [spool] replay_max_per_s = {limit}: a \
+             backlog (now {} readings) cannot drain; set replay_max_per_s well above the \
+             reading rate, or 0 for no limit",
+            self.spool.next_seq().saturating_sub(self.next_send)
+        );
     }
 
     /// Continues a paced replay (`[spool] replay_max_per_s`) once a batch worth of tokens is

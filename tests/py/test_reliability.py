@@ -438,3 +438,29 @@ def test_backlog_replay_is_paced(tmp_path, cleanup, rate):
         assert span <= expected + 5, f"{count} readings in {span:.2f} s: too slow"
     else:
         assert span < 1.0, f"unpaced drain of {count} readings took {span:.2f} s"
+
+
+def test_warns_when_readings_outpace_replay(tmp_path, cleanup):
+    """Readings arriving at or above [spool] replay_max_per_s mean that a backlog (after any
+    outage) can never drain: the gateway says so, naming the key, but not while the reading
+    rate stays below it."""
+    pty = Pty()
+    cleanup(pty)
+    peer = Peer()
+    cleanup(peer)
+    cfg = write_config(tmp_path, peer.endpoint, pty.path, spool={"replay_max_per_s": 40})
+    gw = start_gateway(tmp_path, cfg, cleanup)
+    warning = r"readings arrive at (\d+)/s, at least \[spool\] replay_max_per_s = 40"
+    slow = Sensor(pty, rate=10)
+    cleanup(slow)
+    slow.start()
+    time.sleep(3.5)  # three stats intervals (1 s) at 10 readings/s
+    slow.stop()
+    assert len(slow.written) >= 20
+    assert not re.search(warning, gw.log()), gw.log()[-2000:]
+    fast = Sensor(pty, rate=200, start=slow.next)
+    cleanup(fast)
+    fast.start()
+    m = gw.wait_log(warning, timeout=10)
+    fast.stop()
+    assert int(m.group(1)) >= 40, m.group(0)

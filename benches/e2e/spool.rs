@@ -198,6 +198,7 @@ pub fn run(quick: bool, r: &mut Report) -> Result<(), String> {
     let start = Instant::now();
     let mut tick_at = start + Duration::from_millis(1000);
     let mut ticks = Vec::new();
+    let (mut blocked, mut preempted, mut unpreempted) = (0usize, 0usize, Vec::new());
     for i in 0..rate * secs {
         let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
         let now = Instant::now();
@@ -210,23 +211,52 @@ pub fn run(quick: bool, r: &mut Report) -> Result<(), String> {
             sp.ack(seq).map_err(e)?;
         }
         if Instant::now() >= tick_at {
+            let before = switches();
             let a = Instant::now();
             sp.tick().map_err(e)?;
-            ticks.push(a.elapsed().as_nanos() as u64);
+            let wall = a.elapsed().as_nanos() as u64;
+            let after = switches();
+            ticks.push(wall);
+            blocked += usize::from(after.0 > before.0);
+            if after.1 > before.1 {
+                preempted += 1;
+            } else {
+                unpreempted.push(wall);
+            }
             tick_at += Duration::from_millis(1000);
         }
     }
     ticks.sort_unstable();
+    unpreempted.sort_unstable();
+    // The budget is about blocking: a tick that waited for I/O or a lock shows a voluntary
+    // context switch. One that another process preempted (an involuntary switch) measures
+    // the machine, not the spool: it is shown, not held to the budget.
+    let max_own = unpreempted.last().copied().unwrap_or(0);
     r.check(
         "S",
         format!(
             "spool tick() on the loop, {rate} readings/s appended + acked, fsync = interval: \
-             p50 / max of {} ticks",
-            ticks.len()
+             {} ticks: p50 / max; ticks that blocked (voluntary context switch); max of the \
+             {} not preempted",
+            ticks.len(),
+            unpreempted.len()
         ),
-        format!("{} / {}", us(pct(&ticks, 50.0)), us(pct(&ticks, 100.0))),
-        "max < 1 ms",
-        pct(&ticks, 100.0) < 1_000_000,
+        format!(
+            "{} / {}; {blocked} blocked; {} ({preempted} preempted)",
+            us(pct(&ticks, 50.0)),
+            us(pct(&ticks, 100.0)),
+            us(max_own)
+        ),
+        "0 blocked, max < 1 ms",
+        blocked == 0 && max_own < 1_000_000,
     );
     Ok(())
+}
+
+/// This thread's (voluntary, involuntary) context switches so far (getrusage RUSAGE_THREAD).
+fn switches() -> (i64, i64) {
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_THREAD is valid on Linux.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
+    (u.ru_nvcsw, u.ru_nivcsw)
 }

@@ -632,6 +632,16 @@ mod tests {
         sent_at_connect: Option<u64>,
     }
 
+    /// Inserts `source` in a new loop whose callback records every event.
+    fn in_loop(source: ZmqSource) -> (OutboxHandle, EventLoop<'static, State>) {
+        let handle = source.handle();
+        let ev: EventLoop<State> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
+            .unwrap();
+        (handle, ev)
+    }
+
     /// A ROUTER bound on tcp loopback and a `ZmqSource` (DEALER with identity `id`, outbox of
     /// 100) dialling it, inserted in a loop whose callback records every event.
     fn router_and_source(
@@ -650,11 +660,7 @@ mod tests {
         dealer.set_identity(id).unwrap();
         let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
         source.connect(&ep).unwrap();
-        let handle = source.handle();
-        let ev: EventLoop<State> = EventLoop::try_new().unwrap();
-        ev.handle()
-            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
-            .unwrap();
+        let (handle, ev) = in_loop(source);
         (ctx, router, handle, ev)
     }
 
@@ -762,11 +768,7 @@ mod tests {
             }
         }
         assert!(lost, "no handshake within 5 s");
-        let handle = source.handle();
-        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
-        ev.handle()
-            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
-            .unwrap();
+        let (handle, mut ev) = in_loop(source);
         let mut st = State::default();
         handle.push(msg(7)).unwrap();
         for _ in 0..20 {
@@ -867,11 +869,7 @@ mod tests {
         dealer.set_linger(0).unwrap();
         let mut source = ZmqSource::new(&ctx, dealer, 10).unwrap();
         source.connect("tcp://127.0.0.1:1").unwrap();
-        let handle = source.handle();
-        let mut ev: EventLoop<State> = EventLoop::try_new().unwrap();
-        ev.handle()
-            .insert_source(source, |e, _, st: &mut State| st.got.push(e))
-            .unwrap();
+        let (handle, mut ev) = in_loop(source);
         let mut st = State::default();
         for i in 0..10 {
             handle.push(msg(i)).unwrap();

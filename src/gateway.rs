@@ -55,8 +55,8 @@ fn lerr<E: std::fmt::Display>(e: E) -> GatewayError {
     GatewayError::Loop(e.to_string())
 }
 
-const STALL_CHECK_MIN: Duration = Duration::from_secs(1);
-const STALL_CHECK_MAX: Duration = Duration::from_secs(30);
+const CONN_CHECK_MIN: Duration = Duration::from_secs(1);
+const CONN_CHECK_MAX: Duration = Duration::from_secs(30);
 
 /// How many recent command ids are remembered for duplicate detection.
 pub const REPLY_CACHE: usize = 1024;
@@ -281,7 +281,7 @@ pub struct Gateway {
     disconnects: LogLimiter,
     /// Delay of the next connection check (see `arm_connection_check`); doubles up to 30 s
     /// while no handshake succeeds.
-    stall_check: Duration,
+    conn_check_delay: Duration,
     /// The pending one-shot connection check, if any.
     conn_check: Option<RegistrationToken>,
     command_errors: LogLimiter,
@@ -532,7 +532,7 @@ impl Gateway {
             shutdown_deadline: None,
             handshake_failures: LogLimiter::default(),
             disconnects: LogLimiter::default(),
-            stall_check: STALL_CHECK_MIN,
+            conn_check_delay: CONN_CHECK_MIN,
             conn_check: None,
             command_errors: LogLimiter::default(),
             drops: LogLimiter::default(),
@@ -743,20 +743,20 @@ impl Gateway {
         self.fill_outbox();
     }
 
-    /// Schedules a check of the backend connection after `stall_check` (1 s, doubling up to
+    /// Schedules a check of the backend connection after `conn_check_delay` (1 s, doubling up to
     /// 30 s): the source reconnects if libzmq gave up after a protocol error, and reports the
     /// connection if it is up but its handshake event was lost
-    /// ([`OutboxHandle::check_stalled_connection`]). The check re-arms itself while no
+    /// ([`OutboxHandle::request_connection_check`]). The check re-arms itself while no
     /// connection is reported, so no lost event can leave the gateway waiting forever; once
     /// connected, no timer runs (idle cost).
     fn arm_connection_check(&mut self) {
-        let delay = self.stall_check;
-        self.stall_check = (delay * 2).min(STALL_CHECK_MAX);
+        let delay = self.conn_check_delay;
+        self.conn_check_delay = (delay * 2).min(CONN_CHECK_MAX);
         match self
             .handle
             .insert_source(Timer::from_duration(delay), |_, _, gw: &mut Gateway| {
                 gw.conn_check = None;
-                gw.outbox.check_stalled_connection();
+                gw.outbox.request_connection_check();
                 if !gw.outbox.is_connected() {
                     gw.arm_connection_check();
                 }
@@ -997,7 +997,7 @@ impl Gateway {
         match event {
             ZmqEvent::Connected => {
                 self.counters.connects += 1;
-                self.stall_check = STALL_CHECK_MIN;
+                self.conn_check_delay = CONN_CHECK_MIN;
                 if let Some(t) = self.conn_check.take() {
                     self.handle.remove(t);
                 }

@@ -125,7 +125,7 @@ pub struct OutboxHandle {
     direct: Rc<Cell<bool>>,
     ping: Ping,
     close_linger_ms: Rc<Cell<i32>>,
-    check_stall: Rc<Cell<bool>>,
+    check_requested: Rc<Cell<bool>>,
 }
 
 impl OutboxHandle {
@@ -139,13 +139,13 @@ impl OutboxHandle {
     ///   contexts); without this a gateway that missed its HANDSHAKE_SUCCEEDED would hold its
     ///   readings forever. With ZMQ_IMMEDIATE (the gateway sets it) the socket is writable
     ///   only through a completed connection, so writability is the evidence.
-    pub fn check_stalled_connection(&self) {
-        self.check_stall.set(true);
+    pub fn request_connection_check(&self) {
+        self.check_requested.set(true);
         self.ping.ping();
     }
 
     /// Whether the backend connection is up (a handshake was reported, or found by
-    /// [`OutboxHandle::check_stalled_connection`]).
+    /// [`OutboxHandle::request_connection_check`]).
     pub fn is_connected(&self) -> bool {
         self.connected.get()
     }
@@ -282,8 +282,9 @@ pub struct ZmqSource {
     connected: Rc<Cell<bool>>,
     /// The pump ran to completion with nothing queued since: the next push may send directly.
     direct: Rc<Cell<bool>>,
-    check_stall: Rc<Cell<bool>>,
-    /// Endpoint to reconnect to when libzmq gave up (see `check_stalled_connection`).
+    /// A connection check is due on the next dispatch (see `request_connection_check`).
+    check_requested: Rc<Cell<bool>>,
+    /// Endpoint to reconnect to when libzmq gave up (see `request_connection_check`).
     endpoint: Option<String>,
     /// A DISCONNECTED was seen and no reconnect attempt since.
     awaiting_retry: bool,
@@ -322,7 +323,7 @@ impl ZmqSource {
             close_linger_ms: Rc::new(Cell::new(0)),
             connected: Rc::new(Cell::new(false)),
             direct: Rc::new(Cell::new(false)),
-            check_stall: Rc::new(Cell::new(false)),
+            check_requested: Rc::new(Cell::new(false)),
             endpoint: None,
             awaiting_retry: false,
             check_monitor: true,
@@ -340,18 +341,18 @@ impl ZmqSource {
             direct: self.direct.clone(),
             ping: self.ping.clone(),
             close_linger_ms: self.close_linger_ms.clone(),
-            check_stall: self.check_stall.clone(),
+            check_requested: self.check_requested.clone(),
         }
     }
 
-    /// When a check was requested (`check_stalled_connection`): reconnects if libzmq has not
+    /// When a check was requested (`request_connection_check`): reconnects if libzmq has not
     /// retried since the last disconnect, or reports `Connected` if the socket is writable
     /// while no handshake was reported. Call after draining the monitor.
     fn check_connection<F>(&mut self, callback: &mut F)
     where
         F: FnMut(ZmqEvent, &mut ()),
     {
-        if !self.check_stall.replace(false) {
+        if !self.check_requested.replace(false) {
             return;
         }
         if self.awaiting_retry {
@@ -778,7 +779,7 @@ mod tests {
         assert!(st.got.is_empty(), "{:?}", st.got);
         assert!(!handle.is_empty(), "held: no connection was reported");
 
-        handle.check_stalled_connection();
+        handle.request_connection_check();
         let deadline = Instant::now() + Duration::from_secs(5);
         while handle.sent() == 0 && Instant::now() < deadline {
             ev.dispatch(Some(Duration::from_millis(10)), &mut st)

@@ -918,17 +918,11 @@ fn bench_latency(o: &Opts, r: &mut Report) -> Res<()> {
     let mut results = [String::new(), String::new()];
     for k in 0..2 {
         all[k].sort_unstable();
-        let mut sorted = p99s[k].clone();
-        sorted.sort_unstable();
-        medians[k] = sorted[sorted.len() / 2];
+        let listed;
+        (medians[k], listed) = median_of_runs(&p99s[k]);
         results[k] = format!(
-            "{} (runs: {}; all: {} / {} / {}){}",
+            "{} (runs: {listed}; all: {} / {} / {}){}",
             us(medians[k]),
-            p99s[k]
-                .iter()
-                .map(|&p| us(p))
-                .collect::<Vec<_>>()
-                .join(", "),
             us(pct(&all[k], 50.0)),
             us(pct(&all[k], 99.0)),
             us(pct(&all[k], 100.0)),
@@ -1121,8 +1115,21 @@ fn command_round(
 /// "p50 / p99" where p99 is the median of the runs' p99s (like item 2: a burst of noise
 /// from elsewhere spoils one run, not the median), then every run's p99 and the max of all
 /// samples. Returns the text and the median p99.
+/// The median of per-run figures (the budgets of items 2 and 3 hold it), and the figures
+/// in run order as text.
+fn median_of_runs(per_run: &[u64]) -> (u64, String) {
+    let listed = per_run
+        .iter()
+        .map(|&p| us(p))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sorted = per_run.to_vec();
+    sorted.sort_unstable();
+    (sorted[sorted.len() / 2], listed)
+}
+
 fn runs_summary(runs: &[Vec<u64>]) -> (String, u64) {
-    let mut p99s: Vec<u64> = runs
+    let p99s: Vec<u64> = runs
         .iter()
         .map(|r| {
             let mut r = r.clone();
@@ -1130,9 +1137,7 @@ fn runs_summary(runs: &[Vec<u64>]) -> (String, u64) {
             pct(&r, 99.0)
         })
         .collect();
-    let listed = p99s.iter().map(|&p| us(p)).collect::<Vec<_>>().join(", ");
-    p99s.sort_unstable();
-    let median = p99s[p99s.len() / 2];
+    let (median, listed) = median_of_runs(&p99s);
     let mut all: Vec<u64> = runs.concat();
     all.sort_unstable();
     let text = format!(

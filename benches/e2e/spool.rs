@@ -10,7 +10,7 @@
 //!
 //! Adapted from the standalone measurement in the spool's development tree (`spool_bench.rs`).
 
-use crate::{pct, us, Report};
+use crate::report::{pct, us, Report};
 use std::time::{Duration, Instant};
 use zgate::spool::{FsyncPolicy, Spool, SpoolConfig, WhenFull};
 
@@ -47,7 +47,7 @@ fn e(err: zgate::spool::SpoolError) -> String {
 }
 
 pub fn run(quick: bool, r: &mut Report) -> Result<(), String> {
-    let fs = crate::sh("df -T \"${TMPDIR:-/tmp}\" | awk 'NR==2 {print $2}'");
+    let fs = crate::process::sh("df -T \"${TMPDIR:-/tmp}\" | awk 'NR==2 {print $2}'");
 
     // 1. fsync = "always": every append is fsynced before it returns.
     {

@@ -1,5 +1,5 @@
-"""Issue 3: reliable delivery end to end (spool, acks, rewind, retransmit, drop policies,
-crash and corruption recovery). Helpers: reliab_helpers.py. Every wait is bounded."""
+"""Reliable delivery end to end (spool, acks, rewind, retransmit, drop policies, crash and
+corruption recovery). Every wait is bounded."""
 
 import os
 import random
@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from reliab_helpers import (
-    ZGATE_BIN, GatewayProc, Peer, Pty, RefBackend, Sensor, free_port, read_segment,
-    records_on_disk, segments, sensor_line, spool_state, wait_until, write_config,
+from conftest import (
+    ZGATE_BIN, free_port, make_config, read_segment, records_on_disk, segments, sensor_line,
+    spool_state, wait_until,
 )
 
 SEED = int(os.environ.get("ZGATE_TEST_SEED", "20261128"))
@@ -20,28 +20,33 @@ pytestmark = pytest.mark.skipif(not os.path.exists(ZGATE_BIN),
                                 reason=f"zgate binary not built: {ZGATE_BIN}")
 
 
-@pytest.fixture
-def cleanup():
-    """Collects objects with cleanup()/close()/stop() and releases them whatever happens."""
-    items = []
-    yield items.append
-    for obj in reversed(items):
-        for name in ("cleanup", "stop", "close"):
-            fn = getattr(obj, name, None)
-            if fn:
-                try:
-                    fn()
-                except Exception:
-                    pass
-                break
+def config(tmp_path, endpoint, pty, spool=None):
+    """One kv sensor on `pty`, stats every second, no GPIO."""
+    return make_config(tmp_path, endpoint, serial=[("sensor", pty.path, "kv", None)],
+                       stats_interval_s=1, outbox_max=10000, shutdown_flush_ms=1000,
+                       inputs=(), outputs=(), spool=spool)
 
 
-def start_gateway(tmp_path, cfg, cleanup):
-    gw = GatewayProc(cfg, tmp_path / "gateway.log")
-    cleanup(gw)
-    gw.start()
-    gw.wait_log(r"serial port open name=sensor")
+def sensor_pty(pty_factory):
+    """The sensor's pty: its master stays open across gateway restarts, and a full tty buffer
+    (no gateway reading) refuses a line instead of blocking the writer."""
+    return pty_factory("sensor", nonblocking=True)
+
+
+def acking_peer(peers, endpoint="tcp://127.0.0.1:*", ack=True):
+    """A peer receiving in a thread that acks the highest contiguous seq (when `ack`)."""
+    return peers(endpoint, handover=True, auto_ack=ack, background=True)
+
+
+def start_gateway(gateways, cfg_text):
+    gw = gateways(cfg_text)
+    gw.wait_serial_open("sensor", timeout=10, since_start=True)
     return gw
+
+
+def restart(gw):
+    gw.start()
+    gw.wait_serial_open("sensor", timeout=10, since_start=True)
 
 
 def settle(peer, timeout=20):
@@ -80,24 +85,19 @@ def check_values_consistent(arrivals):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_kill9_under_load_no_gap(tmp_path, cleanup):
+def test_kill9_under_load_no_gap(tmp_path, gateways, peers, pty_factory, feeds):
     rng = random.Random(SEED)
-    peer = Peer()
-    cleanup(peer)
-    pty = Pty()
-    cleanup(pty)
-    cfg = write_config(tmp_path, peer.endpoint, pty.path, spool={"retransmit_s": 2})
-    gw = start_gateway(tmp_path, cfg, cleanup)
-    sensor = Sensor(pty, rate=200)
-    cleanup(sensor)
+    peer = acking_peer(peers)
+    pty = sensor_pty(pty_factory)
+    gw = start_gateway(gateways, config(tmp_path, peer.endpoint, pty, spool={"retransmit_s": 2}))
+    sensor = feeds(pty, rate=200)
     sensor.start()
     kills = 6
     for _ in range(kills):
         time.sleep(rng.uniform(0.3, 1.2))
         gw.kill9()
         time.sleep(rng.uniform(0.0, 0.3))
-        gw.start()
-        gw.wait_log(r"serial port open name=sensor")
+        restart(gw)
     time.sleep(rng.uniform(0.3, 1.0))
     sensor.stop()
     last = settle(peer)
@@ -118,38 +118,33 @@ def test_kill9_under_load_no_gap(tmp_path, cleanup):
           f"{len(sensor.written)} lines written, {sensor.lost} lost at the tty")
 
 
-def test_backend_down_then_back(tmp_path, cleanup):
+def test_backend_down_then_back(tmp_path, gateways, backends, pty_factory, feeds):
     port = free_port()
     ep = f"tcp://127.0.0.1:{port}"
-    pty = Pty()
-    cleanup(pty)
-    backends = [RefBackend(ep)]
-    cleanup(backends[0])
-    cfg = write_config(tmp_path, ep, pty.path)
-    gw = start_gateway(tmp_path, cfg, cleanup)
-    sensor = Sensor(pty, rate=200)
-    cleanup(sensor)
+    pty = sensor_pty(pty_factory)
+    started = [backends(ep)]
+    gw = start_gateway(gateways, config(tmp_path, ep, pty))
+    sensor = feeds(pty, rate=200)
     sensor.start()
-    wait_until(lambda: len(backends[0].readings()) >= 100, 10, what="first readings")
-    backends[0].stop()
+    wait_until(lambda: len(started[0].readings()) >= 100, 10, what="first readings")
+    started[0].stop()
     down_at = sensor.next
     time.sleep(3)
     assert sensor.next - down_at >= 300, "sensor did not keep writing"
-    backends.append(RefBackend(ep))
-    cleanup(backends[1])
+    started.append(backends(ep))
     time.sleep(1)
     sensor.stop()
     written = list(sensor.written)
 
     def delivered():
-        s = backends[1].last_stats()
+        s = started[1].last_stats()
         return (s is not None and s["spool"]["next_seq"] == len(written) + 1
                 and s["spool"]["acked"] == len(written))
 
     wait_until(delivered, 30, interval=0.1, what="all readings acked after the backend came back")
     first = {}
     order = []
-    for b in backends:
+    for b in started:
         for r in b.readings():
             if r["seq"] not in first:
                 first[r["seq"]] = r
@@ -160,22 +155,20 @@ def test_backend_down_then_back(tmp_path, cleanup):
     assert first[down_at]["seq"] == written.index(down_at) + 1
     for i, seq in enumerate(order):
         assert first[seq]["values"] == sensor_line(written[i])[1], f"seq {seq}"
-    s = backends[1].last_stats()
+    s = started[1].last_stats()
     assert s["counters"]["dropped"] == 0 and s["counters"]["bad_lines"]["sensor"] == 0
     assert gw.term() == 0
 
 
 @pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
-def test_spool_full(tmp_path, cleanup, policy):
+def test_spool_full(tmp_path, gateways, backends, pty_factory, feeds, policy):
     max_bytes = 4096 * 4   # segments of 4 KiB
     port = free_port()
     ep = f"tcp://127.0.0.1:{port}"
-    pty = Pty()
-    cleanup(pty)
-    cfg = write_config(tmp_path, ep, pty.path,
-                       spool={"max_bytes": max_bytes, "when_full": policy})
-    gw = start_gateway(tmp_path, cfg, cleanup)
-    sensor = Sensor(pty)
+    pty = sensor_pty(pty_factory)
+    gw = start_gateway(gateways, config(tmp_path, ep, pty,
+                                        spool={"max_bytes": max_bytes, "when_full": policy}))
+    sensor = feeds(pty)
     m = 400
     for _ in range(m // 20):
         sensor.write_now(20)
@@ -183,7 +176,7 @@ def test_spool_full(tmp_path, cleanup, policy):
     # No backend yet. Wait until the gateway consumed every line (the spool stops changing),
     # then look at the segment files.
     data_dir = tmp_path / "data"
-    gw.wait_log(r"spool full", timeout=10)
+    gw.wait_match(r"spool full", timeout=10)
 
     seen = {"recs": None, "since": None}
 
@@ -211,8 +204,7 @@ def test_spool_full(tmp_path, cleanup, policy):
         # Whole oldest segments went: the oldest file left starts at the first seq kept.
         assert segments(data_dir)[0].name == f"{disk_seqs[0]:020d}.seg"
 
-    backend = RefBackend(ep)
-    cleanup(backend)
+    backend = backends(ep)
 
     def final_stats():
         s = backend.last_stats()
@@ -260,15 +252,13 @@ def test_spool_full(tmp_path, cleanup, policy):
     print(f"{policy}: {m} lines, {stored} stored, dropped {dropped}")
 
 
-def fill_spool_offline(tmp_path, cleanup, count):
+def fill_spool_offline(tmp_path, gateways, pty_factory, feeds, count):
     """Runs the gateway without a backend, writes `count` lines, stops it with SIGTERM.
     Returns (pty, sensor, the newest segment's path, its records)."""
-    pty = Pty()
-    cleanup(pty)
+    pty = sensor_pty(pty_factory)
     ep = f"tcp://127.0.0.1:{free_port()}"
-    cfg = write_config(tmp_path, ep, pty.path)
-    gw = start_gateway(tmp_path, cfg, cleanup)
-    sensor = Sensor(pty)
+    gw = start_gateway(gateways, config(tmp_path, ep, pty))
+    sensor = feeds(pty)
     sensor.write_now(count)
     data_dir = tmp_path / "data"
     wait_until(lambda: len(records_on_disk(data_dir) or []) == count, 10,
@@ -279,10 +269,10 @@ def fill_spool_offline(tmp_path, cleanup, count):
     return pty, sensor, seg, read_segment(seg)
 
 
-def test_corrupt_newest_segment_end_to_end(tmp_path, cleanup):
+def test_corrupt_newest_segment_end_to_end(tmp_path, gateways, peers, pty_factory, feeds):
     count = 30
     rng = random.Random(SEED + 1)
-    pty, _, seg, recs = fill_spool_offline(tmp_path, cleanup, count)
+    pty, _, seg, recs = fill_spool_offline(tmp_path, gateways, pty_factory, feeds, count)
     assert len(recs) == count, "expected one segment with default max_bytes"
     pristine = tmp_path / "pristine"
     shutil.copytree(tmp_path / "data", pristine)
@@ -320,17 +310,13 @@ def test_corrupt_newest_segment_end_to_end(tmp_path, cleanup):
         shutil.rmtree(data_dir)
         shutil.copytree(pristine, data_dir)
         seg.write_bytes(damage(original))
-        peer = Peer()
-        cleanup(peer)
-        cfg = write_config(tmp_path, peer.endpoint, pty.path, name="corrupt.toml")
-        gw = GatewayProc(cfg, tmp_path / "corrupt.log")
-        cleanup(gw)
-        gw.start()
+        peer = acking_peer(peers)
+        gw = gateways(config(tmp_path, peer.endpoint, pty))
         expected = set(range(1, count + 1)) - damaged
         wait_until(lambda: expected <= set(peer.seqs()), 15,
                    what=f"{label}: valid records delivered")
         assert gw.alive(), f"{label}: gateway exited"
-        log = gw.log()
+        log = gw.log(since_start=True)
         m = re.search(r"spool: .*?(\d+) bytes discarded", log)
         assert m and int(m.group(1)) == discarded, f"{label}: log says {m and m.group(0)!r}, " \
                                                    f"expected {discarded} discarded bytes\n{log}"
@@ -342,21 +328,17 @@ def test_corrupt_newest_segment_end_to_end(tmp_path, cleanup):
     print(f"corruption: {len(cases)} cases: " + "; ".join(c[0] for c in cases))
 
 
-def test_restart_continues_seq(tmp_path, cleanup):
-    peer = Peer()
-    cleanup(peer)
-    pty = Pty()
-    cleanup(pty)
-    cfg = write_config(tmp_path, peer.endpoint, pty.path)
-    gw = start_gateway(tmp_path, cfg, cleanup)
-    sensor = Sensor(pty)
+def test_restart_continues_seq(tmp_path, gateways, peers, pty_factory, feeds):
+    peer = acking_peer(peers)
+    pty = sensor_pty(pty_factory)
+    gw = start_gateway(gateways, config(tmp_path, peer.endpoint, pty))
+    sensor = feeds(pty)
     sensor.write_now(20)
     last = settle(peer) - 1
     assert last == 20
     assert gw.term() == 0
     before = len(peer.arrivals)
-    gw.start()
-    gw.wait_log(r"serial port open name=sensor")
+    restart(gw)
     wait_until(lambda: len(peer.hellos) >= 2, 10, what="hello after restart")
     assert peer.hellos[-1]["resume_seq"] == last + 1
     sensor.write_now(5)
@@ -367,16 +349,13 @@ def test_restart_continues_seq(tmp_path, cleanup):
     assert gw.term() == 0
 
 
-def test_retransmit_until_acked(tmp_path, cleanup):
-    peer = Peer(ack=False)
-    cleanup(peer)
-    pty = Pty()
-    cleanup(pty)
-    cfg = write_config(tmp_path, peer.endpoint, pty.path, spool={"retransmit_s": 1})
-    gw = start_gateway(tmp_path, cfg, cleanup)
+def test_retransmit_until_acked(tmp_path, gateways, peers, pty_factory, feeds):
+    peer = acking_peer(peers, ack=False)
+    pty = sensor_pty(pty_factory)
+    gw = start_gateway(gateways, config(tmp_path, peer.endpoint, pty, spool={"retransmit_s": 1}))
     wait_until(lambda: peer.hellos, 10, what="hello")
     time.sleep(1.5)   # connected a while before the readings are sent
-    sensor = Sensor(pty)
+    sensor = feeds(pty)
     sensor.write_now(10)
     wait_until(lambda: len(peer.arrivals) >= 20, 10, what="one retransmission")
     with peer.lock:
@@ -400,18 +379,15 @@ def test_retransmit_until_acked(tmp_path, cleanup):
 
 
 @pytest.mark.parametrize("rate", [400, 0])
-def test_backlog_replay_is_paced(tmp_path, cleanup, rate):
+def test_backlog_replay_is_paced(tmp_path, gateways, peers, pty_factory, feeds, rate):
     """[spool] replay_max_per_s paces the drain of a backlog (issue 6: unpaced, a drain keeps
     the CPU busy and commands wait for it); 0 drains as fast as the link takes it. Either way
     every reading arrives, in order."""
     n = 1600
-    pty = Pty()
-    cleanup(pty)
+    pty = sensor_pty(pty_factory)
     ep = f"tcp://127.0.0.1:{free_port()}"
-    cfg = write_config(tmp_path, ep, pty.path, spool={"replay_max_per_s": rate})
-    start_gateway(tmp_path, cfg, cleanup)
-    sensor = Sensor(pty, rate=4000)
-    cleanup(sensor)
+    start_gateway(gateways, config(tmp_path, ep, pty, spool={"replay_max_per_s": rate}))
+    sensor = feeds(pty, rate=4000)
     sensor.start()
     wait_until(lambda: len(sensor.written) >= n, 20, what=f"{n} lines written")
     sensor.stop()
@@ -419,8 +395,7 @@ def test_backlog_replay_is_paced(tmp_path, cleanup, rate):
     data_dir = tmp_path / "data"
     wait_until(lambda: len(records_on_disk(data_dir) or []) == count, 10,
                what=f"{count} records spooled")
-    peer = Peer(ep)
-    cleanup(peer)
+    peer = acking_peer(peers, ep)
     wait_until(lambda: peer.high >= count, 60, interval=0.05, what="the backlog delivered")
     with peer.lock:
         arrivals = list(zip(peer.arrival_times, (a[0] for a in peer.arrivals)))
@@ -440,27 +415,23 @@ def test_backlog_replay_is_paced(tmp_path, cleanup, rate):
         assert span < 1.0, f"unpaced drain of {count} readings took {span:.2f} s"
 
 
-def test_warns_when_readings_outpace_replay(tmp_path, cleanup):
+def test_warns_when_readings_outpace_replay(tmp_path, gateways, peers, pty_factory, feeds):
     """Readings arriving at or above [spool] replay_max_per_s mean that a backlog (after any
     outage) can never drain: the gateway says so, naming the key, but not while the reading
     rate stays below it."""
-    pty = Pty()
-    cleanup(pty)
-    peer = Peer()
-    cleanup(peer)
-    cfg = write_config(tmp_path, peer.endpoint, pty.path, spool={"replay_max_per_s": 40})
-    gw = start_gateway(tmp_path, cfg, cleanup)
+    pty = sensor_pty(pty_factory)
+    peer = acking_peer(peers)
+    gw = start_gateway(gateways, config(tmp_path, peer.endpoint, pty,
+                                        spool={"replay_max_per_s": 40}))
     warning = r"readings arrive at (\d+)/s, at least \[spool\] replay_max_per_s = 40"
-    slow = Sensor(pty, rate=10)
-    cleanup(slow)
+    slow = feeds(pty, rate=10)
     slow.start()
     time.sleep(3.5)  # three stats intervals (1 s) at 10 readings/s
     slow.stop()
     assert len(slow.written) >= 20
     assert not re.search(warning, gw.log()), gw.log()[-2000:]
-    fast = Sensor(pty, rate=200, start=slow.next)
-    cleanup(fast)
+    fast = feeds(pty, rate=200, start=slow.next)
     fast.start()
-    m = gw.wait_log(warning, timeout=10)
+    m = gw.wait_match(warning, timeout=10)
     fast.stop()
     assert int(m.group(1)) >= 40, m.group(0)

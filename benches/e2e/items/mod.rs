@@ -1,0 +1,11 @@
+//! One module per benchmark item (numbered as in docs/benchmarks.md); item S is
+//! `crate::spool`.
+
+pub mod backlog;
+pub mod commands;
+pub mod idle;
+pub mod instructions;
+pub mod latency;
+pub mod size;
+pub mod steady;
+pub mod throughput;

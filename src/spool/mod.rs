@@ -7,12 +7,15 @@
 //! * `NNNNNNNNNNNNNNNNNNNN.seg`: segment files, named by the seq of their first record
 //!   (20 digits, so names sort by seq). Records are only ever appended; a segment is unlinked
 //!   once every record in it is acked (or dropped). Nothing is rewritten.
-//! * `state`: one line holding the next seq (as of its last write) and the last persisted ack, replaced
-//!   atomically (temp file + fsync + rename + directory fsync).
+//! * `state`: one line holding the spool's random identity (`spool_id`), the next seq (as of
+//!   its last write) and the last persisted ack, replaced atomically (temp file + fsync +
+//!   rename + directory fsync).
 //!
 //! See `docs/design.md` for the format, the recovery algorithm and the exact crash guarantees.
 
 mod deleter;
+#[doc(hidden)]
+pub mod fuzzing;
 mod record;
 mod scan;
 mod state;
@@ -21,12 +24,12 @@ mod tests;
 
 pub use crate::spool::record::{
     decode_header, decode_record, encode_record, DecodeError, Header, Record, HEADER_LEN,
-    MAX_PAYLOAD, OVERHEAD,
+    MAX_PAYLOAD, MAX_SEQ, OVERHEAD,
 };
 
 use crate::spool::deleter::Deleter;
 use crate::spool::scan::{Item, Scanner};
-use crate::spool::state::{State, STATE_FILE, STATE_TMP};
+use crate::spool::state::{State, ID_LEN, STATE_FILE, STATE_TMP};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -118,12 +121,90 @@ pub enum SpoolError {
          send smaller readings or raise spool.max_bytes"
     )]
     RecordTooLarge { len: usize, limit: u64 },
+    /// The file system is full even with every older segment freed (or, under
+    /// `drop_oldest`, with nothing left to free): the reading got `seq` (its payload was built
+    /// with it) but is not on disk. The seq is used up; a caller that can still send the
+    /// reading (from memory) should, else its seq is a gap that `resume_seq` announces.
+    #[error(
+        "disk full: reading seq {seq} could not be stored in {} ({source}) even with every \
+         older spooled reading freed; free space on gateway.data_dir's file system",
+        path.display()
+    )]
+    DiskFull {
+        seq: u64,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "the spool in {} has used every seq up to {MAX_SEQ} (its state or segments were \
+         crafted); move that directory away to start a new spool",
+        dir.display()
+    )]
+    SeqsExhausted { dir: PathBuf },
+    #[error(
+        "reading payload is not UTF-8 (valid up to byte {valid_up_to}); the spool stores text \
+         only"
+    )]
+    NotUtf8 { valid_up_to: usize },
+}
+
+impl SpoolError {
+    /// The seq of a reading that was not stored for lack of disk space
+    /// ([`SpoolError::DiskFull`]).
+    pub fn unstored_seq(&self) -> Option<u64> {
+        match self {
+            SpoolError::DiskFull { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT: the file system (or the user's quota) is full.
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Space on the file system holding the spool (statvfs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes an unprivileged process may still allocate (`f_bavail`).
+    pub avail_bytes: u64,
+    /// Size of the file system (`f_blocks`).
+    pub total_bytes: u64,
+}
+
+/// statvfs of `path`.
+pub fn disk_space(path: &Path) -> io::Result<DiskSpace> {
+    let v = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    let frag = v.fragment_size() as u64;
+    Ok(DiskSpace {
+        avail_bytes: (v.blocks_available() as u64).saturating_mul(frag),
+        total_bytes: (v.blocks() as u64).saturating_mul(frag),
+    })
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// Why [`Spool::write_record`] did not store a record.
+enum Unwritten {
+    /// ENOSPC or EDQUOT (nothing of the record left behind).
+    DiskFull(PathBuf, io::Error),
+    Failed(SpoolError),
+}
+
+impl From<SpoolError> for Unwritten {
+    fn from(e: SpoolError) -> Unwritten {
+        match e {
+            SpoolError::Io { path, source } if is_disk_full(&source) => {
+                Unwritten::DiskFull(path, source)
+            }
+            e => Unwritten::Failed(e),
+        }
     }
 }
 
@@ -142,19 +223,34 @@ pub struct Recovery {
     pub next_seq: u64,
     /// Persisted ack (every seq <= this is treated as acked).
     pub acked: u64,
+    /// Records with valid checksums but contents no spool writes (a payload that is not
+    /// UTF-8, a seq above [`MAX_SEQ`]); skipped, their bytes counted in `discarded_bytes`.
+    pub corrupt_records: u64,
+    /// The spool's identity (32 lowercase hex characters).
+    pub spool_id: String,
+    /// True if the spool got a new `spool_id` at this start: a new spool, or a `state` file
+    /// that was missing, corrupt or written by a zgate without spool ids.
+    pub new_spool_id: bool,
+    /// The file system's space at start (None if statvfs failed).
+    pub disk: Option<DiskSpace>,
 }
 
+/// What [`Spool::append_with`] did with a reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
     /// Stored (written to the OS; also fsynced under `fsync = "always"`). `dropped_oldest`
     /// unacked readings were discarded to make room.
     Stored { seq: u64, dropped_oldest: u64 },
-    /// The spool is full and `when_full = "drop_newest"`: not stored, no seq consumed.
+    /// The spool (its `max_bytes`, or the file system) is full and
+    /// `when_full = "drop_newest"`: not stored, no seq consumed.
     DroppedNewest,
 }
 
+/// The spool's counters, for the gateway's `stats` message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpoolStats {
+    /// The spool's identity: 32 lowercase hex characters, made when the spool was created.
+    pub spool_id: String,
     /// Total size of the segment files.
     pub bytes: u64,
     /// Stored readings not yet acked (nor dropped).
@@ -165,6 +261,22 @@ pub struct SpoolStats {
     pub dropped_newest: u64,
     pub next_seq: u64,
     pub acked: u64,
+    /// Appends (and `state` writes) that found the file system full (ENOSPC or EDQUOT); each
+    /// then applied `when_full` like a full `max_bytes`.
+    pub disk_full: u64,
+    /// Readings that got a seq but could not be stored: the disk was full with nothing left
+    /// to free ([`SpoolError::DiskFull`]).
+    pub not_stored: u64,
+    /// The spool's helper thread has been in one fsync, unlink or `state` write for at least
+    /// 5 s: the disk is stalled.
+    pub disk_stalled: bool,
+    /// Helper operations that took at least 5 s since start.
+    pub disk_stalls: u64,
+    /// Records found corrupt despite valid checksums (see [`Recovery::corrupt_records`]), at
+    /// start and while reading.
+    pub corrupt_records: u64,
+    /// Bytes still free for zgate on the spool's file system (None if statvfs failed).
+    pub disk_avail_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -231,8 +343,9 @@ impl Segment {
         self.runs
             .iter()
             .find(|r| r.1 > low)
-            .map(|r| r.0.max(low + 1))
+            .map(|r| r.0.max(low.saturating_add(1)))
     }
+
     fn contains(&self, seq: u64) -> bool {
         let i = self.runs.partition_point(|r| r.1 < seq);
         self.runs.get(i).is_some_and(|r| r.0 <= seq)
@@ -264,12 +377,15 @@ struct DropLog {
     last: Option<Instant>,
     oldest: u64,
     newest: u64,
+    /// Disk-full events since the last report.
+    disk_full: u64,
 }
 
 /// The spool. Single-threaded; all methods are meant to be called from the event loop.
 pub struct Spool {
     dir: PathBuf,
     dir_handle: File,
+    spool_id: String,
     cfg: SpoolConfig,
     segment_size: u64,
     segs: BTreeMap<u64, Segment>,
@@ -283,9 +399,13 @@ pub struct Spool {
     live: u64,
     dropped_oldest: u64,
     dropped_newest: u64,
+    disk_full: u64,
+    not_stored: u64,
+    corrupt_records: u64,
     dirty: bool,
     dir_dirty: bool,
-    ack_dirty: bool,
+    /// The `state` file is behind: the ack moved, or a write failed (it is retried).
+    state_dirty: bool,
     last_state_write: Option<Instant>,
     fsyncs: u64,
     reader: Option<CachedReader>,
@@ -367,6 +487,8 @@ impl Spool {
         let mut rec = Recovery::default();
         let mut segs = BTreeMap::new();
         let mut last_seq = 0u64;
+        // Highest seq seen on disk, also in records not kept; never above MAX_SEQ (the scanner
+        // treats higher ones as corrupt), so `max_seen + 1` cannot overflow.
         let mut max_seen = 0u64;
         let mut dir_changed = false;
         for (_, path) in names {
@@ -376,6 +498,8 @@ impl Spool {
             let mut accepted = 0u64;
             let mut valid_end = 0u64;
             let mut out_of_order = 0u64;
+            let mut corrupt = 0u64;
+            let mut first_corrupt = None;
             let end = loop {
                 match sc.next().map_err(io_err(&path))? {
                     Item::Record {
@@ -394,12 +518,25 @@ impl Spool {
                             max_seen = max_seen.max(r.seq);
                         }
                     }
+                    Item::Invalid { seq, .. } => {
+                        corrupt += 1;
+                        first_corrupt.get_or_insert(seq);
+                    }
                     Item::Garbage => {}
                     Item::End { offset, tail } => break offset + tail,
                 }
             };
             max_seen = max_seen.max(sc.max_bad_seq);
             drop(sc);
+            rec.corrupt_records += corrupt;
+            if let Some(seq) = first_corrupt {
+                log::warn!(
+                    "spool: {}: {corrupt} records (the first seq={seq}) have valid checksums \
+                     but contents no spool writes (a payload that is not UTF-8, or a seq above \
+                     {MAX_SEQ}): corrupt, skipped",
+                    path.display()
+                );
+            }
             let discarded = end - accepted;
             rec.discarded_bytes += discarded;
             if seg.runs.is_empty() {
@@ -428,7 +565,7 @@ impl Spool {
             if skipped > 0 {
                 log::warn!(
                     "spool: {}: skipped {skipped} corrupt bytes inside the segment \
-                     ({out_of_order} out-of-order records)",
+                     ({out_of_order} out-of-order records, {corrupt} corrupt records)",
                     path.display()
                 );
             }
@@ -437,31 +574,51 @@ impl Spool {
         }
         max_seen = max_seen.max(last_seq);
 
-        let (floor, acked, persisted) = match loaded {
-            state::Loaded::Ok(s) => (s.floor, s.acked, true),
-            state::Loaded::Missing if !had_segment_files => (1, 0, false),
+        let (floor, acked, persisted, id) = match loaded {
+            state::Loaded::Ok(s) => (s.floor, s.acked, true, s.id),
+            state::Loaded::Missing if !had_segment_files => (1, 0, false, None),
             state::Loaded::Missing => {
                 log::warn!(
                     "spool: {} is missing but segments exist; resuming above the highest seq \
-                     on disk and resending everything stored",
+                     on disk and resending everything stored, under a new spool_id",
                     state_path.display()
                 );
-                (max_seen + 1, 0, false)
+                (max_seen.saturating_add(1), 0, false, None)
             }
             state::Loaded::Corrupt(why) => {
                 log::error!(
                     "spool: {} is corrupt ({why}); resuming above the highest seq on disk and \
-                     resending everything stored",
+                     resending everything stored, under a new spool_id",
                     state_path.display()
                 );
-                (max_seen + 1, 0, false)
+                (max_seen.saturating_add(1), 0, false, None)
             }
         };
+        let new_spool_id = id.is_none();
+        let id = match id {
+            Some(id) => id,
+            None => state::new_id().map_err(io_err(Path::new("/dev/urandom")))?,
+        };
+        let spool_id = String::from_utf8(id.to_vec()).expect("hex id");
+        debug_assert_eq!(spool_id.len(), ID_LEN);
+        if new_spool_id && persisted {
+            log::info!(
+                "spool: {} has no spool_id (written by an older zgate); this spool is now \
+                 spool_id={spool_id}",
+                state_path.display()
+            );
+        } else if new_spool_id {
+            log::info!("spool: {}: new spool_id={spool_id}", dir.display());
+        }
         // Seqs stay contiguous across restarts: a backend that acks the highest contiguous seq
         // must never wait for a seq that was skipped. After kill -9 every appended record is
         // on disk (write(2) returned), so `max_seen + 1` is exact; `floor` (the exact next seq
         // saved by the last state write) and the persisted ack cover fully deleted spools.
-        let next_seq = floor.max(max_seen + 1).max(acked + 1).max(1);
+        // `state` values and seqs on disk are at most MAX_SEQ (+ 1 for the floor): no overflow.
+        let next_seq = floor
+            .max(max_seen.saturating_add(1))
+            .max(acked.saturating_add(1))
+            .max(1);
         let acked = acked.min(next_seq - 1);
 
         let active = match segs.iter().next_back() {
@@ -479,13 +636,44 @@ impl Spool {
             }
             None => None,
         };
-        let total_bytes = segs.values().map(|s| s.bytes).sum();
+        let total_bytes: u64 = segs.values().map(|s| s.bytes).sum();
         let live = segs.values().map(|s| s.count_in(acked, u64::MAX)).sum();
+
+        // A max_bytes the file system cannot hold: the disk fills before the budget does. That
+        // works (a full disk is handled like a full budget) but frees space a whole segment at
+        // a time, so segments are sized for the space there is.
+        let disk = match disk_space(dir) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                log::debug!("spool: statvfs {}: {e}", dir.display());
+                None
+            }
+        };
+        let mut budget = cfg.max_bytes;
+        if let Some(d) = disk {
+            let room = total_bytes.saturating_add(d.avail_bytes);
+            if cfg.max_bytes > room {
+                log::warn!(
+                    "spool: max_bytes={} exceeds the room on {}'s file system: {} bytes free \
+                     + {total_bytes} bytes spooled = {room} (file system size {}); when the \
+                     disk fills, when_full={:?} applies; lower spool.max_bytes or give \
+                     data_dir more space",
+                    cfg.max_bytes,
+                    dir.display(),
+                    d.avail_bytes,
+                    d.total_bytes,
+                    cfg.when_full
+                );
+                budget = room;
+            }
+        }
+
         let deleter = Deleter::new(dir.to_path_buf(), cfg.fsync == FsyncPolicy::Always);
         let mut spool = Spool {
             dir: dir.to_path_buf(),
             dir_handle,
-            segment_size: segment_size_for(cfg.max_bytes),
+            spool_id: spool_id.clone(),
+            segment_size: segment_size_for(budget),
             cfg,
             segs,
             active,
@@ -497,9 +685,12 @@ impl Spool {
             live,
             dropped_oldest: 0,
             dropped_newest: 0,
+            disk_full: 0,
+            not_stored: 0,
+            corrupt_records: rec.corrupt_records,
             dirty: false,
             dir_dirty: false,
-            ack_dirty: false,
+            state_dirty: false,
             last_state_write: None,
             fsyncs: 0,
             reader: None,
@@ -511,17 +702,39 @@ impl Spool {
             spool.sync_dir()?;
         }
         spool.delete_dead()?;
+        if new_spool_id {
+            // The id is on disk before anyone sees it (hello, stats). A full disk does not stop
+            // the start: the write is retried by tick() (and flush()).
+            match spool.write_state(spool.next_seq, true) {
+                Ok(()) => spool.last_state_write = None,
+                Err(SpoolError::Io { source, .. }) if is_disk_full(&source) => {
+                    log::warn!(
+                        "spool: cannot write {} (disk full: {source}); spool_id={spool_id} is \
+                         kept in memory and written as soon as there is room",
+                        state_path.display()
+                    );
+                    spool.disk_full += 1;
+                    spool.state_dirty = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         rec.segments = spool.segs.len();
         rec.next_seq = spool.next_seq;
         rec.acked = spool.acked;
+        rec.spool_id = spool_id;
+        rec.new_spool_id = new_spool_id;
+        rec.disk = disk;
         log::info!(
-            "spool: {}: {} segments, {} records ({} unacked), {} bytes discarded, next seq {}, \
-             acked {}",
+            "spool: {}: spool_id={} {} segments, {} records ({} unacked), {} bytes discarded \
+             ({} corrupt records), next seq {}, acked {}",
             dir.display(),
+            rec.spool_id,
             rec.segments,
             rec.records,
             spool.live,
             rec.discarded_bytes,
+            rec.corrupt_records,
             rec.next_seq,
             rec.acked
         );
@@ -538,6 +751,13 @@ impl Spool {
         self.acked
     }
 
+    /// The spool's identity: 32 lowercase hex characters, random, made when the spool was
+    /// created and kept in its `state` file. A wiped or replaced `data_dir` gets a new one, so
+    /// a backend can tell its seqs from those of the spool it replaced.
+    pub fn spool_id(&self) -> &str {
+        &self.spool_id
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -552,9 +772,25 @@ impl Spool {
         self.segs.len() + usize::from(self.active.as_ref().is_some_and(|a| a.fresh))
     }
 
-    /// Number of fsync calls issued (files, directory and state), for tests and diagnostics.
+    /// Number of fsync calls issued (files, directory and state) on this thread or queued to
+    /// the helper thread, for tests and diagnostics. A sync requested while one of the same
+    /// file is still queued is covered by it and not counted.
     pub fn fsync_count(&self) -> u64 {
         self.fsyncs
+    }
+
+    /// Work items waiting for the helper thread (unlinks, syncs, `state` write), not counting
+    /// the one it is doing. At most one sync per segment file, one directory sync and one
+    /// `state` write, however long the disk stalls.
+    pub fn helper_pending(&self) -> usize {
+        self.deleter.status().pending
+    }
+
+    /// True when [`Spool::tick`] has work: data or a `state` write (an ack, or a write that
+    /// failed and is retried) not yet handed to the disk. A caller that arms its tick timer
+    /// only after appends and acks should re-arm it after a tick while this holds.
+    pub fn wants_tick(&self) -> bool {
+        self.dirty || self.dir_dirty || self.state_dirty
     }
 
     /// Records at or below this seq are gone: acked or dropped.
@@ -562,17 +798,45 @@ impl Spool {
         self.acked.max(self.dropped_upto)
     }
 
+    /// Deletes the oldest segment (the active one too, if it is the only one), counting its
+    /// unacked records as dropped. Returns how many, or None if there is no segment.
+    fn drop_oldest_segment(&mut self) -> Result<Option<u64>, SpoolError> {
+        let Some((&key, seg)) = self.segs.iter().next() else {
+            return Ok(None);
+        };
+        let n = seg.count_in(self.low(), u64::MAX);
+        let last = seg.last_seq();
+        self.remove_segment(key)?;
+        self.live -= n;
+        self.dropped_upto = self.dropped_upto.max(last);
+        self.dropped_oldest += n;
+        self.drop_log.oldest += n;
+        Ok(Some(n))
+    }
+
     /// Assigns the next seq, builds the payload with it, stores it. On return the record has
     /// been handed to the kernel with write(2) (and fsynced under `fsync = "always"`).
     ///
     /// `build` may return a borrow of a caller's buffer (`&[u8]`), so the caller keeps the
-    /// payload for the outbox without a copy.
+    /// payload for the outbox without a copy. The payload must be UTF-8 (the spool reads back
+    /// only UTF-8 payloads).
+    ///
+    /// A full file system (ENOSPC, EDQUOT) is handled like a full `max_bytes`: no partial
+    /// record is left behind, and `when_full` applies: `drop_newest` returns
+    /// [`Appended::DroppedNewest`]; `drop_oldest` deletes the oldest segments one by one,
+    /// retrying after each. If nothing is left to delete the reading is not stored and
+    /// [`SpoolError::DiskFull`] carries its seq (which is used up).
     pub fn append_with<P: AsRef<[u8]>>(
         &mut self,
         time_ms: u64,
         build: impl FnOnce(u64) -> P,
     ) -> Result<Appended, SpoolError> {
         let seq = self.next_seq;
+        if seq > MAX_SEQ {
+            return Err(SpoolError::SeqsExhausted {
+                dir: self.dir.clone(),
+            });
+        }
         let payload = build(seq);
         let payload = payload.as_ref();
         let rec_len = (OVERHEAD + payload.len()) as u64;
@@ -581,6 +845,11 @@ impl Spool {
             return Err(SpoolError::RecordTooLarge {
                 len: payload.len(),
                 limit,
+            });
+        }
+        if let Err(e) = std::str::from_utf8(payload) {
+            return Err(SpoolError::NotUtf8 {
+                valid_up_to: e.valid_up_to(),
             });
         }
 
@@ -596,36 +865,99 @@ impl Spool {
         }
         if self.total_bytes + rec_len > self.cfg.max_bytes {
             match self.cfg.when_full {
-                WhenFull::DropNewest => {
-                    self.dropped_newest += 1;
-                    self.drop_log.newest += 1;
-                    self.maybe_log_drops();
-                    return Ok(Appended::DroppedNewest);
-                }
+                WhenFull::DropNewest => return Ok(self.drop_newest()),
                 WhenFull::DropOldest => {
                     let mut res = Ok(());
                     while self.total_bytes + rec_len > self.cfg.max_bytes {
-                        let Some((&key, seg)) = self.segs.iter().next() else {
-                            break;
-                        };
-                        let n = seg.count_in(self.low(), u64::MAX);
-                        let last = seg.last_seq();
-                        if let Err(e) = self.remove_segment(key) {
-                            res = Err(e);
-                            break;
+                        match self.drop_oldest_segment() {
+                            Ok(Some(n)) => dropped += n,
+                            Ok(None) => break,
+                            Err(e) => {
+                                res = Err(e);
+                                break;
+                            }
                         }
-                        self.live -= n;
-                        dropped += n;
-                        self.dropped_upto = self.dropped_upto.max(last);
                     }
-                    self.dropped_oldest += dropped;
-                    self.drop_log.oldest += dropped;
                     self.maybe_log_drops();
                     res?;
                 }
             }
         }
 
+        self.scratch.clear();
+        encode_record(seq, time_ms, payload, &mut self.scratch);
+        let mut disk_full = false;
+        loop {
+            let (path, source) = match self.write_record(seq, time_ms, rec_len) {
+                Ok(()) => break,
+                Err(Unwritten::Failed(e)) => return Err(e),
+                Err(Unwritten::DiskFull(path, source)) => (path, source),
+            };
+            if !disk_full {
+                disk_full = true;
+                self.on_disk_full(&source);
+            }
+            if self.cfg.when_full == WhenFull::DropNewest {
+                return Ok(self.drop_newest());
+            }
+            // drop_oldest: unlinks still queued for the helper free space now; then the oldest
+            // segment goes, and so on.
+            if self.deleter.delete_pending_now() > 0 {
+                continue;
+            }
+            let freed = self.drop_oldest_segment();
+            if freed.is_ok() {
+                // The space must be free before the retry.
+                self.deleter.delete_pending_now();
+            }
+            match freed? {
+                Some(n) => {
+                    dropped += n;
+                    self.maybe_log_drops();
+                }
+                None => {
+                    self.next_seq = seq + 1;
+                    self.not_stored += 1;
+                    self.maybe_log_drops();
+                    return Err(SpoolError::DiskFull { seq, path, source });
+                }
+            }
+        }
+        Ok(Appended::Stored {
+            seq,
+            dropped_oldest: dropped,
+        })
+    }
+
+    fn drop_newest(&mut self) -> Appended {
+        self.dropped_newest += 1;
+        self.drop_log.newest += 1;
+        self.maybe_log_drops();
+        Appended::DroppedNewest
+    }
+
+    /// Counts a full file system and sizes new segments for the space that turned out to be
+    /// there, so that `drop_oldest` frees it in steps of about an eighth.
+    fn on_disk_full(&mut self, e: &io::Error) {
+        self.disk_full += 1;
+        self.drop_log.disk_full += 1;
+        let size = segment_size_for(self.total_bytes);
+        if size < self.segment_size {
+            log::warn!(
+                "spool: {}: file system full ({e}) with {} bytes spooled (max_bytes={}); new \
+                 segments are {size} bytes",
+                self.dir.display(),
+                self.total_bytes,
+                self.cfg.max_bytes
+            );
+            self.segment_size = size;
+        }
+    }
+
+    /// Writes the encoded record in `scratch` (seq `seq`) to the active segment, rolling to a
+    /// new one first if needed. On failure nothing of it stays in the file and no seq is used,
+    /// unless the partial record cannot be removed (then the seq is used up).
+    fn write_record(&mut self, seq: u64, time_ms: u64, rec_len: u64) -> Result<(), Unwritten> {
         let roll = match &self.active {
             None => true,
             Some(a) if a.fresh => false,
@@ -635,11 +967,9 @@ impl Spool {
             }
         };
         if roll {
-            self.roll(seq)?;
+            self.roll(seq).map_err(Unwritten::from)?;
         }
 
-        self.scratch.clear();
-        encode_record(seq, time_ms, payload, &mut self.scratch);
         let active = self.active.as_mut().expect("active segment after roll");
         let fresh = active.fresh;
         let offset = if fresh {
@@ -647,19 +977,31 @@ impl Spool {
         } else {
             self.segs[&active.key].bytes
         };
-        // The seq is consumed even if the write fails: part of the record may be on disk.
-        self.next_seq = seq + 1;
         if let Err(e) = active.file.write_all(&self.scratch) {
             let path = active.path.clone();
+            // The cached reader may hold bytes of the partial record.
             self.reader = None;
-            if fresh {
+            let undone = if fresh {
                 self.active = None;
-                let _ = fs::remove_file(&path);
+                fs::remove_file(&path)
             } else {
-                let _ = active.file.set_len(offset);
+                active.file.set_len(offset)
+            };
+            if let Err(e2) = undone {
+                // Part of the record may stay on disk: its seq must not be handed out again.
+                log::error!(
+                    "spool: cannot remove a partial record from {}: {e2}",
+                    path.display()
+                );
+                self.next_seq = seq + 1;
             }
-            return Err(SpoolError::Io { path, source: e });
+            return Err(if is_disk_full(&e) {
+                Unwritten::DiskFull(path, e)
+            } else {
+                Unwritten::Failed(SpoolError::Io { path, source: e })
+            });
         }
+        self.next_seq = seq + 1;
         if fresh {
             active.fresh = false;
             self.segs.insert(seq, Segment::new(active.path.clone()));
@@ -673,11 +1015,15 @@ impl Spool {
         self.live += 1;
         match self.cfg.fsync {
             FsyncPolicy::Always => {
+                // The record is stored (its seq used): a failure here is no reason to write it
+                // again.
                 let a = self.active.as_ref().expect("active");
-                a.file.sync_data().map_err(io_err(&a.path))?;
+                a.file
+                    .sync_data()
+                    .map_err(|e| Unwritten::Failed(io_err(&a.path)(e)))?;
                 self.fsyncs += 1;
                 if fresh {
-                    self.sync_dir()?;
+                    self.sync_dir().map_err(Unwritten::Failed)?;
                 }
             }
             FsyncPolicy::Interval => {
@@ -685,10 +1031,7 @@ impl Spool {
                 self.dir_dirty |= fresh;
             }
         }
-        Ok(Appended::Stored {
-            seq,
-            dropped_oldest: dropped,
-        })
+        Ok(())
     }
 
     /// Closes the active segment and creates a new one named `seq` (not indexed until its
@@ -698,10 +1041,14 @@ impl Spool {
             if self.dirty {
                 // Under "interval" only the active file can be dirty: the helper thread syncs
                 // it (the descriptor moves there) while the loop goes on.
-                self.deleter
-                    .sync_data(old.file, old.path.clone())
-                    .map_err(io_err(&old.path))?;
-                self.fsyncs += 1;
+                let Active { file, path, .. } = old;
+                if self
+                    .deleter
+                    .sync_data(&path, move || Ok(file))
+                    .map_err(io_err(&path))?
+                {
+                    self.fsyncs += 1;
+                }
                 self.dirty = false;
             }
         }
@@ -769,18 +1116,23 @@ impl Spool {
     fn write_state(&mut self, floor: u64, inline: bool) -> Result<(), SpoolError> {
         // Invariant: the persisted floor is above every seq handed out.
         let s = State {
+            id: Some(self.spool_id.as_bytes().try_into().expect("32 hex chars")),
             floor: floor.max(self.next_seq),
             acked: self.acked,
         };
-        if inline {
+        let res = if inline {
             state::store(&self.dir, &self.dir_handle, &s)
         } else {
             self.deleter.store_state(s)
+        };
+        if let Err(e) = res {
+            // Retried by the next tick() (and flush()).
+            self.state_dirty = true;
+            return Err(io_err(&self.dir.join(STATE_FILE))(e));
         }
-        .map_err(io_err(&self.dir.join(STATE_FILE)))?;
         self.fsyncs += 2;
         self.seq_floor = s.floor;
-        self.ack_dirty = false;
+        self.state_dirty = false;
         self.last_state_write = Some(Instant::now());
         Ok(())
     }
@@ -805,7 +1157,7 @@ impl Spool {
         };
         self.acked = seq;
         self.live -= newly;
-        self.ack_dirty = true;
+        self.state_dirty = true;
         self.delete_dead()?;
         Ok(newly)
     }
@@ -845,7 +1197,7 @@ impl Spool {
                 Item::Record { rec, .. } if rec.seq > seq && seg.contains(rec.seq) => {
                     return Ok(None)
                 }
-                Item::Record { .. } | Item::Garbage => {}
+                Item::Record { .. } | Item::Garbage | Item::Invalid { .. } => {}
                 Item::End { .. } => return Ok(None),
             }
         }
@@ -875,6 +1227,7 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let mut want = from.max(self.low() + 1);
         let mut got = 0usize;
+
         while got < max {
             let Some(key) = self.segment_for(want) else {
                 break;
@@ -912,10 +1265,12 @@ impl Spool {
                             }
                         }
                     }
-                    Item::Garbage => {}
+                    // Corrupt despite valid checksums: never indexed at open (a valid record
+                    // with the same seq may follow it).
+                    Item::Invalid { .. } | Item::Garbage => {}
                     Item::End { .. } => {
                         // Continue with the next segment (always makes progress).
-                        want = want.max(seg.last_seq() + 1);
+                        want = want.max(seg.last_seq().saturating_add(1));
                         break;
                     }
                 }
@@ -932,11 +1287,19 @@ impl Spool {
     /// take milliseconds, too long for the loop); `tick()` itself does no blocking I/O. An error
     /// the helper met since the previous tick is returned from this one.
     pub fn tick(&mut self) -> Result<(), SpoolError> {
+        self.deleter.status(); // counts and logs a stalled disk
+        if let Some(full) = self.deleter.take_state_failure() {
+            self.state_dirty = true;
+            if full {
+                self.disk_full += 1;
+                self.drop_log.disk_full += 1;
+            }
+        }
         if self.cfg.fsync == FsyncPolicy::Interval {
             self.sync_pending(false)?;
         }
         let every = Duration::from_millis(self.cfg.fsync_interval_ms);
-        if self.ack_dirty && !matches!(self.last_state_write, Some(t) if t.elapsed() < every) {
+        if self.state_dirty && !matches!(self.last_state_write, Some(t) if t.elapsed() < every) {
             self.write_state(self.seq_floor, false)?;
         }
         self.maybe_log_drops();
@@ -953,13 +1316,16 @@ impl Spool {
             if let Some(a) = &self.active {
                 if inline {
                     a.file.sync_data().map_err(io_err(&a.path))?;
-                } else {
-                    let dup = a.file.try_clone().map_err(io_err(&a.path))?;
-                    self.deleter
-                        .sync_data(dup, a.path.clone())
-                        .map_err(io_err(&a.path))?;
+                    self.fsyncs += 1;
+                } else if self
+                    .deleter
+                    .sync_data(&a.path, || a.file.try_clone())
+                    .map_err(io_err(&a.path))?
+                {
+                    // Not counted when a sync of the file is still queued: that one covers
+                    // this data, and a stalled disk does not pile up descriptors.
+                    self.fsyncs += 1;
                 }
-                self.fsyncs += 1;
             }
             self.dirty = false;
         }
@@ -967,8 +1333,9 @@ impl Spool {
             if inline {
                 self.sync_dir()?;
             } else {
-                self.deleter.sync_dir().map_err(io_err(&self.dir))?;
-                self.fsyncs += 1;
+                if self.deleter.sync_dir().map_err(io_err(&self.dir))? {
+                    self.fsyncs += 1;
+                }
                 self.dir_dirty = false;
             }
         }
@@ -988,14 +1355,20 @@ impl Spool {
         // A sync the helper thread failed is retried by these inline ones (they cover it),
         // and still reported.
         let earlier = self.deleter.take_error();
+        self.deleter.take_state_failure(); // written again below
         self.dirty |= earlier.is_some() && self.active.is_some();
         self.sync_pending(true)?;
-        self.write_state(self.next_seq, true)?;
-        let (o, n) = (self.drop_log.oldest, self.drop_log.newest);
-        if o + n > 0 {
+        let written = self.write_state(self.next_seq, true);
+        if matches!(&written, Err(SpoolError::Io { source, .. }) if is_disk_full(source)) {
+            self.disk_full += 1;
+            self.drop_log.disk_full += 1;
+        }
+        let d = &self.drop_log;
+        if d.oldest + d.newest + d.disk_full > 0 {
             self.drop_log.last = None;
             self.maybe_log_drops();
         }
+        written?;
         match earlier {
             Some((path, source)) => Err(SpoolError::Io { path, source }),
             None => Ok(()),
@@ -1004,7 +1377,34 @@ impl Spool {
 
     fn maybe_log_drops(&mut self) {
         let d = &mut self.drop_log;
-        if d.oldest + d.newest == 0 || d.last.is_some_and(|t| t.elapsed() < DROP_LOG_EVERY) {
+        if d.oldest + d.newest + d.disk_full == 0
+            || d.last.is_some_and(|t| t.elapsed() < DROP_LOG_EVERY)
+        {
+            return;
+        }
+        if d.disk_full > 0 {
+            log::warn!(
+                "spool: disk full: {} times since the last report, at {} bytes spooled \
+                 (max_bytes {}): when_full={:?} dropped {} oldest and {} newest readings, {} \
+                 readings not stored (totals: disk_full={} dropped_oldest={} dropped_newest={} \
+                 not_stored={}); free space on {}'s file system or lower spool.max_bytes",
+                d.disk_full,
+                self.total_bytes,
+                self.cfg.max_bytes,
+                self.cfg.when_full,
+                d.oldest,
+                d.newest,
+                self.not_stored,
+                self.disk_full,
+                self.dropped_oldest,
+                self.dropped_newest,
+                self.not_stored,
+                self.dir.display()
+            );
+            d.disk_full = 0;
+            d.oldest = 0;
+            d.newest = 0;
+            d.last = Some(Instant::now());
             return;
         }
         log::warn!(
@@ -1025,7 +1425,9 @@ impl Spool {
     /// Current statistics. `oldest_unacked_ms` may read up to 16 KiB from disk (see
     /// `oldest_unacked_ms`); call it at the stats interval, not per reading.
     pub fn stats(&self) -> SpoolStats {
+        let helper = self.deleter.status();
         SpoolStats {
+            spool_id: self.spool_id.clone(),
             bytes: self.total_bytes,
             readings: self.live,
             oldest_unacked_ms: self.oldest_unacked_ms(),
@@ -1033,6 +1435,17 @@ impl Spool {
             dropped_newest: self.dropped_newest,
             next_seq: self.next_seq,
             acked: self.acked,
+            disk_full: self.disk_full,
+            not_stored: self.not_stored,
+            disk_stalled: helper.stalled,
+            disk_stalls: helper.stalls,
+            corrupt_records: self.corrupt_records,
+            disk_avail_bytes: disk_space(&self.dir).ok().map(|d| d.avail_bytes),
         }
+    }
+
+    /// Space on the spool's file system now (statvfs).
+    pub fn disk_space(&self) -> Result<DiskSpace, SpoolError> {
+        disk_space(&self.dir).map_err(io_err(&self.dir))
     }
 }

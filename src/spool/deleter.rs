@@ -123,9 +123,9 @@ struct Inner {
     /// The worker waits on it for work; `wait()` waits on it for `done`.
     wake: Condvar,
     idle: Condvar,
-    /// Tests hold this to block the worker in the middle of an operation (a stalled disk).
+    /// Tests set this to block the worker in the middle of an operation (a stalled disk).
     #[cfg(test)]
-    hold: Mutex<()>,
+    hold: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Inner {
@@ -162,10 +162,14 @@ impl Worker {
             s.busy = Some((Instant::now(), what, path.to_path_buf()));
         }
         #[cfg(test)]
-        let hold = self.inner.hold.lock();
+        {
+            let (held, cv) = &*self.inner.hold;
+            let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+            while *h {
+                h = cv.wait(h).unwrap_or_else(|p| p.into_inner());
+            }
+        }
         let r = f();
-        #[cfg(test)]
-        drop(hold);
         let mut s = self.inner.lock();
         if let Some((since, _, _)) = s.busy.take() {
             let took = since.elapsed();
@@ -297,7 +301,7 @@ impl Deleter {
             wake: Condvar::new(),
             idle: Condvar::new(),
             #[cfg(test)]
-            hold: Mutex::new(()),
+            hold: Arc::new((Mutex::new(false), Condvar::new())),
         });
         let worker = Worker {
             inner: inner.clone(),
@@ -437,17 +441,25 @@ impl Deleter {
         }
     }
 
+    /// Whether the thread has work queued or running, or a result the loop has not taken
+    /// yet (an error, a failed `state` write).
+    pub fn busy(&self) -> bool {
+        let s = self.inner.lock();
+        !s.work.is_empty() || s.busy.is_some() || s.failed.is_some() || s.state_failed.is_some()
+    }
+
     /// Changes the stall threshold (tests).
     #[cfg(test)]
     pub fn set_stall_after(&self, d: Duration) {
         self.inner.lock().stall_after = d;
     }
 
-    /// Blocks the thread at its next operation until the guard is dropped (tests: a stalled
+    /// Blocks the thread in its next operation until the guard is dropped (tests: a stalled
     /// disk).
     #[cfg(test)]
-    pub fn hold(&self) -> MutexGuard<'_, ()> {
-        self.inner.hold.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn hold(&self) -> Hold {
+        *self.inner.hold.0.lock().unwrap() = true;
+        Hold(self.inner.hold.clone())
     }
 
     /// Blocks until all work queued before the call (and an unlink's directory fsync) is done.
@@ -460,6 +472,18 @@ impl Deleter {
         while s.done < target {
             s = self.inner.idle.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// See [`Deleter::hold`].
+#[cfg(test)]
+pub(crate) struct Hold(Arc<(Mutex<bool>, Condvar)>);
+
+#[cfg(test)]
+impl Drop for Hold {
+    fn drop(&mut self) {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.0 .1.notify_all();
     }
 }
 

@@ -21,6 +21,8 @@ mod scan;
 mod state;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_disk;
 
 pub use crate::spool::record::{
     decode_header, decode_record, encode_record, DecodeError, Header, Record, HEADER_LEN,
@@ -787,10 +789,11 @@ impl Spool {
     }
 
     /// True when [`Spool::tick`] has work: data or a `state` write (an ack, or a write that
-    /// failed and is retried) not yet handed to the disk. A caller that arms its tick timer
-    /// only after appends and acks should re-arm it after a tick while this holds.
+    /// failed and is retried) not yet handed to the disk, or helper work whose outcome the
+    /// next tick must look at. A caller that arms its tick timer only after appends and acks
+    /// should re-arm it after a tick while this holds.
     pub fn wants_tick(&self) -> bool {
-        self.dirty || self.dir_dirty || self.state_dirty
+        self.dirty || self.dir_dirty || self.state_dirty || self.deleter.busy()
     }
 
     /// Records at or below this seq are gone: acked or dropped.

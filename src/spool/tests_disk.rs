@@ -71,7 +71,7 @@ fn spool_id_is_made_once_and_persists_across_reopen() {
     drop(sp);
     let (mut sp, rec) = Spool::open(d.path(), SpoolConfig::default()).unwrap();
     assert_eq!((sp.spool_id(), rec.new_spool_id), (id.as_str(), false));
-    stored(sp.append_with(0, |s| reading(s)).unwrap());
+    stored(sp.append_with(0, reading).unwrap());
     sp.ack(1).unwrap();
     sp.tick().unwrap();
     sp.flush().unwrap();
@@ -98,7 +98,7 @@ fn old_format_state_is_upgraded_with_a_new_id_at_open() {
     {
         let (mut sp, _) = Spool::open(d.path(), SpoolConfig::default()).unwrap();
         for _ in 0..10 {
-            stored(sp.append_with(0, |s| reading(s)).unwrap());
+            stored(sp.append_with(0, reading).unwrap());
         }
         sp.ack(4).unwrap();
         sp.flush().unwrap();
@@ -160,7 +160,7 @@ fn seq_above_max_seq_with_valid_crcs_is_corrupt_not_an_overflow() {
         assert_eq!(rec.discarded_bytes, 2 * (OVERHEAD as u64 + 2));
         let seqs: Vec<u64> = read_all(&mut sp).iter().map(|r| r.0).collect();
         assert_eq!(seqs, [1, 2, 3]);
-        assert_eq!(stored(sp.append_with(0, |s| reading(s)).unwrap()), 4);
+        assert_eq!(stored(sp.append_with(0, reading).unwrap()), 4);
         assert_eq!(sp.ack(u64::MAX).unwrap(), 4);
         assert_eq!(sp.first_unacked(), None);
     }
@@ -195,7 +195,7 @@ fn state_with_values_out_of_range_is_corrupt_not_an_overflow() {
             "floor={floor} acked={acked}"
         );
         assert!(rec.new_spool_id);
-        assert_eq!(stored(sp.append_with(0, |s| reading(s)).unwrap()), 2);
+        assert_eq!(stored(sp.append_with(0, reading).unwrap()), 2);
     }
 }
 
@@ -211,7 +211,7 @@ fn the_last_seq_there_is_ends_appends_with_an_error() {
     let (mut sp, rec) = Spool::open(d.path(), SpoolConfig::default()).unwrap();
     assert_eq!(rec.next_seq, MAX_SEQ + 1);
     assert_eq!(read_all(&mut sp).len(), 1);
-    let e = sp.append_with(0, |s| reading(s)).unwrap_err();
+    let e = sp.append_with(0, reading).unwrap_err();
     assert!(matches!(e, SpoolError::SeqsExhausted { .. }), "{e}");
     assert_eq!(sp.ack(u64::MAX).unwrap(), 1);
 }
@@ -248,7 +248,7 @@ fn payload_that_is_not_utf8_is_corrupt_and_nobody_waits_for_it() {
     // And the spool never writes such a record itself.
     let e = sp.append_with(0, |_| vec![b'a', 0xFF]).unwrap_err();
     assert!(matches!(e, SpoolError::NotUtf8 { .. }), "{e}");
-    assert_eq!(stored(sp.append_with(0, |s| reading(s)).unwrap()), 7);
+    assert_eq!(stored(sp.append_with(0, reading).unwrap()), 7);
 }
 
 // ---- a stalled disk ----
@@ -268,12 +268,12 @@ fn a_stalled_disk_holds_helper_work_and_descriptors_bounded_and_is_reported() {
     let dir = d.path().canonicalize().unwrap();
     let (mut sp, _) = Spool::open(&dir, cfg(8 << 20, WhenFull::DropOldest)).unwrap();
     sp.deleter.set_stall_after(Duration::from_millis(50));
-    stored(sp.append_with(0, |s| reading(s)).unwrap());
+    stored(sp.append_with(0, reading).unwrap());
     // The disk stalls: the helper blocks in its next operation (the sync the tick queues).
     let hold = sp.deleter.hold();
     sp.tick().unwrap();
     for _ in 0..1000 {
-        let seq = stored(sp.append_with(0, |s| reading(s)).unwrap());
+        let seq = stored(sp.append_with(0, reading).unwrap());
         sp.ack(seq - 1).unwrap(); // and a state write every tick
         sp.tick().unwrap();
     }
@@ -373,7 +373,7 @@ fn full_disk_under_drop_oldest_keeps_storing_the_newest_readings() {
     assert!(sp.segment_size() <= 200 * 1024 / 8, "{}", sp.segment_size());
     let id = sp.spool_id().to_string();
     for i in 1..=3000u64 {
-        let r = sp.append_with(i, |s| reading(s));
+        let r = sp.append_with(i, reading);
         assert_eq!(stored(r.unwrap()), i);
         if i % 100 == 0 {
             sp.tick().unwrap();
@@ -414,7 +414,7 @@ fn full_disk_under_drop_newest_refuses_new_readings_until_acks_free_space() {
     let mut kept = 0u64;
     let mut refused = 0u64;
     for i in 1..=3000u64 {
-        match sp.append_with(i, |s| reading(s)).unwrap() {
+        match sp.append_with(i, reading).unwrap() {
             Appended::Stored { seq, .. } => {
                 kept += 1;
                 assert_eq!(seq, kept, "no seq consumed by a refused reading");
@@ -429,7 +429,7 @@ fn full_disk_under_drop_newest_refuses_new_readings_until_acks_free_space() {
     // Acks free whole segments: new readings fit again.
     sp.ack(kept).unwrap();
     sp.wait_for_deletions();
-    assert_eq!(stored(sp.append_with(0, |s| reading(s)).unwrap()), kept + 1);
+    assert_eq!(stored(sp.append_with(0, reading).unwrap()), kept + 1);
     sp.flush().unwrap();
     drop(sp);
     let (mut sp, rec) = Spool::open(&dir, c).unwrap();
@@ -449,7 +449,7 @@ fn full_disk_with_nothing_to_free_is_not_stored_and_state_writes_are_retried() {
     let c = cfg(64 << 20, WhenFull::DropOldest);
     let (mut sp, _) = Spool::open(&dir, c.clone()).unwrap();
     for _ in 0..3 {
-        stored(sp.append_with(0, |s| reading(s)).unwrap());
+        stored(sp.append_with(0, reading).unwrap());
     }
     sp.tick().unwrap();
     sp.wait_for_deletions();
@@ -483,7 +483,7 @@ fn full_disk_with_nothing_to_free_is_not_stored_and_state_writes_are_retried() {
     let dir = fs_.path.join("spool2");
     let (mut sp, _) = Spool::open(&dir, c.clone()).unwrap();
     let filler = fill(&fs_.path);
-    let e = sp.append_with(0, |s| reading(s)).unwrap_err();
+    let e = sp.append_with(0, reading).unwrap_err();
     assert!(matches!(e, SpoolError::DiskFull { seq: 1, .. }), "{e}");
     assert_eq!(e.unstored_seq(), Some(1));
     let st = sp.stats();
@@ -501,7 +501,7 @@ fn full_disk_with_nothing_to_free_is_not_stored_and_state_writes_are_retried() {
     sp.tick().unwrap();
     sp.wait_for_deletions();
     assert!(!sp.wants_tick());
-    assert_eq!(stored(sp.append_with(0, |s| reading(s)).unwrap()), 2);
+    assert_eq!(stored(sp.append_with(0, reading).unwrap()), 2);
     drop(sp);
     let (_, rec) = Spool::open(&dir, c).unwrap();
     assert_eq!((rec.discarded_bytes, rec.records, rec.next_seq), (0, 1, 3));

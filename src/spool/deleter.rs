@@ -10,56 +10,188 @@
 //!   (deleted again) or resent.
 //! * The periodic syncs of `fsync = "interval"`: the `fdatasync` of the active segment (on a
 //!   duplicated descriptor), of a segment closed by a roll, of the directory, and the
-//!   atomic `state` write (two fsyncs). Each of these measured 1–35 ms on this machine's disk,
-//!   all of it time the loop could not serve a serial line or a command. Under
+//!   atomic `state` write (two fsyncs). Each of these measured 1–35 ms on a development
+//!   machine's disk, all of it time the loop could not serve a serial line or a command. Under
 //!   `fsync = "always"` the per-append fsync stays on the loop thread: the record must be
 //!   durable before `append_with` returns (and so before it is sent).
 //!
-//! Messages are handled in order. An error is logged here and also kept for the loop, which
-//! reports it from the next [`Spool::tick`](super::Spool::tick).
+//! The work waiting for the thread is a small set, not a queue of requests: at most one
+//! pending `fdatasync` per segment file (a request for a file whose sync has not started yet is
+//! already covered by that sync), one directory fsync and one `state` write (the newest state
+//! replaces an older one not yet written). A disk that stalls for minutes therefore holds the
+//! pending work, and the descriptors it keeps open, to one per segment, however many ticks
+//! come meanwhile. Unlinks are one per deleted segment, and a deletion cancels the segment's
+//! pending sync.
+//!
+//! The thread takes all pending work at once and does it in this order: unlinks (they free
+//! space a `state` write may need), data syncs, directory fsync, `state`. While one operation
+//! runs longer than the stall threshold the disk is reported as stalled (see
+//! [`Deleter::status`]). An error is logged here and also kept for the loop, which reports it
+//! from the next [`Spool::tick`](super::Spool::tick); a `state` write that failed is marked so
+//! the loop writes the state again later.
 
 use crate::spool::state::{self, State};
 use std::fs::{self, File};
 use std::io;
-use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-enum Msg {
-    Delete(PathBuf),
-    /// `fdatasync` this (duplicated or closed) segment descriptor.
-    SyncData(File, PathBuf),
-    /// fsync the spool directory.
-    SyncDir,
-    /// Write the `state` file atomically and durably.
-    State(State),
-    Barrier(Sender<()>),
+/// An operation of the helper that runs longer than this counts as a disk stall. Healthy
+/// storage finishes an fsync in milliseconds (35 ms was the worst seen under load); an SD card
+/// doing garbage collection can take a second or two.
+pub(crate) const STALL_AFTER: Duration = Duration::from_secs(5);
+
+/// Work waiting for the helper.
+#[derive(Default)]
+struct Work {
+    /// Paths to unlink, in the order they were queued.
+    deletes: Vec<PathBuf>,
+    /// `fdatasync`s not started yet: at most one per segment path.
+    syncs: Vec<(PathBuf, File)>,
+    sync_dir: bool,
+    /// The newest state to write.
+    state: Option<State>,
 }
 
-/// An error from the helper thread, kept until the loop takes it.
-pub(crate) type Failed = Arc<Mutex<Option<(PathBuf, io::Error)>>>;
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.deletes.is_empty() && self.syncs.is_empty() && !self.sync_dir && self.state.is_none()
+    }
+    fn len(&self) -> usize {
+        self.deletes.len() + self.syncs.len() + usize::from(self.sync_dir) + self.state.iter().len()
+    }
+}
+
+/// What the helper is doing, as the loop sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Status {
+    /// The helper's current operation has run for at least the stall threshold.
+    pub stalled: bool,
+    /// Operations that ran for at least the stall threshold (each counted once).
+    pub stalls: u64,
+    /// Work items waiting (unlinks, syncs, state), not counting the one running.
+    pub pending: usize,
+}
+
+struct Shared {
+    work: Work,
+    /// Bumped whenever work is added; `done` is the value the worker had taken when it went
+    /// idle. `wait()` waits for `done` to reach the value it saw.
+    queued: u64,
+    done: u64,
+    closing: bool,
+    /// The running operation: when it started, what it is, its number.
+    busy: Option<(Instant, &'static str, PathBuf)>,
+    op: u64,
+    stall_counted: u64,
+    stalls: u64,
+    stall_after: Duration,
+    failed: Option<(PathBuf, io::Error)>,
+    /// A `state` write failed since the loop last looked; `Some(true)` if for lack of space.
+    state_failed: Option<bool>,
+}
+
+impl Shared {
+    /// Counts the running operation as a stall once it has run past the threshold.
+    fn check_stall(&mut self, now: Instant) -> bool {
+        let Some((since, what, path)) = &self.busy else {
+            return false;
+        };
+        let age = now.saturating_duration_since(*since);
+        if age < self.stall_after {
+            return false;
+        }
+        if self.stall_counted != self.op {
+            self.stall_counted = self.op;
+            self.stalls += 1;
+            log::warn!(
+                "spool: disk stalled: {what} of {} has not returned after {} s \
+                 (stalls={}); readings still go to the page cache",
+                path.display(),
+                age.as_secs(),
+                self.stalls
+            );
+        }
+        true
+    }
+}
+
+struct Inner {
+    shared: Mutex<Shared>,
+    /// The worker waits on it for work; `wait()` waits on it for `done`.
+    wake: Condvar,
+    idle: Condvar,
+    /// Tests set this to block the worker in the middle of an operation (a stalled disk).
+    #[cfg(test)]
+    hold: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // The worker never panics while holding the lock; recover the data if it did.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 pub(crate) struct Deleter {
-    tx: Option<Sender<Msg>>,
+    inner: Arc<Inner>,
     handle: Option<JoinHandle<()>>,
     dir: PathBuf,
-    failed: Failed,
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 struct Worker {
+    inner: Arc<Inner>,
     dir: PathBuf,
     dir_handle: Option<File>,
     sync_dir_after_unlink: bool,
-    failed: Failed,
 }
 
 impl Worker {
+    /// Runs one file-system operation, visible to the loop as the current one (for stall
+    /// reports).
+    fn op<T>(&self, what: &'static str, path: &Path, f: impl FnOnce() -> T) -> T {
+        {
+            let mut s = self.inner.lock();
+            s.op += 1;
+            s.busy = Some((Instant::now(), what, path.to_path_buf()));
+        }
+        #[cfg(test)]
+        {
+            let (held, cv) = &*self.inner.hold;
+            let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+            while *h {
+                h = cv.wait(h).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        let r = f();
+        let mut s = self.inner.lock();
+        if let Some((since, _, _)) = s.busy.take() {
+            let took = since.elapsed();
+            if took >= s.stall_after {
+                if s.stall_counted != s.op {
+                    s.stall_counted = s.op;
+                    s.stalls += 1;
+                }
+                log::warn!(
+                    "spool: disk stall over: {what} of {} took {} ms (stalls={})",
+                    path.display(),
+                    took.as_millis(),
+                    s.stalls
+                );
+            }
+        }
+        r
+    }
+
     fn fail(&self, path: PathBuf, e: io::Error, what: &str) {
         log::warn!("spool: {what} {}: {e}", path.display());
-        if let Ok(mut f) = self.failed.lock() {
-            f.get_or_insert((path, e));
-        }
+        self.inner.lock().failed.get_or_insert((path, e));
     }
 
     fn dir_handle(&mut self) -> io::Result<&File> {
@@ -70,164 +202,295 @@ impl Worker {
     }
 
     fn sync_dir(&mut self) {
-        if let Err(e) = self.dir_handle().and_then(|d| d.sync_all()) {
+        if let Err(e) = self.dir_handle() {
+            self.fail(self.dir.clone(), e, "opening directory");
+            return;
+        }
+        let d = self.dir_handle.as_ref().expect("opened");
+        if let Err(e) = self.op("fsync", &self.dir, || d.sync_all()) {
             self.fail(self.dir.clone(), e, "fsync of directory");
         }
     }
 
-    fn handle(&mut self, m: Msg, unsynced: &mut bool) {
-        match m {
-            Msg::Delete(path) => match fs::remove_file(&path) {
-                Ok(()) => *unsynced = true,
+    fn write_state(&mut self, s: &State) {
+        let res = match self.dir_handle() {
+            Ok(_) => {
+                let d = self.dir_handle.as_ref().expect("opened");
+                self.op("state write", &self.dir, || state::store(&self.dir, d, s))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            let full = is_disk_full(&e);
+            let mut sh = self.inner.lock();
+            sh.state_failed = Some(sh.state_failed.unwrap_or(true) && full);
+            drop(sh);
+            if !full {
+                self.fail(self.dir.join(state::STATE_FILE), e, "writing");
+            }
+        }
+    }
+
+    fn run(&mut self, w: Work) {
+        let mut unlinked = false;
+        for path in w.deletes {
+            match self.op("unlink", &path, || fs::remove_file(&path)) {
+                Ok(()) => unlinked = true,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => log::warn!(
                     "spool: cannot delete {}: {e}; it is retried at the next start",
                     path.display()
                 ),
-            },
-            Msg::SyncData(file, path) => {
-                if let Err(e) = file.sync_data() {
-                    self.fail(path, e, "fdatasync of");
-                }
             }
-            Msg::SyncDir => self.sync_dir(),
-            Msg::State(s) => {
-                let res = match self.dir_handle() {
-                    Ok(_) => {
-                        let d = self.dir_handle.as_ref().expect("opened");
-                        state::store(&self.dir, d, &s)
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = res {
-                    self.fail(self.dir.join(state::STATE_FILE), e, "writing");
-                }
+        }
+        for (path, file) in w.syncs {
+            if let Err(e) = self.op("fdatasync", &path, || file.sync_data()) {
+                self.fail(path, e, "fdatasync of");
             }
-            Msg::Barrier(done) => {
-                if *unsynced && self.sync_dir_after_unlink {
-                    self.sync_dir();
-                    *unsynced = false;
-                }
-                let _ = done.send(());
-            }
+        }
+        if w.sync_dir || (unlinked && self.sync_dir_after_unlink) {
+            self.sync_dir();
+        }
+        if let Some(s) = w.state {
+            self.write_state(&s);
         }
     }
 }
 
-fn run(rx: Receiver<Msg>, mut w: Worker) {
-    let mut unsynced = false;
-    while let Ok(first) = rx.recv() {
-        let mut msg = Some(first);
-        while let Some(m) = msg.take() {
-            w.handle(m, &mut unsynced);
-            msg = rx.try_recv().ok();
-        }
-        if unsynced && w.sync_dir_after_unlink {
-            w.sync_dir();
-            unsynced = false;
-        }
+fn run(mut w: Worker) {
+    loop {
+        let (work, gen) = {
+            let mut s = w.inner.lock();
+            loop {
+                if !s.work.is_empty() {
+                    break;
+                }
+                // Nothing pending (work may also have been taken by `delete_pending_now`).
+                s.done = s.queued;
+                w.inner.idle.notify_all();
+                if s.closing {
+                    return;
+                }
+                s = w.inner.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            (std::mem::take(&mut s.work), s.queued)
+        };
+        w.run(work);
+        let mut s = w.inner.lock();
+        s.done = gen;
+        w.inner.idle.notify_all();
     }
 }
 
 impl Deleter {
     pub fn new(dir: PathBuf, sync_dir: bool) -> Deleter {
-        let (tx, rx) = channel();
-        let failed = Failed::default();
+        let inner = Arc::new(Inner {
+            shared: Mutex::new(Shared {
+                work: Work::default(),
+                queued: 0,
+                done: 0,
+                closing: false,
+                busy: None,
+                op: 0,
+                stall_counted: 0,
+                stalls: 0,
+                stall_after: STALL_AFTER,
+                failed: None,
+                state_failed: None,
+            }),
+            wake: Condvar::new(),
+            idle: Condvar::new(),
+            #[cfg(test)]
+            hold: Arc::new((Mutex::new(false), Condvar::new())),
+        });
         let worker = Worker {
+            inner: inner.clone(),
             dir: dir.clone(),
             dir_handle: None,
             sync_dir_after_unlink: sync_dir,
-            failed: failed.clone(),
         };
-        match std::thread::Builder::new()
+        let handle = match std::thread::Builder::new()
             .name("spool-unlink".into())
-            .spawn(move || run(rx, worker))
+            .spawn(move || run(worker))
         {
-            Ok(handle) => Deleter {
-                tx: Some(tx),
-                handle: Some(handle),
-                dir,
-                failed,
-            },
+            Ok(handle) => Some(handle),
             Err(e) => {
                 log::warn!(
                     "spool: cannot start the helper thread ({e}); unlinking and syncing inline"
                 );
-                Deleter {
-                    tx: None,
-                    handle: None,
-                    dir,
-                    failed,
-                }
+                None
             }
-        }
-    }
-
-    /// Sends `m` to the thread; gives it back if the thread is not running.
-    fn send(&self, m: Msg) -> Option<Msg> {
-        match &self.tx {
-            Some(tx) => tx.send(m).err().map(|e| e.0),
-            None => Some(m),
-        }
-    }
-
-    /// Queues `path` for unlinking; unlinks inline if the thread is not running.
-    pub fn delete(&self, path: PathBuf) -> io::Result<()> {
-        let Some(Msg::Delete(path)) = self.send(Msg::Delete(path)) else {
-            return Ok(());
         };
-        match fs::remove_file(&path) {
+        Deleter { inner, handle, dir }
+    }
+
+    /// Adds work for the thread (`add` edits the pending set); false if the thread is not
+    /// running (the caller does the work inline).
+    fn queue(&self, add: impl FnOnce(&mut Work)) -> bool {
+        if self.handle.is_none() {
+            return false;
+        }
+        let mut s = self.inner.lock();
+        add(&mut s.work);
+        s.queued += 1;
+        self.inner.wake.notify_one();
+        true
+    }
+
+    /// Queues `path` for unlinking (dropping a pending sync of it); unlinks inline if the
+    /// thread is not running.
+    pub fn delete(&self, path: PathBuf) -> io::Result<()> {
+        let mut path = Some(path);
+        if self.queue(|w| {
+            let p = path.take().expect("once");
+            w.syncs.retain(|(q, _)| *q != p);
+            w.deletes.push(p);
+        }) {
+            return Ok(());
+        }
+        match fs::remove_file(path.expect("not queued")) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
 
-    /// Queues an `fdatasync` of `file` (a duplicate of a segment's descriptor, or a closed
-    /// segment); syncs inline if the thread is not running.
-    pub fn sync_data(&self, file: File, path: PathBuf) -> io::Result<()> {
-        match self.send(Msg::SyncData(file, path)) {
-            Some(Msg::SyncData(f, _)) => f.sync_data(),
-            _ => Ok(()),
-        }
-    }
-
-    /// Queues an fsync of the spool directory; syncs inline if the thread is not running.
-    pub fn sync_dir(&self) -> io::Result<()> {
-        match self.send(Msg::SyncDir) {
-            Some(_) => File::open(&self.dir).and_then(|d| d.sync_all()),
-            None => Ok(()),
-        }
-    }
-
-    /// Queues an atomic write of the `state` file; writes inline if the thread is not running.
-    pub fn store_state(&self, s: State) -> io::Result<()> {
-        match self.send(Msg::State(s)) {
-            Some(Msg::State(s)) => {
-                File::open(&self.dir).and_then(|d| state::store(&self.dir, &d, &s))
+    /// Unlinks now, on the calling thread, every unlink still waiting for the thread (not the
+    /// one it may be running). For a full disk: the space of deleted segments is needed at
+    /// once. Returns how many files it unlinked.
+    pub fn delete_pending_now(&self) -> usize {
+        let deletes = std::mem::take(&mut self.inner.lock().work.deletes);
+        let mut n = 0;
+        for path in deletes {
+            match fs::remove_file(&path) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!(
+                    "spool: cannot delete {}: {e}; it is retried at the next start",
+                    path.display()
+                ),
             }
-            _ => Ok(()),
         }
+        n
+    }
+
+    /// Makes sure an `fdatasync` of the segment `path` is pending. `file` gives the descriptor
+    /// to sync: called with the segment's own descriptor (a closed segment) or a closure that
+    /// duplicates it (the active one); the closure is not called when a sync of `path` is
+    /// pending already. Syncs inline if the thread is not running. Returns true if a sync was
+    /// queued or done, false if one was pending.
+    pub fn sync_data(
+        &self,
+        path: &Path,
+        file: impl FnOnce() -> io::Result<File>,
+    ) -> io::Result<bool> {
+        if self.handle.is_none() {
+            file()?.sync_data()?;
+            return Ok(true);
+        }
+        let mut s = self.inner.lock();
+        if s.work.syncs.iter().any(|(p, _)| p == path) {
+            return Ok(false);
+        }
+        let f = file()?;
+        s.work.syncs.push((path.to_path_buf(), f));
+        s.queued += 1;
+        self.inner.wake.notify_one();
+        Ok(true)
+    }
+
+    /// Makes sure an fsync of the spool directory is pending; syncs inline if the thread is
+    /// not running. Returns false if one was pending already.
+    pub fn sync_dir(&self) -> io::Result<bool> {
+        let mut was = false;
+        if self.queue(|w| was = std::mem::replace(&mut w.sync_dir, true)) {
+            return Ok(!was);
+        }
+        File::open(&self.dir).and_then(|d| d.sync_all())?;
+        Ok(true)
+    }
+
+    /// Queues an atomic write of the `state` file (replacing one not yet written); writes
+    /// inline if the thread is not running.
+    pub fn store_state(&self, s: State) -> io::Result<()> {
+        if self.queue(|w| w.state = Some(s)) {
+            return Ok(());
+        }
+        File::open(&self.dir).and_then(|d| state::store(&self.dir, &d, &s))
     }
 
     /// The first error the thread met since the last call, if any.
     pub fn take_error(&self) -> Option<(PathBuf, io::Error)> {
-        self.failed.lock().ok().and_then(|mut f| f.take())
+        self.inner.lock().failed.take()
     }
 
-    /// Blocks until every queued message (and an unlink's directory fsync) is done.
-    pub fn wait(&self) {
-        if let Some(tx) = &self.tx {
-            let (done_tx, done_rx) = channel();
-            if tx.send(Msg::Barrier(done_tx)).is_ok() {
-                let _ = done_rx.recv();
-            }
+    /// Whether a `state` write failed since the last call: `Some(true)` if every failure was
+    /// for lack of space (not reported by [`Deleter::take_error`]), `Some(false)` otherwise.
+    pub fn take_state_failure(&self) -> Option<bool> {
+        self.inner.lock().state_failed.take()
+    }
+
+    /// The thread's state now; counts (and logs) a stall once the running operation passes the
+    /// threshold.
+    pub fn status(&self) -> Status {
+        let mut s = self.inner.lock();
+        let stalled = s.check_stall(Instant::now());
+        Status {
+            stalled,
+            stalls: s.stalls,
+            pending: s.work.len(),
         }
+    }
+
+    /// Whether the thread has work queued or running, or a result the loop has not taken
+    /// yet (an error, a failed `state` write).
+    pub fn busy(&self) -> bool {
+        let s = self.inner.lock();
+        !s.work.is_empty() || s.busy.is_some() || s.failed.is_some() || s.state_failed.is_some()
+    }
+
+    /// Changes the stall threshold (tests).
+    #[cfg(test)]
+    pub fn set_stall_after(&self, d: Duration) {
+        self.inner.lock().stall_after = d;
+    }
+
+    /// Blocks the thread in its next operation until the guard is dropped (tests: a stalled
+    /// disk).
+    #[cfg(test)]
+    pub fn hold(&self) -> Hold {
+        *self.inner.hold.0.lock().unwrap() = true;
+        Hold(self.inner.hold.clone())
+    }
+
+    /// Blocks until all work queued before the call (and an unlink's directory fsync) is done.
+    pub fn wait(&self) {
+        if self.handle.is_none() {
+            return;
+        }
+        let mut s = self.inner.lock();
+        let target = s.queued;
+        while s.done < target {
+            s = self.inner.idle.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// See [`Deleter::hold`].
+#[cfg(test)]
+pub(crate) struct Hold(Arc<(Mutex<bool>, Condvar)>);
+
+#[cfg(test)]
+impl Drop for Hold {
+    fn drop(&mut self) {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.0 .1.notify_all();
     }
 }
 
 impl Drop for Deleter {
     fn drop(&mut self) {
-        self.tx.take();
+        self.inner.lock().closing = true;
+        self.inner.wake.notify_one();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }

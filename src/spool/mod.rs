@@ -7,29 +7,40 @@
 //! * `NNNNNNNNNNNNNNNNNNNN.seg`: segment files, named by the seq of their first record
 //!   (20 digits, so names sort by seq). Records are only ever appended; a segment is unlinked
 //!   once every record in it is acked (or dropped). Nothing is rewritten.
-//! * `state`: one line holding the next seq (as of its last write) and the last persisted ack, replaced
-//!   atomically (temp file + fsync + rename + directory fsync).
+//! * `state`: one line holding the spool's random identity (`spool_id`), the next seq (as of
+//!   its last write) and the last persisted ack, replaced atomically (temp file + fsync +
+//!   rename + directory fsync).
 //!
 //! See `docs/design.md` for the format, the recovery algorithm and the exact crash guarantees.
 
+mod append;
+mod config;
 mod deleter;
+#[doc(hidden)]
+pub mod fuzzing;
+mod index;
 mod record;
+mod recovery;
 mod scan;
 mod state;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_disk;
 
+pub use crate::spool::config::{FsyncPolicy, SpoolConfig, WhenFull, DEFAULT_REPLAY_MAX_PER_S};
 pub use crate::spool::record::{
     decode_header, decode_record, encode_record, DecodeError, Header, Record, HEADER_LEN,
-    MAX_PAYLOAD, OVERHEAD,
+    MAX_PAYLOAD, MAX_SEQ, OVERHEAD,
 };
 
 use crate::spool::deleter::Deleter;
+use crate::spool::index::Segment;
 use crate::spool::scan::{Item, Scanner};
-use crate::spool::state::{State, STATE_FILE, STATE_TMP};
+use crate::spool::state::{State, STATE_FILE};
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{File, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -37,71 +48,8 @@ use std::time::{Duration, Instant};
 pub const MIN_MAX_BYTES: u64 = 4096;
 const MIN_SEGMENT: u64 = 4 * 1024;
 const MAX_SEGMENT: u64 = 4 * 1024 * 1024;
-/// A seek mark (seq, time, offset) is kept in memory every this many bytes of a segment.
-const MARK_STRIDE: u64 = 16 * 1024;
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 const SEGMENT_EXT: &str = ".seg";
-
-/// Default `[spool] replay_max_per_s`: far above what serial sensors produce (a 115200-baud
-/// port carries at most ~600 short lines/s), low enough that a backlog drain leaves the CPU
-/// to commands (docs/benchmarks.md: unpaced, a 1,000,000-reading drain kept both cores busy
-/// and command latency p99 went to 2.5–3.9 ms, 6 ms with the gateway on one core).
-pub const DEFAULT_REPLAY_MAX_PER_S: u32 = 20_000;
-
-/// `[spool]` configuration.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SpoolConfig {
-    /// Upper bound on the total size of the segment files, in bytes (default 64 MiB).
-    pub max_bytes: u64,
-    /// What to discard when an append would exceed `max_bytes` (default `drop_oldest`).
-    pub when_full: WhenFull,
-    /// When appended data is forced to stable storage (default `interval`).
-    pub fsync: FsyncPolicy,
-    /// Period of the fsync under `fsync = "interval"`, and the minimum period between two
-    /// writes of the persisted ack (default 1000).
-    pub fsync_interval_ms: u64,
-    /// Seconds without an ack, while readings are unacked, before they are sent again
-    /// (default 10). Used by the gateway, not by the spool itself.
-    pub retransmit_s: u64,
-    /// Most readings per second read back from the spool (a backlog after an outage, or a
-    /// retransmission); 0: no limit (default 20000). Readings that find no backlog go out
-    /// directly and are not paced. Used by the gateway, not by the spool itself.
-    pub replay_max_per_s: u32,
-}
-
-impl Default for SpoolConfig {
-    fn default() -> Self {
-        SpoolConfig {
-            max_bytes: 64 * 1024 * 1024,
-            when_full: WhenFull::default(),
-            fsync: FsyncPolicy::default(),
-            fsync_interval_ms: 1000,
-            retransmit_s: 10,
-            replay_max_per_s: DEFAULT_REPLAY_MAX_PER_S,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    /// Delete the oldest segment(s), counting their unacked readings as dropped.
-    #[default]
-    DropOldest,
-    /// Refuse the new reading (it gets no seq).
-    DropNewest,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsyncPolicy {
-    /// fsync every append before it returns (and the directory on segment create/delete).
-    Always,
-    /// fsync from [`Spool::tick`] when something was written since the last fsync.
-    #[default]
-    Interval,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -118,6 +66,66 @@ pub enum SpoolError {
          send smaller readings or raise spool.max_bytes"
     )]
     RecordTooLarge { len: usize, limit: u64 },
+    /// The file system is full even with every older segment freed (or, under
+    /// `drop_oldest`, with nothing left to free): the reading got `seq` (its payload was built
+    /// with it) but is not on disk. The seq is used up; a caller that can still send the
+    /// reading (from memory) should, else its seq is a gap that `resume_seq` announces.
+    #[error(
+        "disk full: reading seq {seq} could not be stored in {} ({source}) even with every \
+         older spooled reading freed; free space on gateway.data_dir's file system",
+        path.display()
+    )]
+    DiskFull {
+        seq: u64,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "the spool in {} has used every seq up to {MAX_SEQ} (its state or segments were \
+         crafted); move that directory away to start a new spool",
+        dir.display()
+    )]
+    SeqsExhausted { dir: PathBuf },
+    #[error(
+        "reading payload is not UTF-8 (valid up to byte {valid_up_to}); the spool stores text \
+         only"
+    )]
+    NotUtf8 { valid_up_to: usize },
+}
+
+impl SpoolError {
+    /// The seq of a reading that was not stored for lack of disk space
+    /// ([`SpoolError::DiskFull`]).
+    pub fn unstored_seq(&self) -> Option<u64> {
+        match self {
+            SpoolError::DiskFull { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT: the file system (or the user's quota) is full.
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Space on the file system holding the spool (statvfs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes an unprivileged process may still allocate (`f_bavail`).
+    pub avail_bytes: u64,
+    /// Size of the file system (`f_blocks`).
+    pub total_bytes: u64,
+}
+
+/// statvfs of `path`.
+pub fn disk_space(path: &Path) -> io::Result<DiskSpace> {
+    let v = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    let frag = v.fragment_size() as u64;
+    Ok(DiskSpace {
+        avail_bytes: (v.blocks_available() as u64).saturating_mul(frag),
+        total_bytes: (v.blocks() as u64).saturating_mul(frag),
+    })
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -142,19 +150,34 @@ pub struct Recovery {
     pub next_seq: u64,
     /// Persisted ack (every seq <= this is treated as acked).
     pub acked: u64,
+    /// Records with valid checksums but contents no spool writes (a payload that is not
+    /// UTF-8, a seq above [`MAX_SEQ`]); skipped, their bytes counted in `discarded_bytes`.
+    pub corrupt_records: u64,
+    /// The spool's identity (32 lowercase hex characters).
+    pub spool_id: String,
+    /// True if the spool got a new `spool_id` at this start: a new spool, or a `state` file
+    /// that was missing, corrupt or written by a zgate without spool ids.
+    pub new_spool_id: bool,
+    /// The file system's space at start (None if statvfs failed).
+    pub disk: Option<DiskSpace>,
 }
 
+/// What [`Spool::append_with`] did with a reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
     /// Stored (written to the OS; also fsynced under `fsync = "always"`). `dropped_oldest`
     /// unacked readings were discarded to make room.
     Stored { seq: u64, dropped_oldest: u64 },
-    /// The spool is full and `when_full = "drop_newest"`: not stored, no seq consumed.
+    /// The spool (its `max_bytes`, or the file system) is full and
+    /// `when_full = "drop_newest"`: not stored, no seq consumed.
     DroppedNewest,
 }
 
+/// The spool's counters, for the gateway's `stats` message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpoolStats {
+    /// The spool's identity: 32 lowercase hex characters, made when the spool was created.
+    pub spool_id: String,
     /// Total size of the segment files.
     pub bytes: u64,
     /// Stored readings not yet acked (nor dropped).
@@ -165,83 +188,22 @@ pub struct SpoolStats {
     pub dropped_newest: u64,
     pub next_seq: u64,
     pub acked: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    seq: u64,
-    time_ms: u64,
-    offset: u64,
-}
-
-/// In-memory index of one segment file: which seqs it holds (as inclusive runs; one run unless
-/// corruption or a restart left gaps) and sparse seek marks.
-#[derive(Debug)]
-struct Segment {
-    path: PathBuf,
-    bytes: u64,
-    runs: Vec<(u64, u64)>,
-    marks: Vec<Mark>,
-}
-
-impl Segment {
-    fn new(path: PathBuf) -> Segment {
-        Segment {
-            path,
-            bytes: 0,
-            runs: Vec::new(),
-            marks: Vec::new(),
-        }
-    }
-    fn first_seq(&self) -> u64 {
-        self.runs.first().map_or(0, |r| r.0)
-    }
-    fn last_seq(&self) -> u64 {
-        self.runs.last().map_or(0, |r| r.1)
-    }
-    fn push(&mut self, seq: u64, time_ms: u64, offset: u64) {
-        match self.runs.last_mut() {
-            Some(r) if r.1.checked_add(1) == Some(seq) => r.1 = seq,
-            _ => self.runs.push((seq, seq)),
-        }
-        if !matches!(self.marks.last(), Some(m) if offset < m.offset + MARK_STRIDE) {
-            self.marks.push(Mark {
-                seq,
-                time_ms,
-                offset,
-            });
-        }
-    }
-    /// Number of stored seqs in (lo, hi].
-    fn count_in(&self, lo: u64, hi: u64) -> u64 {
-        self.runs
-            .iter()
-            .map(|&(a, b)| {
-                let a = a.max(lo.saturating_add(1));
-                let b = b.min(hi);
-                if a <= b {
-                    b - a + 1
-                } else {
-                    0
-                }
-            })
-            .sum()
-    }
-    fn first_above(&self, low: u64) -> Option<u64> {
-        self.runs
-            .iter()
-            .find(|r| r.1 > low)
-            .map(|r| r.0.max(low + 1))
-    }
-    fn contains(&self, seq: u64) -> bool {
-        let i = self.runs.partition_point(|r| r.1 < seq);
-        self.runs.get(i).is_some_and(|r| r.0 <= seq)
-    }
-    /// The last mark at or before `seq` (the first mark if none).
-    fn mark_for(&self, seq: u64) -> Mark {
-        let i = self.marks.partition_point(|m| m.seq <= seq);
-        self.marks[i.saturating_sub(1)]
-    }
+    /// Appends (and `state` writes) that found the file system full (ENOSPC or EDQUOT); each
+    /// then applied `when_full` like a full `max_bytes`.
+    pub disk_full: u64,
+    /// Readings that got a seq but could not be stored: the disk was full with nothing left
+    /// to free ([`SpoolError::DiskFull`]).
+    pub not_stored: u64,
+    /// The spool's helper thread has been in one fsync, unlink or `state` write for at least
+    /// 5 s: the disk is stalled.
+    pub disk_stalled: bool,
+    /// Helper operations that took at least 5 s since start.
+    pub disk_stalls: u64,
+    /// Records found corrupt despite valid checksums (see [`Recovery::corrupt_records`]), at
+    /// start and while reading.
+    pub corrupt_records: u64,
+    /// Bytes still free for zgate on the spool's file system (None if statvfs failed).
+    pub disk_avail_bytes: Option<u64>,
 }
 
 struct Active {
@@ -264,12 +226,15 @@ struct DropLog {
     last: Option<Instant>,
     oldest: u64,
     newest: u64,
+    /// Disk-full events since the last report.
+    disk_full: u64,
 }
 
 /// The spool. Single-threaded; all methods are meant to be called from the event loop.
 pub struct Spool {
     dir: PathBuf,
     dir_handle: File,
+    spool_id: String,
     cfg: SpoolConfig,
     segment_size: u64,
     segs: BTreeMap<u64, Segment>,
@@ -283,9 +248,13 @@ pub struct Spool {
     live: u64,
     dropped_oldest: u64,
     dropped_newest: u64,
+    disk_full: u64,
+    not_stored: u64,
+    corrupt_records: u64,
     dirty: bool,
     dir_dirty: bool,
-    ack_dirty: bool,
+    /// The `state` file is behind: the ack moved, or a write failed (it is retried).
+    state_dirty: bool,
     last_state_write: Option<Instant>,
     fsyncs: u64,
     reader: Option<CachedReader>,
@@ -329,205 +298,6 @@ pub fn segment_size_for(max_bytes: u64) -> u64 {
 }
 
 impl Spool {
-    /// Opens (creating `dir` if needed) and recovers the spool. Only real I/O errors fail;
-    /// invalid contents are cut off or skipped and reported in [`Recovery::discarded_bytes`].
-    pub fn open(dir: &Path, cfg: SpoolConfig) -> Result<(Spool, Recovery), SpoolError> {
-        if cfg.max_bytes < MIN_MAX_BYTES {
-            return Err(SpoolError::InvalidConfig {
-                reason: format!(
-                    "max_bytes = {} is too small; use at least {MIN_MAX_BYTES}",
-                    cfg.max_bytes
-                ),
-            });
-        }
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let dir_handle = File::open(dir).map_err(io_err(dir))?;
-        let tmp = dir.join(STATE_TMP);
-        match fs::remove_file(&tmp) {
-            Ok(()) => log::debug!("spool: removed leftover {}", tmp.display()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&tmp)(e)),
-        }
-        let state_path = dir.join(STATE_FILE);
-        let loaded = state::load(dir).map_err(io_err(&state_path))?;
-
-        let mut names: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-            let entry = entry.map_err(io_err(dir))?;
-            let name = entry.file_name();
-            match name.to_str().and_then(parse_segment_name) {
-                Some(n) => names.push((n, entry.path())),
-                None if name == STATE_FILE => {}
-                None => log::debug!("spool: ignoring {}", entry.path().display()),
-            }
-        }
-        names.sort();
-        let had_segment_files = !names.is_empty();
-
-        let mut rec = Recovery::default();
-        let mut segs = BTreeMap::new();
-        let mut last_seq = 0u64;
-        let mut max_seen = 0u64;
-        let mut dir_changed = false;
-        for (_, path) in names {
-            let file = File::open(&path).map_err(io_err(&path))?;
-            let mut sc = Scanner::new(file, 0).map_err(io_err(&path))?;
-            let mut seg = Segment::new(path.clone());
-            let mut accepted = 0u64;
-            let mut valid_end = 0u64;
-            let mut out_of_order = 0u64;
-            let end = loop {
-                match sc.next().map_err(io_err(&path))? {
-                    Item::Record {
-                        rec: r,
-                        offset,
-                        len,
-                    } => {
-                        if r.seq > last_seq {
-                            seg.push(r.seq, r.time_ms, offset);
-                            last_seq = r.seq;
-                            accepted += len;
-                            valid_end = offset + len;
-                            rec.records += 1;
-                        } else {
-                            out_of_order += 1;
-                            max_seen = max_seen.max(r.seq);
-                        }
-                    }
-                    Item::Garbage => {}
-                    Item::End { offset, tail } => break offset + tail,
-                }
-            };
-            max_seen = max_seen.max(sc.max_bad_seq);
-            drop(sc);
-            let discarded = end - accepted;
-            rec.discarded_bytes += discarded;
-            if seg.runs.is_empty() {
-                log::warn!(
-                    "spool: {}: no valid record in {end} bytes; deleting the segment",
-                    path.display()
-                );
-                fs::remove_file(&path).map_err(io_err(&path))?;
-                dir_changed = true;
-                continue;
-            }
-            if valid_end < end {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                f.set_len(valid_end).map_err(io_err(&path))?;
-                f.sync_all().map_err(io_err(&path))?;
-                log::warn!(
-                    "spool: {}: cut off a torn or corrupt tail of {} bytes (file was {end} bytes)",
-                    path.display(),
-                    end - valid_end
-                );
-            }
-            let skipped = discarded - (end - valid_end);
-            if skipped > 0 {
-                log::warn!(
-                    "spool: {}: skipped {skipped} corrupt bytes inside the segment \
-                     ({out_of_order} out-of-order records)",
-                    path.display()
-                );
-            }
-            seg.bytes = valid_end;
-            segs.insert(seg.first_seq(), seg);
-        }
-        max_seen = max_seen.max(last_seq);
-
-        let (floor, acked, persisted) = match loaded {
-            state::Loaded::Ok(s) => (s.floor, s.acked, true),
-            state::Loaded::Missing if !had_segment_files => (1, 0, false),
-            state::Loaded::Missing => {
-                log::warn!(
-                    "spool: {} is missing but segments exist; resuming above the highest seq \
-                     on disk and resending everything stored",
-                    state_path.display()
-                );
-                (max_seen + 1, 0, false)
-            }
-            state::Loaded::Corrupt(why) => {
-                log::error!(
-                    "spool: {} is corrupt ({why}); resuming above the highest seq on disk and \
-                     resending everything stored",
-                    state_path.display()
-                );
-                (max_seen + 1, 0, false)
-            }
-        };
-        // Seqs stay contiguous across restarts: a backend that acks the highest contiguous seq
-        // must never wait for a seq that was skipped. After kill -9 every appended record is
-        // on disk (write(2) returned), so `max_seen + 1` is exact; `floor` (the exact next seq
-        // saved by the last state write) and the persisted ack cover fully deleted spools.
-        let next_seq = floor.max(max_seen + 1).max(acked + 1).max(1);
-        let acked = acked.min(next_seq - 1);
-
-        let active = match segs.iter().next_back() {
-            Some((&key, seg)) => {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(&seg.path)
-                    .map_err(io_err(&seg.path))?;
-                Some(Active {
-                    key,
-                    file,
-                    path: seg.path.clone(),
-                    fresh: false,
-                })
-            }
-            None => None,
-        };
-        let total_bytes = segs.values().map(|s| s.bytes).sum();
-        let live = segs.values().map(|s| s.count_in(acked, u64::MAX)).sum();
-        let deleter = Deleter::new(dir.to_path_buf(), cfg.fsync == FsyncPolicy::Always);
-        let mut spool = Spool {
-            dir: dir.to_path_buf(),
-            dir_handle,
-            segment_size: segment_size_for(cfg.max_bytes),
-            cfg,
-            segs,
-            active,
-            next_seq,
-            seq_floor: if persisted { floor } else { 0 },
-            acked,
-            dropped_upto: 0,
-            total_bytes,
-            live,
-            dropped_oldest: 0,
-            dropped_newest: 0,
-            dirty: false,
-            dir_dirty: false,
-            ack_dirty: false,
-            last_state_write: None,
-            fsyncs: 0,
-            reader: None,
-            drop_log: DropLog::default(),
-            scratch: Vec::new(),
-            deleter,
-        };
-        if dir_changed {
-            spool.sync_dir()?;
-        }
-        spool.delete_dead()?;
-        rec.segments = spool.segs.len();
-        rec.next_seq = spool.next_seq;
-        rec.acked = spool.acked;
-        log::info!(
-            "spool: {}: {} segments, {} records ({} unacked), {} bytes discarded, next seq {}, \
-             acked {}",
-            dir.display(),
-            rec.segments,
-            rec.records,
-            spool.live,
-            rec.discarded_bytes,
-            rec.next_seq,
-            rec.acked
-        );
-        Ok((spool, rec))
-    }
-
     /// The seq the next append gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -536,6 +306,13 @@ impl Spool {
     /// The highest acked seq (cumulative).
     pub fn acked(&self) -> u64 {
         self.acked
+    }
+
+    /// The spool's identity: 32 lowercase hex characters, random, made when the spool was
+    /// created and kept in its `state` file. A wiped or replaced `data_dir` gets a new one, so
+    /// a backend can tell its seqs from those of the spool it replaced.
+    pub fn spool_id(&self) -> &str {
+        &self.spool_id
     }
 
     pub fn dir(&self) -> &Path {
@@ -552,173 +329,31 @@ impl Spool {
         self.segs.len() + usize::from(self.active.as_ref().is_some_and(|a| a.fresh))
     }
 
-    /// Number of fsync calls issued (files, directory and state), for tests and diagnostics.
+    /// Number of fsync calls issued (files, directory and state) on this thread or queued to
+    /// the helper thread, for tests and diagnostics. A sync requested while one of the same
+    /// file is still queued is covered by it and not counted.
     pub fn fsync_count(&self) -> u64 {
         self.fsyncs
+    }
+
+    /// Work items waiting for the helper thread (unlinks, syncs, `state` write), not counting
+    /// the one it is doing. At most one sync per segment file, one directory sync and one
+    /// `state` write, however long the disk stalls.
+    pub fn helper_pending(&self) -> usize {
+        self.deleter.status().pending
+    }
+
+    /// True when [`Spool::tick`] has work: data or a `state` write (an ack, or a write that
+    /// failed and is retried) not yet handed to the disk, or helper work whose outcome the
+    /// next tick must look at. A caller that arms its tick timer only after appends and acks
+    /// should re-arm it after a tick while this holds.
+    pub fn wants_tick(&self) -> bool {
+        self.dirty || self.dir_dirty || self.state_dirty || self.deleter.busy()
     }
 
     /// Records at or below this seq are gone: acked or dropped.
     fn low(&self) -> u64 {
         self.acked.max(self.dropped_upto)
-    }
-
-    /// Assigns the next seq, builds the payload with it, stores it. On return the record has
-    /// been handed to the kernel with write(2) (and fsynced under `fsync = "always"`).
-    ///
-    /// `build` may return a borrow of a caller's buffer (`&[u8]`), so the caller keeps the
-    /// payload for the outbox without a copy.
-    pub fn append_with<P: AsRef<[u8]>>(
-        &mut self,
-        time_ms: u64,
-        build: impl FnOnce(u64) -> P,
-    ) -> Result<Appended, SpoolError> {
-        let seq = self.next_seq;
-        let payload = build(seq);
-        let payload = payload.as_ref();
-        let rec_len = (OVERHEAD + payload.len()) as u64;
-        if payload.len() > MAX_PAYLOAD || rec_len > self.cfg.max_bytes {
-            let limit = (MAX_PAYLOAD as u64).min(self.cfg.max_bytes - OVERHEAD as u64);
-            return Err(SpoolError::RecordTooLarge {
-                len: payload.len(),
-                limit,
-            });
-        }
-
-        let mut dropped = 0u64;
-        if self.total_bytes + rec_len > self.cfg.max_bytes {
-            // A fully acked active segment is kept for appending; give its space back first.
-            if let Some(a) = &self.active {
-                if !a.fresh && self.segs[&a.key].last_seq() <= self.low() {
-                    let key = a.key;
-                    self.remove_segment(key)?;
-                }
-            }
-        }
-        if self.total_bytes + rec_len > self.cfg.max_bytes {
-            match self.cfg.when_full {
-                WhenFull::DropNewest => {
-                    self.dropped_newest += 1;
-                    self.drop_log.newest += 1;
-                    self.maybe_log_drops();
-                    return Ok(Appended::DroppedNewest);
-                }
-                WhenFull::DropOldest => {
-                    let mut res = Ok(());
-                    while self.total_bytes + rec_len > self.cfg.max_bytes {
-                        let Some((&key, seg)) = self.segs.iter().next() else {
-                            break;
-                        };
-                        let n = seg.count_in(self.low(), u64::MAX);
-                        let last = seg.last_seq();
-                        if let Err(e) = self.remove_segment(key) {
-                            res = Err(e);
-                            break;
-                        }
-                        self.live -= n;
-                        dropped += n;
-                        self.dropped_upto = self.dropped_upto.max(last);
-                    }
-                    self.dropped_oldest += dropped;
-                    self.drop_log.oldest += dropped;
-                    self.maybe_log_drops();
-                    res?;
-                }
-            }
-        }
-
-        let roll = match &self.active {
-            None => true,
-            Some(a) if a.fresh => false,
-            Some(a) => {
-                let b = self.segs[&a.key].bytes;
-                b > 0 && b + rec_len > self.segment_size
-            }
-        };
-        if roll {
-            self.roll(seq)?;
-        }
-
-        self.scratch.clear();
-        encode_record(seq, time_ms, payload, &mut self.scratch);
-        let active = self.active.as_mut().expect("active segment after roll");
-        let fresh = active.fresh;
-        let offset = if fresh {
-            0
-        } else {
-            self.segs[&active.key].bytes
-        };
-        // The seq is consumed even if the write fails: part of the record may be on disk.
-        self.next_seq = seq + 1;
-        if let Err(e) = active.file.write_all(&self.scratch) {
-            let path = active.path.clone();
-            self.reader = None;
-            if fresh {
-                self.active = None;
-                let _ = fs::remove_file(&path);
-            } else {
-                let _ = active.file.set_len(offset);
-            }
-            return Err(SpoolError::Io { path, source: e });
-        }
-        if fresh {
-            active.fresh = false;
-            self.segs.insert(seq, Segment::new(active.path.clone()));
-            debug_assert_eq!(active.key, seq);
-        }
-        let key = active.key;
-        let seg = self.segs.get_mut(&key).expect("active segment indexed");
-        seg.push(seq, time_ms, offset);
-        seg.bytes += rec_len;
-        self.total_bytes += rec_len;
-        self.live += 1;
-        match self.cfg.fsync {
-            FsyncPolicy::Always => {
-                let a = self.active.as_ref().expect("active");
-                a.file.sync_data().map_err(io_err(&a.path))?;
-                self.fsyncs += 1;
-                if fresh {
-                    self.sync_dir()?;
-                }
-            }
-            FsyncPolicy::Interval => {
-                self.dirty = true;
-                self.dir_dirty |= fresh;
-            }
-        }
-        Ok(Appended::Stored {
-            seq,
-            dropped_oldest: dropped,
-        })
-    }
-
-    /// Closes the active segment and creates a new one named `seq` (not indexed until its
-    /// first record is written).
-    fn roll(&mut self, seq: u64) -> Result<(), SpoolError> {
-        if let Some(old) = self.active.take() {
-            if self.dirty {
-                // Under "interval" only the active file can be dirty: the helper thread syncs
-                // it (the descriptor moves there) while the loop goes on.
-                self.deleter
-                    .sync_data(old.file, old.path.clone())
-                    .map_err(io_err(&old.path))?;
-                self.fsyncs += 1;
-                self.dirty = false;
-            }
-        }
-        let path = self.dir.join(segment_name(seq));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        self.active = Some(Active {
-            key: seq,
-            file,
-            path,
-            fresh: true,
-        });
-        // The previous active segment may be fully acked already.
-        self.delete_dead()
     }
 
     /// Forgets a segment and queues its file for unlinking (see `deleter.rs`).
@@ -769,18 +404,23 @@ impl Spool {
     fn write_state(&mut self, floor: u64, inline: bool) -> Result<(), SpoolError> {
         // Invariant: the persisted floor is above every seq handed out.
         let s = State {
+            id: Some(self.spool_id.as_bytes().try_into().expect("32 hex chars")),
             floor: floor.max(self.next_seq),
             acked: self.acked,
         };
-        if inline {
+        let res = if inline {
             state::store(&self.dir, &self.dir_handle, &s)
         } else {
             self.deleter.store_state(s)
+        };
+        if let Err(e) = res {
+            // Retried by the next tick() (and flush()).
+            self.state_dirty = true;
+            return Err(io_err(&self.dir.join(STATE_FILE))(e));
         }
-        .map_err(io_err(&self.dir.join(STATE_FILE)))?;
         self.fsyncs += 2;
         self.seq_floor = s.floor;
-        self.ack_dirty = false;
+        self.state_dirty = false;
         self.last_state_write = Some(Instant::now());
         Ok(())
     }
@@ -805,7 +445,7 @@ impl Spool {
         };
         self.acked = seq;
         self.live -= newly;
-        self.ack_dirty = true;
+        self.state_dirty = true;
         self.delete_dead()?;
         Ok(newly)
     }
@@ -845,7 +485,7 @@ impl Spool {
                 Item::Record { rec, .. } if rec.seq > seq && seg.contains(rec.seq) => {
                     return Ok(None)
                 }
-                Item::Record { .. } | Item::Garbage => {}
+                Item::Record { .. } | Item::Garbage | Item::Invalid { .. } => {}
                 Item::End { .. } => return Ok(None),
             }
         }
@@ -875,6 +515,7 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let mut want = from.max(self.low() + 1);
         let mut got = 0usize;
+
         while got < max {
             let Some(key) = self.segment_for(want) else {
                 break;
@@ -912,10 +553,12 @@ impl Spool {
                             }
                         }
                     }
-                    Item::Garbage => {}
+                    // Corrupt despite valid checksums: never indexed at open (a valid record
+                    // with the same seq may follow it).
+                    Item::Invalid { .. } | Item::Garbage => {}
                     Item::End { .. } => {
                         // Continue with the next segment (always makes progress).
-                        want = want.max(seg.last_seq() + 1);
+                        want = want.max(seg.last_seq().saturating_add(1));
                         break;
                     }
                 }
@@ -932,11 +575,19 @@ impl Spool {
     /// take milliseconds, too long for the loop); `tick()` itself does no blocking I/O. An error
     /// the helper met since the previous tick is returned from this one.
     pub fn tick(&mut self) -> Result<(), SpoolError> {
+        self.deleter.status(); // counts and logs a stalled disk
+        if let Some(full) = self.deleter.take_state_failure() {
+            self.state_dirty = true;
+            if full {
+                self.disk_full += 1;
+                self.drop_log.disk_full += 1;
+            }
+        }
         if self.cfg.fsync == FsyncPolicy::Interval {
             self.sync_pending(false)?;
         }
         let every = Duration::from_millis(self.cfg.fsync_interval_ms);
-        if self.ack_dirty && !matches!(self.last_state_write, Some(t) if t.elapsed() < every) {
+        if self.state_dirty && !matches!(self.last_state_write, Some(t) if t.elapsed() < every) {
             self.write_state(self.seq_floor, false)?;
         }
         self.maybe_log_drops();
@@ -953,13 +604,16 @@ impl Spool {
             if let Some(a) = &self.active {
                 if inline {
                     a.file.sync_data().map_err(io_err(&a.path))?;
-                } else {
-                    let dup = a.file.try_clone().map_err(io_err(&a.path))?;
-                    self.deleter
-                        .sync_data(dup, a.path.clone())
-                        .map_err(io_err(&a.path))?;
+                    self.fsyncs += 1;
+                } else if self
+                    .deleter
+                    .sync_data(&a.path, || a.file.try_clone())
+                    .map_err(io_err(&a.path))?
+                {
+                    // Not counted when a sync of the file is still queued: that one covers
+                    // this data, and a stalled disk does not pile up descriptors.
+                    self.fsyncs += 1;
                 }
-                self.fsyncs += 1;
             }
             self.dirty = false;
         }
@@ -967,8 +621,9 @@ impl Spool {
             if inline {
                 self.sync_dir()?;
             } else {
-                self.deleter.sync_dir().map_err(io_err(&self.dir))?;
-                self.fsyncs += 1;
+                if self.deleter.sync_dir().map_err(io_err(&self.dir))? {
+                    self.fsyncs += 1;
+                }
                 self.dir_dirty = false;
             }
         }
@@ -988,14 +643,20 @@ impl Spool {
         // A sync the helper thread failed is retried by these inline ones (they cover it),
         // and still reported.
         let earlier = self.deleter.take_error();
+        self.deleter.take_state_failure(); // written again below
         self.dirty |= earlier.is_some() && self.active.is_some();
         self.sync_pending(true)?;
-        self.write_state(self.next_seq, true)?;
-        let (o, n) = (self.drop_log.oldest, self.drop_log.newest);
-        if o + n > 0 {
+        let written = self.write_state(self.next_seq, true);
+        if matches!(&written, Err(SpoolError::Io { source, .. }) if is_disk_full(source)) {
+            self.disk_full += 1;
+            self.drop_log.disk_full += 1;
+        }
+        let d = &self.drop_log;
+        if d.oldest + d.newest + d.disk_full > 0 {
             self.drop_log.last = None;
             self.maybe_log_drops();
         }
+        written?;
         match earlier {
             Some((path, source)) => Err(SpoolError::Io { path, source }),
             None => Ok(()),
@@ -1004,7 +665,34 @@ impl Spool {
 
     fn maybe_log_drops(&mut self) {
         let d = &mut self.drop_log;
-        if d.oldest + d.newest == 0 || d.last.is_some_and(|t| t.elapsed() < DROP_LOG_EVERY) {
+        if d.oldest + d.newest + d.disk_full == 0
+            || d.last.is_some_and(|t| t.elapsed() < DROP_LOG_EVERY)
+        {
+            return;
+        }
+        if d.disk_full > 0 {
+            log::warn!(
+                "spool: disk full: {} times since the last report, at {} bytes spooled \
+                 (max_bytes {}): when_full={:?} dropped {} oldest and {} newest readings, {} \
+                 readings not stored (totals: disk_full={} dropped_oldest={} dropped_newest={} \
+                 not_stored={}); free space on {}'s file system or lower spool.max_bytes",
+                d.disk_full,
+                self.total_bytes,
+                self.cfg.max_bytes,
+                self.cfg.when_full,
+                d.oldest,
+                d.newest,
+                self.not_stored,
+                self.disk_full,
+                self.dropped_oldest,
+                self.dropped_newest,
+                self.not_stored,
+                self.dir.display()
+            );
+            d.disk_full = 0;
+            d.oldest = 0;
+            d.newest = 0;
+            d.last = Some(Instant::now());
             return;
         }
         log::warn!(
@@ -1025,7 +713,9 @@ impl Spool {
     /// Current statistics. `oldest_unacked_ms` may read up to 16 KiB from disk (see
     /// `oldest_unacked_ms`); call it at the stats interval, not per reading.
     pub fn stats(&self) -> SpoolStats {
+        let helper = self.deleter.status();
         SpoolStats {
+            spool_id: self.spool_id.clone(),
             bytes: self.total_bytes,
             readings: self.live,
             oldest_unacked_ms: self.oldest_unacked_ms(),
@@ -1033,6 +723,17 @@ impl Spool {
             dropped_newest: self.dropped_newest,
             next_seq: self.next_seq,
             acked: self.acked,
+            disk_full: self.disk_full,
+            not_stored: self.not_stored,
+            disk_stalled: helper.stalled,
+            disk_stalls: helper.stalls,
+            corrupt_records: self.corrupt_records,
+            disk_avail_bytes: disk_space(&self.dir).ok().map(|d| d.avail_bytes),
         }
+    }
+
+    /// Space on the spool's file system now (statvfs).
+    pub fn disk_space(&self) -> Result<DiskSpace, SpoolError> {
+        disk_space(&self.dir).map_err(io_err(&self.dir))
     }
 }

@@ -27,6 +27,11 @@ pub const OVERHEAD: usize = HEADER_LEN + TRAILER_LEN;
 /// Largest payload accepted by the encoder and the decoder (1 MiB). A corrupt length can
 /// therefore never make a reader allocate more than this.
 pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Highest seq a spool hands out or accepts from disk (2^63 - 1). It fits a signed 64-bit
+/// integer (a backend's database column), and `seq + 1` never overflows. At a million
+/// readings a second it lasts 292,000 years; a record above it can only be crafted, and the
+/// spool treats it as corrupt.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// A decoded record borrowing its payload from the input buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +136,8 @@ pub fn decode_record(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
 }
 
 /// Appends the encoding of one record to `out`. The caller guarantees
-/// `payload.len() <= MAX_PAYLOAD` and `seq >= 1`.
+/// `payload.len() <= MAX_PAYLOAD` and `seq >= 1` (the spool also keeps `seq <= MAX_SEQ`; the
+/// format itself allows any non-zero seq).
 pub fn encode_record(seq: u64, time_ms: u64, payload: &[u8], out: &mut Vec<u8>) {
     debug_assert!(payload.len() <= MAX_PAYLOAD && seq >= 1);
     let start = out.len();

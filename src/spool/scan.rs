@@ -1,7 +1,7 @@
 //! Streaming record scanner over one segment file, with bounded memory (one read chunk plus at
 //! most one record) and resynchronisation after corrupt bytes. Used by recovery and by readers.
 
-use crate::spool::record::{decode_header, decode_record, DecodeError, Record, MAGIC};
+use crate::spool::record::{decode_header, decode_record, DecodeError, Record, MAGIC, MAX_SEQ};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 
@@ -16,6 +16,9 @@ pub(crate) enum Item<'a> {
     },
     /// Invalid bytes were skipped; the valid record after them is returned by the next call.
     Garbage,
+    /// A record whose checksums are valid but whose contents no spool writes (a payload that
+    /// is not UTF-8, a seq above `MAX_SEQ`): corrupt, skipped as a whole. `seq` is its seq.
+    Invalid { seq: u64 },
     /// End of the file reached. `tail` is the length of the bytes from `offset` to the end of
     /// the file that are not a complete valid record (0 = clean end). The scanner does not move
     /// past them: if the file grows, a later call continues from the same place.
@@ -31,9 +34,17 @@ pub(crate) struct Scanner {
     base: u64,
     /// Start of the run of invalid bytes being skipped, if any.
     garbage_start: Option<u64>,
-    /// Largest seq seen in a header whose own checksum is valid but whose record is not
-    /// (torn or corrupt payload). 0 if none.
+    /// Largest seq (at most `MAX_SEQ`) seen in a header whose own checksum is valid but whose
+    /// record is not (torn or corrupt payload, or contents no spool writes). 0 if none.
     pub max_bad_seq: u64,
+}
+
+/// Whether a record with valid checksums holds what a spool writes: a seq in 1..=`MAX_SEQ`
+/// and a UTF-8 payload (the gateway stores JSON text). Anything else can only come from a
+/// crafted or foreign file; accepting it would overflow seq arithmetic or leave a reading
+/// that can never be sent (and so never acked).
+pub(crate) fn acceptable(rec: &Record<'_>) -> bool {
+    rec.seq <= MAX_SEQ && std::str::from_utf8(rec.payload).is_ok()
 }
 
 impl Scanner {
@@ -126,10 +137,18 @@ impl Scanner {
                 });
             }
             match decode_record(&self.buf[self.pos..]) {
-                Ok((_, used)) => {
+                Ok((rec, used)) => {
                     let offset = self.offset();
                     if self.garbage_start.take().is_some() {
                         return Ok(Item::Garbage);
+                    }
+                    if !acceptable(&rec) {
+                        let seq = rec.seq;
+                        if seq <= MAX_SEQ {
+                            self.max_bad_seq = self.max_bad_seq.max(seq);
+                        }
+                        self.pos += used;
+                        return Ok(Item::Invalid { seq });
                     }
                     let start = self.pos;
                     self.pos += used;
@@ -146,7 +165,9 @@ impl Scanner {
                         // Torn record at the end of the file (or, in a growing file, one not yet
                         // fully visible): report it, remember its seq if the header is intact.
                         if let Ok(h) = decode_header(&self.buf[self.pos..]) {
-                            self.max_bad_seq = self.max_bad_seq.max(h.seq);
+                            if h.seq <= MAX_SEQ {
+                                self.max_bad_seq = self.max_bad_seq.max(h.seq);
+                            }
                         }
                         let start = self.garbage_start.unwrap_or(self.offset());
                         let end = self.base + self.buf.len() as u64;
@@ -158,7 +179,9 @@ impl Scanner {
                 }
                 Err(e) => {
                     if let DecodeError::BadChecksum { seq } = e {
-                        self.max_bad_seq = self.max_bad_seq.max(seq);
+                        if seq <= MAX_SEQ {
+                            self.max_bad_seq = self.max_bad_seq.max(seq);
+                        }
                     }
                     self.skip_garbage();
                 }

@@ -3,8 +3,11 @@
 //! Every message is multipart: frame 0 the kind (ASCII), frame 1 a UTF-8 JSON object.
 //! Gateway → backend: `hello`, `reading`, `reply`, `stats`. Backend → gateway: `ack`, `command`.
 
-use crate::config::LineFormat;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::collections::HashSet;
+use std::fmt;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -60,17 +63,205 @@ pub fn json_depth_exceeds(json: &[u8], max: usize) -> bool {
     false
 }
 
+/// How a serial line is turned into the `values` of a reading (`[[serial]] format`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LineFormat {
+    /// `key=value` pairs split by spaces or commas.
+    #[default]
+    Kv,
+    /// One JSON object per line.
+    Json,
+    /// The whole line as `{"line": "..."}`.
+    Raw,
+}
+
 /// The string `id` of a JSON object, without building the rest of it (other values are
-/// skipped; serde_json bounds the recursion). Used to answer a refused command.
+/// skipped without being converted, so a number out of range for JSON numbers does not hide
+/// the id; serde_json bounds the recursion). `None` when there is no usable string id, or
+/// when the object has two `id` keys with different values. Used to answer a refused command.
 pub fn command_id(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        id: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<IdOnly>(body).ok()?.id? {
-        Value::String(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => Some(s),
+    match TopLevel::scan(body).ok()?.id() {
+        IdLookup::Found(id) => Some(id),
         _ => None,
     }
+}
+
+/// One value of an `id` key, as far as the top-level scan needs it.
+#[derive(Debug, Clone, PartialEq)]
+enum IdValue {
+    Str(String),
+    /// A number, boolean, null, array or object (never a usable id).
+    NotString,
+}
+
+impl<'de> Deserialize<'de> for IdValue {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IdValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IdValue, E> {
+                Ok(IdValue::Str(v.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<IdValue, E> {
+                Ok(IdValue::Str(v))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<IdValue, E> {
+                Ok(IdValue::NotString)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<IdValue, E> {
+                Ok(IdValue::NotString)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<IdValue, E> {
+                Ok(IdValue::NotString)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<IdValue, E> {
+                Ok(IdValue::NotString)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<IdValue, E> {
+                Ok(IdValue::NotString)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<IdValue, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(IdValue::NotString)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<IdValue, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(IdValue::NotString)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The keys of a JSON object and the values of its `id` keys; every other value is skipped
+/// unconverted (serde's `IgnoredAny`), so `1e400` or a 5,000-digit integer elsewhere does
+/// not stop the scan.
+#[derive(Debug, Default)]
+struct TopLevel {
+    ids: Vec<IdValue>,
+    /// Keys that appear more than once, in order of their second appearance.
+    duplicates: Vec<String>,
+}
+
+/// The outcome of looking for a command's `id`.
+#[derive(Debug, PartialEq)]
+enum IdLookup {
+    Found(String),
+    Missing,
+    /// Present but not a string of 1 to MAX_ID_LEN characters; the text says why.
+    Unusable(String),
+    /// Two or more `id` keys with different values: no id can be trusted.
+    Ambiguous,
+}
+
+impl TopLevel {
+    fn scan(body: &[u8]) -> Result<TopLevel, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    fn id(&self) -> IdLookup {
+        let Some(first) = self.ids.first() else {
+            return IdLookup::Missing;
+        };
+        if self.ids.iter().any(|v| v != first) {
+            return IdLookup::Ambiguous;
+        }
+        match first {
+            IdValue::Str(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => IdLookup::Found(s.clone()),
+            IdValue::Str(_) => {
+                IdLookup::Unusable(format!("\"id\" must be 1 to {MAX_ID_LEN} characters"))
+            }
+            IdValue::NotString => IdLookup::Unusable("\"id\" must be a string".into()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TopLevel {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<TopLevel, A::Error> {
+                let mut top = TopLevel::default();
+                let mut seen: HashSet<String> = HashSet::new();
+                while let Some(key) = a.next_key::<String>()? {
+                    if key == "id" {
+                        top.ids.push(a.next_value::<IdValue>()?);
+                    } else {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                    if !seen.insert(key.clone()) && !top.duplicates.contains(&key) {
+                        top.duplicates.push(key);
+                    }
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The first key that appears twice in one object, at any depth, of a JSON text that
+/// serde_json already parsed (so every number in it is in range).
+fn nested_duplicate_key(body: &[u8]) -> Option<String> {
+    struct Check(Option<String>);
+    impl<'de> Deserialize<'de> for Check {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Check;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_bool<E: de::Error>(self, _: bool) -> Result<Check, E> {
+                    Ok(Check(None))
+                }
+                fn visit_i64<E: de::Error>(self, _: i64) -> Result<Check, E> {
+                    Ok(Check(None))
+                }
+                fn visit_u64<E: de::Error>(self, _: u64) -> Result<Check, E> {
+                    Ok(Check(None))
+                }
+                fn visit_f64<E: de::Error>(self, _: f64) -> Result<Check, E> {
+                    Ok(Check(None))
+                }
+                fn visit_str<E: de::Error>(self, _: &str) -> Result<Check, E> {
+                    Ok(Check(None))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Check, E> {
+                    Ok(Check(None))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Check, A::Error> {
+                    let mut found = None;
+                    while let Some(Check(inner)) = a.next_element::<Check>()? {
+                        found = found.or(inner);
+                    }
+                    Ok(Check(found))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Check, A::Error> {
+                    let mut found = None;
+                    let mut seen: HashSet<String> = HashSet::new();
+                    while let Some(key) = a.next_key::<String>()? {
+                        let Check(inner) = a.next_value::<Check>()?;
+                        if found.is_none() && !seen.insert(key.clone()) {
+                            found = Some(key);
+                        }
+                        found = found.or(inner);
+                    }
+                    Ok(Check(found))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    serde_json::from_slice::<Check>(body).ok()?.0
 }
 
 /// Checks a serial `write` value: at most [`MAX_WRITE_BYTES`], and no control characters
@@ -132,6 +323,10 @@ pub enum LineError {
     NotObject,
     #[error("JSON nests deeper than {MAX_JSON_DEPTH} levels")]
     TooDeep,
+    /// A NUL byte (or, in a JSON line, a `\u0000` escape): many databases refuse it in text
+    /// (PostgreSQL's jsonb does), so such a line is never sent.
+    #[error("line contains a NUL character")]
+    Nul,
 }
 
 /// The `values` object of a reading, already serialised as compact JSON text
@@ -203,7 +398,11 @@ pub fn push_json_str(out: &mut String, s: &str) {
 }
 
 /// Parses one serial line (without its line ending) into the `values` of a reading.
+/// A line containing a NUL byte is refused ([`LineError::Nul`]) in every format.
 pub fn parse_line(format: LineFormat, line: &[u8]) -> Result<Values, LineError> {
+    if line.contains(&0) {
+        return Err(LineError::Nul);
+    }
     let text = std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)?;
     match format {
         LineFormat::Kv => parse_kv(text),
@@ -301,9 +500,20 @@ fn parse_json_object(text: &str) -> Result<Values, LineError> {
         return Err(LineError::TooDeep);
     }
     match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) if has_nul(&v) => Err(LineError::Nul),
         Ok(v @ Value::Object(_)) => Ok(Values(v.to_string())),
         Ok(_) => Err(LineError::NotObject),
         Err(e) => Err(LineError::Json(e.to_string())),
+    }
+}
+
+/// True when a key or string anywhere in `v` contains U+0000 (written `\u0000` in JSON).
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -382,6 +592,32 @@ pub struct Command {
     pub action: Action,
 }
 
+impl Command {
+    /// A digest of what the command does: its target and its parsed action (so `"value": 1`
+    /// and `"value": true` of a `set` are the same command); the id is not part of it. Two
+    /// commands with equal digests do the same thing. Stable within one process run only
+    /// (std's SipHash with fixed keys, whose algorithm may change between Rust releases):
+    /// keep it in memory, never on disk or on the wire.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        // Length-prefixed fields: ("ab", "c") and ("a", "bc") hash differently.
+        h.write_usize(self.target.len());
+        h.write(self.target.as_bytes());
+        h.write(self.action.name().as_bytes());
+        match &self.action {
+            Action::Set(level) => level.hash(&mut h),
+            Action::Toggle => {}
+            Action::Pulse(ms) => ms.hash(&mut h),
+            Action::Write(text) => {
+                h.write_usize(text.len());
+                h.write(text.as_bytes());
+            }
+        }
+        h.finish()
+    }
+}
+
 /// A command that could not be parsed; `id` is known when the JSON had a string id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandError {
@@ -394,6 +630,12 @@ pub const MAX_ID_LEN: usize = 128;
 
 /// Parses the JSON body of a `command` message. Checks syntax and value types only; whether
 /// the target exists and accepts the action is decided by the gateway.
+///
+/// Whenever the body is a JSON object with one usable string `id`, the error carries that id
+/// (so the command is answered), even when another value cannot be read (a number out of
+/// range for JSON numbers such as `1e400`). A key that appears twice in one object, at any
+/// depth, makes the command bad: it is answered under its `id` when every `id` key holds the
+/// same value; when two `id` keys differ there is no id to answer under (`id: None`).
 pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
     let bad = |id: Option<String>, message: String| CommandError { id, message };
     if body.len() > MAX_COMMAND_BYTES {
@@ -411,22 +653,42 @@ pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
             format!("command JSON nests deeper than {MAX_JSON_DEPTH} levels"),
         ));
     }
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| bad(None, format!("malformed JSON: {e}")))?;
-    let Value::Object(obj) = v else {
-        return Err(bad(None, "command must be a JSON object".into()));
+    let top = match TopLevel::scan(body) {
+        Ok(top) => top,
+        Err(e) if e.is_data() => return Err(bad(None, "command must be a JSON object".into())),
+        Err(e) => return Err(bad(None, format!("malformed JSON: {e}"))),
     };
-    let id = match obj.get("id") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => s.clone(),
-        Some(Value::String(_)) => {
+    let id = match top.id() {
+        IdLookup::Found(id) => id,
+        IdLookup::Missing => return Err(bad(None, "missing \"id\"".into())),
+        IdLookup::Unusable(why) => return Err(bad(None, why)),
+        IdLookup::Ambiguous => {
             return Err(bad(
                 None,
-                format!("\"id\" must be 1 to {MAX_ID_LEN} characters"),
+                "duplicate key \"id\" with different values: no id to answer under".into(),
             ))
         }
-        Some(_) => return Err(bad(None, "\"id\" must be a string".into())),
-        None => return Err(bad(None, "missing \"id\"".into())),
     };
+    if let Some(key) = top.duplicates.first() {
+        return Err(bad(
+            Some(id),
+            format!("duplicate key {key:?} (each key may appear once)"),
+        ));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        // The scan above read the whole text, so what fails here is a value serde_json
+        // cannot represent (a number beyond f64, such as 1e400).
+        bad(Some(id.clone()), format!("unreadable value: {e}"))
+    })?;
+    let Value::Object(obj) = v else {
+        return Err(bad(Some(id), "command must be a JSON object".into()));
+    };
+    if let Some(key) = nested_duplicate_key(body) {
+        return Err(bad(
+            Some(id),
+            format!("duplicate key {key:?} in a nested object (each key may appear once)"),
+        ));
+    }
     let target = match obj.get("target") {
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(bad(Some(id), "\"target\" must be a string".into())),

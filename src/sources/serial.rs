@@ -2,15 +2,20 @@
 //! automatic reconnection.
 //!
 //! - The tty is opened non-blocking in raw mode ([`open_tty`]) and read when readable.
-//!   Bytes are framed into lines on `\n` (a trailing `\r` is removed); a line longer than
-//!   [`MAX_LINE`] bytes is discarded up to its end and reported once as
-//!   [`SerialEvent::Overlong`].
+//!   Bytes are framed into lines by a [`LineFramer`] (which bytes end a line is the port's
+//!   [`InputLineEnding`]; by default LF, CR or CR LF); a line longer than [`MAX_LINE`] bytes
+//!   is discarded up to its end and reported once as [`SerialEvent::Overlong`]. Empty lines
+//!   are skipped.
 //! - Writes go into a bounded buffer and are flushed only when the fd is writable;
-//!   [`SerialEvent::WriteDone`] reports each write once its last byte reached the tty.
+//!   [`SerialEvent::WriteDone`] reports each write once its last byte reached the tty. A
+//!   write not done within the port's write timeout (default [`DEFAULT_WRITE_TIMEOUT`]) ends
+//!   with [`SerialEvent::WriteFailed`]: a device that neither drains nor hangs up must not
+//!   leave a command unanswered. Its unsent bytes are discarded and the port stays open.
 //! - Hang-up (read of 0 bytes, EIO: the USB adapter was unplugged, the pty closed), a missing
 //!   device or any other error drops the port, is logged once, and a timerfd retries the open
 //!   with backoff (1 s doubling to 30 s) until the path is back.
 
+pub use crate::config::InputLineEnding;
 use crate::protocol::MAX_LINE;
 use calloop::generic::Generic;
 use calloop::ping::{make_ping, Ping, PingSource};
@@ -28,6 +33,8 @@ use std::time::{Duration, Instant};
 
 /// Bytes of pending writes accepted per port; more is refused (the device is too slow).
 pub const MAX_PENDING_WRITE: usize = 64 * 1024;
+/// How long a write may wait for the device unless the port sets another timeout.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_millis(2000);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Bytes read per wake before yielding to other sources (the fd is level-triggered, so the
@@ -54,7 +61,8 @@ pub enum SerialEvent {
     Disconnected(String),
     /// All bytes of the write with this token reached the tty.
     WriteDone(u64),
-    /// The write with this token could not be completed (the port went away).
+    /// The write with this token could not be completed: the port went away, or the device
+    /// did not take all its bytes within the write timeout (the text says which).
     WriteFailed(u64, String),
 }
 
@@ -71,13 +79,80 @@ struct PendingWrite {
     data: Vec<u8>,
     done: usize,
     token: u64,
+    /// When the write fails if the device has not taken all of it.
+    deadline: Instant,
 }
 
-#[derive(Default)]
-struct Shared {
-    connected: bool,
+/// A write that timed out: its token, and whether part of it already reached the tty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Expired {
+    token: u64,
+    partial: bool,
+}
+
+/// The queue of writes waiting for the device. Plain data with `now` passed in, so the
+/// timeout rule is tested without a loop or a tty.
+struct WriteQueue {
     pending: VecDeque<PendingWrite>,
     pending_bytes: usize,
+    timeout: Duration,
+}
+
+impl WriteQueue {
+    fn new(timeout: Duration) -> WriteQueue {
+        WriteQueue {
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            timeout,
+        }
+    }
+
+    fn push(&mut self, data: Vec<u8>, token: u64, now: Instant) -> Result<(), WriteError> {
+        if self.pending_bytes + data.len() > MAX_PENDING_WRITE {
+            return Err(WriteError::Busy);
+        }
+        self.pending_bytes += data.len();
+        self.pending.push_back(PendingWrite {
+            data,
+            done: 0,
+            token,
+            deadline: now + self.timeout,
+        });
+        Ok(())
+    }
+
+    /// The deadline of the oldest write (writes are queued in deadline order).
+    fn next_deadline(&self) -> Option<Instant> {
+        self.pending.front().map(|w| w.deadline)
+    }
+
+    /// Removes every write whose deadline has come, unsent bytes included.
+    fn expire(&mut self, now: Instant) -> Vec<Expired> {
+        let mut out = Vec::new();
+        while let Some(w) = self.pending.front() {
+            if w.deadline > now {
+                break;
+            }
+            let w = self.pending.pop_front().expect("front exists");
+            self.pending_bytes -= w.data.len();
+            out.push(Expired {
+                token: w.token,
+                partial: w.done > 0,
+            });
+        }
+        out
+    }
+
+    /// Removes every write (the port was lost); returns their tokens.
+    fn clear(&mut self) -> Vec<u64> {
+        self.pending_bytes = 0;
+        self.pending.drain(..).map(|w| w.token).collect()
+    }
+}
+
+struct Shared {
+    connected: bool,
+    writes: WriteQueue,
 }
 
 /// Handle to queue writes to a port from anywhere in the loop. Cheap to clone.
@@ -88,21 +163,14 @@ pub struct SerialHandle {
 }
 
 impl SerialHandle {
-    /// Queues `data`; [`SerialEvent::WriteDone`] with `token` follows once it was written.
+    /// Queues `data`; [`SerialEvent::WriteDone`] with `token` follows once it was written, or
+    /// [`SerialEvent::WriteFailed`] when the port is lost or the write timeout passes first.
     pub fn write(&self, data: Vec<u8>, token: u64) -> Result<(), WriteError> {
         let mut s = self.shared.borrow_mut();
         if !s.connected {
             return Err(WriteError::NotConnected);
         }
-        if s.pending_bytes + data.len() > MAX_PENDING_WRITE {
-            return Err(WriteError::Busy);
-        }
-        s.pending_bytes += data.len();
-        s.pending.push_back(PendingWrite {
-            data,
-            done: 0,
-            token,
-        });
+        s.writes.push(data, token, Instant::now())?;
         drop(s);
         self.ping.ping();
         Ok(())
@@ -112,7 +180,8 @@ impl SerialHandle {
     }
 }
 
-/// Maps a numeric baud rate to the termios constant; `None` for non-standard rates.
+/// Maps a numeric baud rate to the termios constant; `None` for non-standard rates. Accepts
+/// exactly [`crate::config::STANDARD_BAUD_RATES`] (a test keeps the two in step).
 pub fn baud_rate(baud: u32) -> Option<BaudRate> {
     use BaudRate::*;
     Some(match baud {
@@ -186,6 +255,7 @@ pub fn open_tty(path: &Path, baud: u32) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
+/// One serial port as a calloop event source; see the module documentation.
 pub struct SerialSource {
     name: String,
     path: PathBuf,
@@ -195,20 +265,128 @@ pub struct SerialSource {
     port_dirty: bool,
     port_registered: bool,
     write_interest: bool,
-    retry: Generic<TimerFd>,
+    /// One timer, two uses that never overlap: while the port is closed it schedules the
+    /// next open; while it is open it fires at the oldest pending write's deadline.
+    timer: Generic<TimerFd>,
+    /// The deadline the timer is set to while the port is open.
+    timer_deadline: Option<Instant>,
     backoff: Duration,
     /// A failure has been logged for the current outage (log once per outage).
     outage_logged: bool,
     ping_source: PingSource,
     ping: Ping,
     shared: Rc<RefCell<Shared>>,
+    framer: LineFramer,
+}
+
+/// Splits the bytes of a port into lines (see [`InputLineEnding`]). Lines longer than
+/// [`MAX_LINE`] are dropped whole and reported once; empty lines are skipped (so in `auto`
+/// mode the LF of a CR LF, even in a later read, ends nothing).
+pub struct LineFramer {
+    ending: InputLineEnding,
     line: Vec<u8>,
     /// Bytes discarded of the current overlong line (0 when not discarding).
     discarding: usize,
+    /// The last byte taken was a CR (for `crlf` when the LF comes in the next read).
+    prev_cr: bool,
+}
+
+impl LineFramer {
+    /// A framer with nothing buffered.
+    pub fn new(ending: InputLineEnding) -> LineFramer {
+        LineFramer {
+            ending,
+            line: Vec::with_capacity(256),
+            discarding: 0,
+            prev_cr: false,
+        }
+    }
+
+    /// Forgets a partial line (the port was reopened).
+    pub fn reset(&mut self) {
+        self.line.clear();
+        self.discarding = 0;
+        self.prev_cr = false;
+    }
+
+    /// Where the next line ends in `bytes`: the index of its terminating byte.
+    fn next_end(&self, bytes: &[u8]) -> Option<usize> {
+        match self.ending {
+            InputLineEnding::Lf => bytes.iter().position(|&b| b == b'\n'),
+            InputLineEnding::Cr => bytes.iter().position(|&b| b == b'\r'),
+            InputLineEnding::Auto => bytes.iter().position(|&b| b == b'\n' || b == b'\r'),
+            InputLineEnding::Crlf => {
+                let mut from = 0;
+                loop {
+                    let i = from + bytes[from..].iter().position(|&b| b == b'\n')?;
+                    let after_cr = if i == 0 {
+                        self.prev_cr
+                    } else {
+                        bytes[i - 1] == b'\r'
+                    };
+                    if after_cr {
+                        return Some(i);
+                    }
+                    from = i + 1;
+                }
+            }
+        }
+    }
+
+    /// Frames `bytes`, calling `emit` with each complete line or overlong report.
+    pub fn push(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(SerialEvent)) {
+        // In lf and crlf modes a CR before the LF is part of the ending, not of the line.
+        let strip_cr = matches!(self.ending, InputLineEnding::Lf | InputLineEnding::Crlf);
+        while !bytes.is_empty() {
+            let Some(i) = self.next_end(bytes) else {
+                if self.discarding > 0 {
+                    self.discarding += bytes.len();
+                } else if self.line.len() + bytes.len() > MAX_LINE + 1 {
+                    self.discarding = self.line.len() + bytes.len();
+                    self.line.clear();
+                } else {
+                    self.line.extend_from_slice(bytes);
+                }
+                self.prev_cr = bytes.last() == Some(&b'\r');
+                return;
+            };
+            let (head, rest) = bytes.split_at(i);
+            self.prev_cr = rest[0] == b'\r';
+            bytes = &rest[1..];
+            if self.discarding > 0 {
+                let dropped = self.discarding + head.len();
+                self.discarding = 0;
+                emit(SerialEvent::Overlong(dropped));
+                continue;
+            }
+            // One byte of slack for a CR that is part of the ending.
+            if self.line.len() + head.len() > MAX_LINE + 1 {
+                let dropped = self.line.len() + head.len();
+                self.line.clear();
+                emit(SerialEvent::Overlong(dropped));
+                continue;
+            }
+            self.line.extend_from_slice(head);
+            if strip_cr && self.line.last() == Some(&b'\r') {
+                self.line.pop();
+            }
+            if self.line.len() > MAX_LINE {
+                let dropped = self.line.len();
+                self.line.clear();
+                emit(SerialEvent::Overlong(dropped));
+            } else if !self.line.is_empty() {
+                let line = std::mem::replace(&mut self.line, Vec::with_capacity(256));
+                emit(SerialEvent::Line(line));
+            }
+        }
+    }
 }
 
 impl SerialSource {
     /// Creates the source; the port is opened on registration (and retried if missing).
+    /// Lines end as [`InputLineEnding::Auto`] and writes time out after
+    /// [`DEFAULT_WRITE_TIMEOUT`] unless set with [`SerialSource::input_line_ending`] and
+    /// [`SerialSource::write_timeout`].
     pub fn new(name: &str, path: &Path, baud: u32) -> io::Result<SerialSource> {
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
@@ -224,15 +402,31 @@ impl SerialSource {
             port_dirty: false,
             port_registered: false,
             write_interest: false,
-            retry: Generic::new(timer, Interest::READ, Mode::Level),
+            timer: Generic::new(timer, Interest::READ, Mode::Level),
+            timer_deadline: None,
             backoff: BACKOFF_MIN,
             outage_logged: false,
             ping_source,
             ping,
-            shared: Rc::new(RefCell::new(Shared::default())),
-            line: Vec::with_capacity(256),
-            discarding: 0,
+            shared: Rc::new(RefCell::new(Shared {
+                connected: false,
+                writes: WriteQueue::new(DEFAULT_WRITE_TIMEOUT),
+            })),
+            framer: LineFramer::new(InputLineEnding::Auto),
         })
+    }
+
+    /// Sets which bytes end a received line (`[[serial]] input_line_ending`).
+    pub fn input_line_ending(mut self, ending: InputLineEnding) -> SerialSource {
+        self.framer = LineFramer::new(ending);
+        self
+    }
+
+    /// Sets how long a write may wait for the device (`[[serial]] write_timeout_ms`);
+    /// applies to writes queued from now on.
+    pub fn write_timeout(self, timeout: Duration) -> SerialSource {
+        self.shared.borrow_mut().writes.timeout = timeout;
+        self
     }
 
     pub fn handle(&self) -> SerialHandle {
@@ -261,8 +455,8 @@ impl SerialSource {
                 self.write_interest = false;
                 self.backoff = BACKOFF_MIN;
                 self.outage_logged = false;
-                self.line.clear();
-                self.discarding = 0;
+                self.framer.reset();
+                self.timer_deadline = None;
                 self.shared.borrow_mut().connected = true;
                 callback(SerialEvent::Connected, &mut ());
             }
@@ -289,13 +483,71 @@ impl SerialSource {
     fn arm_retry(&mut self) {
         let delay = self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.set_timer(delay);
+    }
+
+    /// Arms the timer `delay` from now (at least 1 ns: a zero expiration would disarm it).
+    fn set_timer(&mut self, delay: Duration) {
+        let delay = delay.max(Duration::from_nanos(1));
         // SAFETY: we do not replace or close the timer fd.
-        let timer = unsafe { self.retry.get_mut() };
+        let timer = unsafe { self.timer.get_mut() };
         if let Err(e) = timer.set(
             Expiration::OneShot(TimeSpec::from_duration(delay)),
             TimerSetTimeFlags::empty(),
         ) {
-            log::error!("serial retry timer failed name={} error={e}", self.name);
+            log::error!("serial timer failed name={} error={e}", self.name);
+        }
+    }
+
+    /// Ends the writes whose deadline has come and arms the timer for the next one.
+    fn expire_writes<F>(&mut self, now: Instant, callback: &mut F)
+    where
+        F: FnMut(SerialEvent, &mut ()),
+    {
+        let (expired, next, timeout) = {
+            let mut s = self.shared.borrow_mut();
+            let expired = s.writes.expire(now);
+            (expired, s.writes.next_deadline(), s.writes.timeout)
+        };
+        if expired.iter().any(|e| e.partial) {
+            // Part of a timed-out write is in the driver's output queue. Drop what the
+            // device has not taken, so it never receives a truncated command run together
+            // with the next one.
+            if let Some(port) = self.port.as_ref() {
+                // SAFETY: the port's descriptor is open for the duration of this call.
+                let fd = unsafe { BorrowedFd::borrow_raw(port.get_ref().as_raw_fd()) };
+                if let Err(e) = nix::sys::termios::tcflush(fd, nix::sys::termios::FlushArg::TCOFLUSH)
+                {
+                    log::warn!("serial output flush failed name={} error={e}", self.name);
+                }
+            }
+        }
+        for e in expired {
+            log::warn!(
+                "serial write timed out name={} token={} timeout_ms={} partial={}",
+                self.name,
+                e.token,
+                timeout.as_millis(),
+                e.partial
+            );
+            callback(
+                SerialEvent::WriteFailed(
+                    e.token,
+                    format!(
+                        "serial write timed out after {} ms: the device did not take the data \
+                         (unsent bytes discarded)",
+                        timeout.as_millis()
+                    ),
+                ),
+                &mut (),
+            );
+        }
+        if next != self.timer_deadline {
+            if let Some(deadline) = next {
+                self.set_timer(deadline.saturating_duration_since(now));
+            }
+            // With no write pending an armed timer is left to fire once, harmlessly.
+            self.timer_deadline = next;
         }
     }
 
@@ -313,11 +565,11 @@ impl SerialSource {
         self.port = None;
         self.port_registered = false;
         self.port_dirty = false;
+        self.timer_deadline = None;
         let failed: Vec<u64> = {
             let mut s = self.shared.borrow_mut();
             s.connected = false;
-            s.pending_bytes = 0;
-            s.pending.drain(..).map(|w| w.token).collect()
+            s.writes.clear()
         };
         for token in failed {
             callback(
@@ -347,7 +599,7 @@ impl SerialSource {
                 Ok(0) => return Err("hang-up (end of file)".into()),
                 Ok(n) => {
                     total += n;
-                    self.frame(&buf[..n], callback);
+                    self.framer.push(&buf[..n], &mut |e| callback(e, &mut ()));
                     // Stop when a short read emptied the tty's buffer (the fd is level-triggered:
                     // skip the read that would only return EAGAIN), or when this wake has held
                     // the loop long enough (a flood must not delay commands).
@@ -363,55 +615,6 @@ impl SerialSource {
         Ok(())
     }
 
-    fn frame<F>(&mut self, mut bytes: &[u8], callback: &mut F)
-    where
-        F: FnMut(SerialEvent, &mut ()),
-    {
-        while !bytes.is_empty() {
-            match bytes.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    let (head, rest) = bytes.split_at(i);
-                    bytes = &rest[1..];
-                    if self.discarding > 0 {
-                        let dropped = self.discarding + head.len();
-                        self.discarding = 0;
-                        callback(SerialEvent::Overlong(dropped), &mut ());
-                        continue;
-                    }
-                    if self.line.len() + head.len() > MAX_LINE + 1 {
-                        let dropped = self.line.len() + head.len();
-                        self.line.clear();
-                        callback(SerialEvent::Overlong(dropped), &mut ());
-                        continue;
-                    }
-                    self.line.extend_from_slice(head);
-                    if self.line.last() == Some(&b'\r') {
-                        self.line.pop();
-                    }
-                    if self.line.len() > MAX_LINE {
-                        let dropped = self.line.len();
-                        self.line.clear();
-                        callback(SerialEvent::Overlong(dropped), &mut ());
-                    } else if !self.line.is_empty() {
-                        let line = std::mem::replace(&mut self.line, Vec::with_capacity(256));
-                        callback(SerialEvent::Line(line), &mut ());
-                    }
-                }
-                None => {
-                    if self.discarding > 0 {
-                        self.discarding += bytes.len();
-                    } else if self.line.len() + bytes.len() > MAX_LINE + 1 {
-                        self.discarding = self.line.len() + bytes.len();
-                        self.line.clear();
-                    } else {
-                        self.line.extend_from_slice(bytes);
-                    }
-                    bytes = &[];
-                }
-            }
-        }
-    }
-
     /// Writes as much of the pending data as the tty takes now.
     fn flush_writes<F>(&mut self, callback: &mut F) -> Result<(), String>
     where
@@ -423,7 +626,7 @@ impl SerialSource {
         let fd = port.get_ref().as_raw_fd();
         loop {
             let mut s = self.shared.borrow_mut();
-            let Some(w) = s.pending.front_mut() else {
+            let Some(w) = s.writes.pending.front_mut() else {
                 return Ok(());
             };
             // SAFETY: fd is the open port's descriptor for the duration of this call.
@@ -434,8 +637,8 @@ impl SerialSource {
                     if w.done == w.data.len() {
                         let token = w.token;
                         let len = w.data.len();
-                        s.pending.pop_front();
-                        s.pending_bytes -= len;
+                        s.writes.pending.pop_front();
+                        s.writes.pending_bytes -= len;
                         drop(s);
                         callback(SerialEvent::WriteDone(token), &mut ());
                     }
@@ -468,14 +671,14 @@ impl EventSource for SerialSource {
             .process_events(readiness, token, |_, _| woke_write = true)
             .map_err(|e| io::Error::other(e.to_string()))?;
 
-        let mut retry_fired = false;
-        self.retry.process_events(readiness, token, |_, timer| {
+        let mut timer_fired = false;
+        self.timer.process_events(readiness, token, |_, timer| {
             // Consume the expiration; a spurious wake reads EAGAIN.
             let _ = timer.wait();
-            retry_fired = true;
+            timer_fired = true;
             Ok(PostAction::Continue)
         })?;
-        if retry_fired && self.port.is_none() {
+        if timer_fired && self.port.is_none() {
             self.try_open(&mut callback);
         }
 
@@ -506,7 +709,10 @@ impl EventSource for SerialSource {
             self.disconnect(reason, &mut callback);
             return Ok(PostAction::Continue);
         }
-        let want_write = self.port.is_some() && !self.shared.borrow().pending.is_empty();
+        if self.port.is_some() {
+            self.expire_writes(Instant::now(), &mut callback);
+        }
+        let want_write = self.port.is_some() && !self.shared.borrow().writes.pending.is_empty();
         if want_write != self.write_interest {
             self.write_interest = want_write;
             self.port_dirty = true;
@@ -519,7 +725,7 @@ impl EventSource for SerialSource {
 
     fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
         self.ping_source.register(poll, factory)?;
-        self.retry.register(poll, factory)?;
+        self.timer.register(poll, factory)?;
         // Open on registration so the first readings are not delayed by a retry period.
         self.arm_retry_now();
         Ok(())
@@ -527,7 +733,7 @@ impl EventSource for SerialSource {
 
     fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
         self.ping_source.reregister(poll, factory)?;
-        self.retry.reregister(poll, factory)?;
+        self.timer.reregister(poll, factory)?;
         if let Some(port) = self.port.as_mut() {
             port.interest = if self.write_interest {
                 Interest::BOTH
@@ -547,7 +753,7 @@ impl EventSource for SerialSource {
 
     fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
         self.ping_source.unregister(poll)?;
-        self.retry.unregister(poll)?;
+        self.timer.unregister(poll)?;
         if let Some(port) = self.port.as_mut() {
             if self.port_registered {
                 port.unregister(poll)?;
@@ -561,14 +767,7 @@ impl EventSource for SerialSource {
 impl SerialSource {
     /// Arms the timer to fire immediately, so the first open happens in the first dispatch.
     fn arm_retry_now(&mut self) {
-        // SAFETY: we do not replace or close the timer fd.
-        let timer = unsafe { self.retry.get_mut() };
-        if let Err(e) = timer.set(
-            Expiration::OneShot(TimeSpec::from_duration(Duration::from_nanos(1))),
-            TimerSetTimeFlags::empty(),
-        ) {
-            log::error!("serial timer failed name={} error={e}", self.name);
-        }
+        self.set_timer(Duration::from_nanos(1));
     }
 }
 
@@ -620,30 +819,228 @@ mod tests {
             .contains("terminal"));
     }
 
+    fn frame_all(ending: InputLineEnding, chunks: &[&[u8]]) -> Vec<SerialEvent> {
+        let mut f = LineFramer::new(ending);
+        let mut out = Vec::new();
+        for c in chunks {
+            f.push(c, &mut |e| out.push(e));
+        }
+        out
+    }
+
+    fn line(s: &str) -> SerialEvent {
+        SerialEvent::Line(s.as_bytes().to_vec())
+    }
+
     #[test]
     fn frames_lines_and_overlong() {
-        let (_, path) = pty();
-        let mut s = SerialSource::new("t", &path, 9600).unwrap();
-        let mut out = Vec::new();
-        let mut cb = |e: SerialEvent, _: &mut ()| out.push(e);
-        s.frame(b"a=1\r\nb=", &mut cb);
-        s.frame(b"2\n\n\r\n", &mut cb);
         let long = vec![b'x'; MAX_LINE + 10];
-        s.frame(&long, &mut cb);
-        s.frame(b"yy\nok\n", &mut cb);
         let exact = vec![b'z'; MAX_LINE];
-        s.frame(&exact, &mut cb);
-        s.frame(b"\r\n", &mut cb);
+        for ending in [InputLineEnding::Auto, InputLineEnding::Lf] {
+            let out = frame_all(
+                ending,
+                &[b"a=1\r\nb=", b"2\n\n\r\n", &long, b"yy\nok\n", &exact, b"\r\n"],
+            );
+            assert_eq!(
+                out,
+                vec![
+                    line("a=1"),
+                    line("b=2"),
+                    SerialEvent::Overlong(MAX_LINE + 12),
+                    line("ok"),
+                    SerialEvent::Line(exact.clone()),
+                ],
+                "{ending:?}"
+            );
+        }
+    }
+
+    /// A sensor that ends lines with CR alone: every line is a reading (before, LF-only
+    /// framing made 2,000 such lines one overlong line).
+    #[test]
+    fn cr_terminated_lines_each_make_a_line() {
+        let text: Vec<u8> = (0..2000).flat_map(|i| format!("n={i}\r").into_bytes()).collect();
+        for ending in [InputLineEnding::Auto, InputLineEnding::Cr] {
+            let mut f = LineFramer::new(ending);
+            let mut out = Vec::new();
+            for chunk in text.chunks(READ_CHUNK) {
+                f.push(chunk, &mut |e| out.push(e));
+            }
+            assert_eq!(out.len(), 2000, "{ending:?}");
+            for (i, e) in out.iter().enumerate() {
+                assert_eq!(*e, line(&format!("n={i}")), "{ending:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn auto_takes_mixed_endings_and_split_crlf_as_one() {
+        let out = frame_all(
+            InputLineEnding::Auto,
+            &[b"a=1\nb=2\rc=3\r\nd=4\r", b"\ne=5\r", b"\n", b"f=6\n"],
+        );
         assert_eq!(
             out,
             vec![
-                SerialEvent::Line(b"a=1".to_vec()),
-                SerialEvent::Line(b"b=2".to_vec()),
-                SerialEvent::Overlong(MAX_LINE + 12),
-                SerialEvent::Line(b"ok".to_vec()),
-                SerialEvent::Line(exact),
+                line("a=1"),
+                line("b=2"),
+                line("c=3"),
+                line("d=4"),
+                line("e=5"),
+                line("f=6")
             ]
         );
+    }
+
+    #[test]
+    fn explicit_endings() {
+        // lf: a lone CR is part of the line.
+        assert_eq!(
+            frame_all(InputLineEnding::Lf, &[b"a\rb\n", b"c\r", b"\n"]),
+            vec![line("a\rb"), line("c")]
+        );
+        // cr: LF is an ordinary byte.
+        assert_eq!(
+            frame_all(InputLineEnding::Cr, &[b"a\nb\rc\r"]),
+            vec![line("a\nb"), line("c")]
+        );
+        // crlf: only the pair ends a line, also when split across reads.
+        assert_eq!(
+            frame_all(
+                InputLineEnding::Crlf,
+                &[b"a\nb\rc\r\nd\r", b"\n", b"e\n\r\n"]
+            ),
+            vec![line("a\nb\rc"), line("d"), line("e\n")]
+        );
+        // An overlong line in crlf mode ends at its CR LF, split across reads.
+        let long = vec![b'x'; MAX_LINE + 5];
+        assert_eq!(
+            frame_all(InputLineEnding::Crlf, &[&long, b"\r", b"\nok\r\n"]),
+            vec![SerialEvent::Overlong(MAX_LINE + 6), line("ok")]
+        );
+    }
+
+    #[test]
+    fn baud_rates_match_the_config_list() {
+        for b in crate::config::STANDARD_BAUD_RATES {
+            assert!(baud_rate(b).is_some(), "{b}");
+        }
+        for b in 0..=4_000_000u32 {
+            if baud_rate(b).is_some() {
+                assert!(crate::config::STANDARD_BAUD_RATES.contains(&b), "{b}");
+            }
+        }
+    }
+
+    #[test]
+    fn write_queue_times_out_by_deadline() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = WriteQueue::new(ms(100));
+        q.push(b"abc".to_vec(), 1, t0).unwrap();
+        q.push(b"de".to_vec(), 2, t0 + ms(30)).unwrap();
+        assert_eq!(q.next_deadline(), Some(t0 + ms(100)));
+        assert_eq!(q.expire(t0 + ms(99)), vec![]);
+        q.pending[0].done = 1;
+        assert_eq!(
+            q.expire(t0 + ms(100)),
+            vec![Expired {
+                token: 1,
+                partial: true
+            }]
+        );
+        assert_eq!(q.pending_bytes, 2);
+        assert_eq!(q.next_deadline(), Some(t0 + ms(130)));
+        assert_eq!(
+            q.expire(t0 + ms(500)),
+            vec![Expired {
+                token: 2,
+                partial: false
+            }]
+        );
+        assert_eq!((q.pending_bytes, q.next_deadline()), (0, None));
+        // The bound counts only what is still queued.
+        q.push(vec![0; MAX_PENDING_WRITE], 3, t0).unwrap();
+        assert_eq!(q.push(vec![0], 4, t0), Err(WriteError::Busy));
+        assert_eq!(q.clear(), vec![3]);
+        q.push(vec![0], 5, t0).unwrap();
+    }
+
+    /// A device that never takes the data: the write fails after the timeout, the port stays
+    /// open, and once the device reads again a new write goes through.
+    #[test]
+    fn a_write_the_device_never_takes_times_out() {
+        let (master, path) = pty();
+        let timeout = Duration::from_millis(300);
+        let source = SerialSource::new("t", &path, 9600)
+            .unwrap()
+            .write_timeout(timeout);
+        let handle = source.handle();
+        let mut ev: EventLoop<St> = EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(source, |e, _, st: &mut St| st.events.push(e))
+            .unwrap();
+        let mut st = St { events: vec![] };
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::Connected)
+        });
+        // More than the pty buffer holds, and nobody reads the master.
+        let started = Instant::now();
+        handle.write(vec![b'x'; 60_000], 1).unwrap();
+        run_until(&mut ev, &mut st, |st| {
+            st.events
+                .iter()
+                .any(|e| matches!(e, SerialEvent::WriteFailed(1, _)))
+        });
+        let took = started.elapsed();
+        assert!(
+            took >= timeout && took < timeout * 3,
+            "failed after {took:?}"
+        );
+        let why = st
+            .events
+            .iter()
+            .find_map(|e| match e {
+                SerialEvent::WriteFailed(1, why) => Some(why.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(why.contains("timed out"), "{why}");
+        assert!(!st
+            .events
+            .iter()
+            .any(|e| matches!(e, SerialEvent::Disconnected(_) | SerialEvent::WriteDone(1))));
+        assert!(handle.is_connected());
+
+        // The device drains what reached the tty; a new write is taken whole.
+        let mfd = master.as_raw_fd();
+        nix::fcntl::fcntl(mfd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match nix::unistd::read(mfd, &mut buf) {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        assert!(got.len() < 60_000, "the unsent bytes were discarded");
+        handle.write(b"OK\n".to_vec(), 2).unwrap();
+        run_until(&mut ev, &mut st, |st| {
+            st.events.contains(&SerialEvent::WriteDone(2))
+        });
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !got.ends_with(b"OK\n") && Instant::now() < deadline {
+            if let Ok(n) = nix::unistd::read(mfd, &mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert!(got.ends_with(b"OK\n"), "{} bytes", got.len());
+        assert!(
+            got.iter().all(|&b| b == b'x' || b == b'O' || b == b'K' || b == b'\n'),
+            "bytes pass unchanged"
+        );
+        drop(master);
     }
 
     /// A flood of short lines must not hold the loop: one wake handles one chunk once the

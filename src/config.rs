@@ -778,6 +778,51 @@ path = "/dev/ttyUSB0"
         assert_eq!(c.serial[0].baud, 9600);
         assert_eq!(c.serial[0].format, LineFormat::Kv);
         assert_eq!(c.serial[0].line_ending, "\n");
+        assert_eq!(c.serial[0].input_line_ending, InputLineEnding::Auto);
+        assert_eq!(c.serial[0].write_timeout_ms, 2000);
+    }
+
+    #[test]
+    fn serial_input_line_ending_and_write_timeout() {
+        for (text, want) in [
+            ("auto", InputLineEnding::Auto),
+            ("lf", InputLineEnding::Lf),
+            ("cr", InputLineEnding::Cr),
+            ("crlf", InputLineEnding::Crlf),
+        ] {
+            let t = GOOD.replace(
+                "path = \"/dev/ttyUSB0\"",
+                &format!("path = \"/dev/ttyUSB0\"\ninput_line_ending = \"{text}\"\nwrite_timeout_ms = 500"),
+            );
+            let c = Config::parse(&t, "z.toml").unwrap();
+            assert_eq!(c.serial[0].input_line_ending, want);
+            assert_eq!(c.serial[0].write_timeout_ms, 500);
+        }
+        let t = GOOD.replace(
+            "path = \"/dev/ttyUSB0\"",
+            "path = \"/dev/ttyUSB0\"\ninput_line_ending = \"lfcr\"",
+        );
+        let e = Config::parse(&t, "z.toml").unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.line, e.key.as_str()),
+            ("z.toml", 25, "serial.input_line_ending"),
+            "{e}"
+        );
+        assert!(e.message.contains("crlf"), "{e}");
+        for bad in ["0", "5", "600001"] {
+            let t = GOOD.replace(
+                "path = \"/dev/ttyUSB0\"",
+                &format!("path = \"/dev/ttyUSB0\"\nwrite_timeout_ms = {bad}"),
+            );
+            let e = Config::parse(&t, "z.toml").unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (25, "serial.write_timeout_ms"), "{e}");
+        }
+        let t = GOOD.replace(
+            "path = \"/dev/ttyUSB0\"",
+            "path = \"/dev/ttyUSB0\"\nbaud = 12345",
+        );
+        let e = Config::parse(&t, "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (25, "serial.baud"), "{e}");
     }
 
     #[test]

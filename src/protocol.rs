@@ -896,6 +896,113 @@ mod tests {
         }
     }
 
+    /// A value serde_json cannot represent no longer hides the id: the command is answered.
+    #[test]
+    fn unreadable_values_are_answered_under_their_id() {
+        let huge = "9".repeat(5000);
+        for value in ["1e400", "-1e400", huge.as_str(), "{\"ms\":1e400}", "[1, 2e999]"] {
+            for action in ["set", "pulse", "write"] {
+                let body =
+                    format!(r#"{{"id":"c-7","target":"r","action":"{action}","value":{value}}}"#);
+                let e = parse_command(body.as_bytes()).unwrap_err();
+                assert_eq!(e.id.as_deref(), Some("c-7"), "{body}");
+                assert!(e.message.contains("out of range"), "{}", e.message);
+                assert_eq!(command_id(body.as_bytes()).as_deref(), Some("c-7"));
+            }
+        }
+        // The id may come after the unreadable value.
+        let e = parse_command(br#"{"value":1e400,"target":"r","action":"set","id":"c-8"}"#)
+            .unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c-8"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        // Two different ids: no id can be trusted, nothing to answer under.
+        let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":"b"}"#)
+            .unwrap_err();
+        assert_eq!(e.id, None);
+        assert!(e.message.contains("different values"), "{}", e.message);
+        assert_eq!(command_id(br#"{"id":"a","id":"b"}"#), None);
+        let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":5}"#)
+            .unwrap_err();
+        assert_eq!(e.id, None);
+        // The same id twice: refused, answered under it.
+        let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":"a"}"#)
+            .unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("a"));
+        assert!(e.message.contains("duplicate key \"id\""), "{}", e.message);
+        // Any other key twice (the last one used to win).
+        for body in [
+            &br#"{"id":"c","target":"r","action":"set","value":0,"value":1}"#[..],
+            br#"{"id":"c","target":"r","target":"q","action":"toggle"}"#,
+            br#"{"id":"c","target":"r","action":"set","action":"toggle"}"#,
+        ] {
+            let e = parse_command(body).unwrap_err();
+            assert_eq!(e.id.as_deref(), Some("c"));
+            assert!(e.message.starts_with("duplicate key"), "{}", e.message);
+        }
+        // Inside value too.
+        let e = parse_command(
+            br#"{"id":"c","target":"r","action":"pulse","value":{"ms":10,"ms":99999}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c"));
+        assert!(e.message.contains("nested"), "{}", e.message);
+        // Equal keys in different objects are fine.
+        let c = parse_command(br#"{"id":"c","target":"r","action":"pulse","value":{"ms":10}}"#)
+            .unwrap();
+        assert_eq!(c.action, Action::Pulse(10));
+    }
+
+    #[test]
+    fn digest_is_over_target_and_action() {
+        let d = |body: &str| parse_command(body.as_bytes()).unwrap().digest();
+        let set1 = d(r#"{"id":"a","target":"r","action":"set","value":1}"#);
+        assert_eq!(
+            set1,
+            d(r#"{"action":"set","value":true,"target":"r","id":"b"}"#),
+            "same command under another id, other key order and spelling"
+        );
+        let others = [
+            d(r#"{"id":"a","target":"r","action":"set","value":0}"#),
+            d(r#"{"id":"a","target":"q","action":"set","value":1}"#),
+            d(r#"{"id":"a","target":"r","action":"toggle"}"#),
+            d(r#"{"id":"a","target":"r","action":"pulse","value":{"ms":1}}"#),
+            d(r#"{"id":"a","target":"r","action":"pulse","value":{"ms":2}}"#),
+            d(r#"{"id":"a","target":"r","action":"write","value":"1"}"#),
+            d(r#"{"id":"a","target":"r","action":"write","value":"RESET"}"#),
+            d(r#"{"id":"a","target":"rw","action":"write","value":"x"}"#),
+            d(r#"{"id":"a","target":"r","action":"write","value":"wx"}"#),
+        ];
+        let mut all: Vec<u64> = others.to_vec();
+        all.push(set1);
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), others.len() + 1, "every command has its own digest");
+    }
+
+    #[test]
+    fn nul_lines_are_bad_in_every_format() {
+        for (format, line) in [
+            (LineFormat::Kv, &b"a=1\0 b=2"[..]),
+            (LineFormat::Kv, b"a\0=1"),
+            (LineFormat::Raw, b"abc\0"),
+            (LineFormat::Json, b"{\"a\":1}\0"),
+            (LineFormat::Json, br#"{"a":"x\u0000"}"#),
+            (LineFormat::Json, br#"{"a\u0000":1}"#),
+            (LineFormat::Json, br#"{"a":[{"b":"\u0000"}]}"#),
+        ] {
+            assert_eq!(
+                parse_line(format, line),
+                Err(LineError::Nul),
+                "{format:?} {line:?}"
+            );
+        }
+        // An escaped backslash followed by "u0000" is not a NUL.
+        assert!(parse_line(LineFormat::Json, br#"{"a":"\\u0000"}"#).is_ok());
+    }
+
     #[test]
     fn json_depth_scan() {
         assert!(!json_depth_exceeds(b"{}", 1));

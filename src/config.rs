@@ -815,7 +815,11 @@ path = "/dev/ttyUSB0"
                 &format!("path = \"/dev/ttyUSB0\"\nwrite_timeout_ms = {bad}"),
             );
             let e = Config::parse(&t, "z.toml").unwrap_err();
-            assert_eq!((e.line, e.key.as_str()), (25, "serial.write_timeout_ms"), "{e}");
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (25, "serial.write_timeout_ms"),
+                "{e}"
+            );
         }
         let t = GOOD.replace(
             "path = \"/dev/ttyUSB0\"",

@@ -900,7 +900,13 @@ mod tests {
     #[test]
     fn unreadable_values_are_answered_under_their_id() {
         let huge = "9".repeat(5000);
-        for value in ["1e400", "-1e400", huge.as_str(), "{\"ms\":1e400}", "[1, 2e999]"] {
+        for value in [
+            "1e400",
+            "-1e400",
+            huge.as_str(),
+            "{\"ms\":1e400}",
+            "[1, 2e999]",
+        ] {
             for action in ["set", "pulse", "write"] {
                 let body =
                     format!(r#"{{"id":"c-7","target":"r","action":"{action}","value":{value}}}"#);
@@ -919,17 +925,16 @@ mod tests {
     #[test]
     fn duplicate_keys_are_refused() {
         // Two different ids: no id can be trusted, nothing to answer under.
-        let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":"b"}"#)
-            .unwrap_err();
+        let e =
+            parse_command(br#"{"id":"a","target":"r","action":"toggle","id":"b"}"#).unwrap_err();
         assert_eq!(e.id, None);
         assert!(e.message.contains("different values"), "{}", e.message);
         assert_eq!(command_id(br#"{"id":"a","id":"b"}"#), None);
-        let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":5}"#)
-            .unwrap_err();
+        let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":5}"#).unwrap_err();
         assert_eq!(e.id, None);
         // The same id twice: refused, answered under it.
-        let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":"a"}"#)
-            .unwrap_err();
+        let e =
+            parse_command(br#"{"id":"a","target":"r","action":"toggle","id":"a"}"#).unwrap_err();
         assert_eq!(e.id.as_deref(), Some("a"));
         assert!(e.message.contains("duplicate key \"id\""), "{}", e.message);
         // Any other key twice (the last one used to win).
@@ -979,7 +984,11 @@ mod tests {
         all.push(set1);
         all.sort_unstable();
         all.dedup();
-        assert_eq!(all.len(), others.len() + 1, "every command has its own digest");
+        assert_eq!(
+            all.len(),
+            others.len() + 1,
+            "every command has its own digest"
+        );
     }
 
     #[test]

@@ -516,7 +516,8 @@ impl SerialSource {
             if let Some(port) = self.port.as_ref() {
                 // SAFETY: the port's descriptor is open for the duration of this call.
                 let fd = unsafe { BorrowedFd::borrow_raw(port.get_ref().as_raw_fd()) };
-                if let Err(e) = nix::sys::termios::tcflush(fd, nix::sys::termios::FlushArg::TCOFLUSH)
+                if let Err(e) =
+                    nix::sys::termios::tcflush(fd, nix::sys::termios::FlushArg::TCOFLUSH)
                 {
                     log::warn!("serial output flush failed name={} error={e}", self.name);
                 }
@@ -839,7 +840,14 @@ mod tests {
         for ending in [InputLineEnding::Auto, InputLineEnding::Lf] {
             let out = frame_all(
                 ending,
-                &[b"a=1\r\nb=", b"2\n\n\r\n", &long, b"yy\nok\n", &exact, b"\r\n"],
+                &[
+                    b"a=1\r\nb=",
+                    b"2\n\n\r\n",
+                    &long,
+                    b"yy\nok\n",
+                    &exact,
+                    b"\r\n",
+                ],
             );
             assert_eq!(
                 out,
@@ -859,7 +867,9 @@ mod tests {
     /// framing made 2,000 such lines one overlong line).
     #[test]
     fn cr_terminated_lines_each_make_a_line() {
-        let text: Vec<u8> = (0..2000).flat_map(|i| format!("n={i}\r").into_bytes()).collect();
+        let text: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("n={i}\r").into_bytes())
+            .collect();
         for ending in [InputLineEnding::Auto, InputLineEnding::Cr] {
             let mut f = LineFramer::new(ending);
             let mut out = Vec::new();
@@ -1014,8 +1024,11 @@ mod tests {
 
         // The device drains what reached the tty; a new write is taken whole.
         let mfd = master.as_raw_fd();
-        nix::fcntl::fcntl(mfd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-            .unwrap();
+        nix::fcntl::fcntl(
+            mfd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
@@ -1037,7 +1050,8 @@ mod tests {
         }
         assert!(got.ends_with(b"OK\n"), "{} bytes", got.len());
         assert!(
-            got.iter().all(|&b| b == b'x' || b == b'O' || b == b'K' || b == b'\n'),
+            got.iter()
+                .all(|&b| b == b'x' || b == b'O' || b == b'K' || b == b'\n'),
             "bytes pass unchanged"
         );
         drop(master);

@@ -231,15 +231,21 @@ pub const STANDARD_BAUD_RATES: [u32; 30] = [
     3000000, 3500000, 4000000,
 ];
 
+/// One `[[serial]]` port.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
+    /// The reading `source` and command `target` name.
     pub name: String,
+    /// The tty device (prefer a stable name from /dev/serial/by-id/ or a udev rule).
     pub path: PathBuf,
+    /// One of [`STANDARD_BAUD_RATES`].
     #[serde(default = "default_baud")]
     pub baud: u32,
+    /// How a received line becomes a reading's `values`.
     #[serde(default)]
     pub format: LineFormat,
+    /// Appended to the value of every `write` command (at most 4 bytes).
     #[serde(default = "default_line_ending")]
     pub line_ending: String,
     /// Allow control characters in `write` command values (refused by default).

@@ -4,6 +4,7 @@
 //! `zgate.toml:12: key gpio.output.pin: pin 27 is used twice (also by "relay2")`.
 //! `zgate config-template` prints [`TEMPLATE`], a fully commented example.
 
+pub use crate::protocol::LineFormat;
 pub use crate::spool::{FsyncPolicy, SpoolConfig, WhenFull};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -208,29 +209,55 @@ pub struct OutputConfig {
     pub max_pulse_ms: u64,
 }
 
+/// Which bytes end a line received on a serial port (`[[serial]] input_line_ending`).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum LineFormat {
+pub enum InputLineEnding {
+    /// LF, CR or CR LF each end a line (CR LF is one ending, even split across reads).
     #[default]
-    Kv,
-    Json,
-    Raw,
+    Auto,
+    /// LF ends a line; a CR right before it is removed.
+    Lf,
+    /// CR ends a line; LF is an ordinary byte.
+    Cr,
+    /// Only the pair CR LF ends a line; a lone CR or LF is an ordinary byte.
+    Crlf,
 }
 
+/// The baud rates a serial port may be set to (the standard rates Linux termios knows).
+pub const STANDARD_BAUD_RATES: [u32; 30] = [
+    50, 75, 110, 134, 150, 200, 300, 600, 1200, 1800, 2400, 4800, 9600, 19200, 38400, 57600,
+    115200, 230400, 460800, 500000, 576000, 921600, 1000000, 1152000, 1500000, 2000000, 2500000,
+    3000000, 3500000, 4000000,
+];
+
+/// One `[[serial]]` port.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
+    /// The reading `source` and command `target` name.
     pub name: String,
+    /// The tty device (prefer a stable name from /dev/serial/by-id/ or a udev rule).
     pub path: PathBuf,
+    /// One of [`STANDARD_BAUD_RATES`].
     #[serde(default = "default_baud")]
     pub baud: u32,
+    /// How a received line becomes a reading's `values`.
     #[serde(default)]
     pub format: LineFormat,
+    /// Appended to the value of every `write` command (at most 4 bytes).
     #[serde(default = "default_line_ending")]
     pub line_ending: String,
     /// Allow control characters in `write` command values (refused by default).
     #[serde(default)]
     pub allow_binary: bool,
+    /// Which bytes end a received line.
+    #[serde(default)]
+    pub input_line_ending: InputLineEnding,
+    /// A `write` command not fully taken by the device within this many ms fails (`ok:
+    /// false`, "timed out"); its unsent bytes are discarded.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -268,6 +295,9 @@ fn default_baud() -> u32 {
 }
 fn default_line_ending() -> String {
     "\n".into()
+}
+fn default_write_timeout_ms() -> u64 {
+    2000
 }
 
 /// Builds a ConfigError from (section, table index, key, message).
@@ -467,7 +497,7 @@ impl Config {
             if serial.path.as_os_str().is_empty() {
                 return Err(err("serial", Some(i), "path", "must not be empty".into()));
             }
-            if crate::sources::serial::baud_rate(serial.baud).is_none() {
+            if !STANDARD_BAUD_RATES.contains(&serial.baud) {
                 return Err(err(
                     "serial",
                     Some(i),
@@ -484,6 +514,14 @@ impl Config {
                     Some(i),
                     "line_ending",
                     "must be at most 4 bytes".into(),
+                ));
+            }
+            if !(10..=600_000).contains(&serial.write_timeout_ms) {
+                return Err(err(
+                    "serial",
+                    Some(i),
+                    "write_timeout_ms",
+                    "must be between 10 and 600000 (ten minutes)".into(),
                 ));
             }
         }
@@ -746,6 +784,55 @@ path = "/dev/ttyUSB0"
         assert_eq!(c.serial[0].baud, 9600);
         assert_eq!(c.serial[0].format, LineFormat::Kv);
         assert_eq!(c.serial[0].line_ending, "\n");
+        assert_eq!(c.serial[0].input_line_ending, InputLineEnding::Auto);
+        assert_eq!(c.serial[0].write_timeout_ms, 2000);
+    }
+
+    #[test]
+    fn serial_input_line_ending_and_write_timeout() {
+        for (text, want) in [
+            ("auto", InputLineEnding::Auto),
+            ("lf", InputLineEnding::Lf),
+            ("cr", InputLineEnding::Cr),
+            ("crlf", InputLineEnding::Crlf),
+        ] {
+            let t = GOOD.replace(
+                "path = \"/dev/ttyUSB0\"",
+                &format!("path = \"/dev/ttyUSB0\"\ninput_line_ending = \"{text}\"\nwrite_timeout_ms = 500"),
+            );
+            let c = Config::parse(&t, "z.toml").unwrap();
+            assert_eq!(c.serial[0].input_line_ending, want);
+            assert_eq!(c.serial[0].write_timeout_ms, 500);
+        }
+        let t = GOOD.replace(
+            "path = \"/dev/ttyUSB0\"",
+            "path = \"/dev/ttyUSB0\"\ninput_line_ending = \"lfcr\"",
+        );
+        let e = Config::parse(&t, "z.toml").unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.line, e.key.as_str()),
+            ("z.toml", 25, "serial.input_line_ending"),
+            "{e}"
+        );
+        assert!(e.message.contains("crlf"), "{e}");
+        for bad in ["0", "5", "600001"] {
+            let t = GOOD.replace(
+                "path = \"/dev/ttyUSB0\"",
+                &format!("path = \"/dev/ttyUSB0\"\nwrite_timeout_ms = {bad}"),
+            );
+            let e = Config::parse(&t, "z.toml").unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (25, "serial.write_timeout_ms"),
+                "{e}"
+            );
+        }
+        let t = GOOD.replace(
+            "path = \"/dev/ttyUSB0\"",
+            "path = \"/dev/ttyUSB0\"\nbaud = 12345",
+        );
+        let e = Config::parse(&t, "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (25, "serial.baud"), "{e}");
     }
 
     #[test]

@@ -3,16 +3,29 @@
 //! Every message is multipart: frame 0 the kind (ASCII), frame 1 a UTF-8 JSON object.
 //! Gateway → backend: `hello`, `reading`, `reply`, `stats`. Backend → gateway: `ack`, `command`.
 
-use crate::config::LineFormat;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+mod command;
+pub use command::{
+    check_write_value, command_id, parse_ack, parse_command, Action, Command, CommandError,
+    MAX_ID_LEN,
+};
+
+/// The protocol version a gateway announces in `hello`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Frame 0 of a `hello` (gateway → backend).
 pub const KIND_HELLO: &str = "hello";
+/// Frame 0 of a `reading` (gateway → backend).
 pub const KIND_READING: &str = "reading";
+/// Frame 0 of a `reply` (gateway → backend).
 pub const KIND_REPLY: &str = "reply";
+/// Frame 0 of a `stats` message (gateway → backend).
 pub const KIND_STATS: &str = "stats";
+/// Frame 0 of an `ack` (backend → gateway).
 pub const KIND_ACK: &str = "ack";
+/// Frame 0 of a `command` (backend → gateway).
 pub const KIND_COMMAND: &str = "command";
 
 /// Longest serial line accepted, in bytes (without the line ending).
@@ -60,54 +73,37 @@ pub fn json_depth_exceeds(json: &[u8], max: usize) -> bool {
     false
 }
 
-/// The string `id` of a JSON object, without building the rest of it (other values are
-/// skipped; serde_json bounds the recursion). Used to answer a refused command.
-pub fn command_id(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        id: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<IdOnly>(body).ok()?.id? {
-        Value::String(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => Some(s),
-        _ => None,
-    }
-}
-
-/// Checks a serial `write` value: at most [`MAX_WRITE_BYTES`], and no control characters
-/// unless the port sets `allow_binary`.
-pub fn check_write_value(text: &str, allow_binary: bool) -> Result<(), String> {
-    if text.len() > MAX_WRITE_BYTES {
-        return Err(format!(
-            "write: value is {} bytes, the limit is {MAX_WRITE_BYTES}",
-            text.len()
-        ));
-    }
-    if !allow_binary {
-        if let Some(c) = text.chars().find(|c| c.is_control()) {
-            return Err(format!(
-                "write: control character {:?} refused (set allow_binary = true on the port to \
-                 allow it)",
-                c
-            ));
-        }
-    }
-    Ok(())
+/// How a serial line is turned into the `values` of a reading (`[[serial]] format`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LineFormat {
+    /// `key=value` pairs split by spaces or commas.
+    #[default]
+    Kv,
+    /// One JSON object per line.
+    Json,
+    /// The whole line as `{"line": "..."}`.
+    Raw,
 }
 
 /// A two-frame message: kind and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
+    /// Frame 0, one of the `KIND_*` constants.
     pub kind: &'static str,
+    /// Frame 1, the JSON object as text.
     pub body: String,
 }
 
 impl Message {
+    /// A message of `kind` with `body` serialised.
     pub fn new(kind: &'static str, body: &Value) -> Message {
         Message {
             kind,
             body: body.to_string(),
         }
     }
+    /// The two frames to send.
     pub fn frames(&self) -> [&[u8]; 2] {
         [self.kind.as_bytes(), self.body.as_bytes()]
     }
@@ -116,22 +112,34 @@ impl Message {
 /// Why a serial line was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LineError {
+    /// Nothing but separators (kv) or whitespace (json).
     #[error("empty line")]
     Empty,
+    /// The bytes are not UTF-8.
     #[error("line is not valid UTF-8")]
     NotUtf8,
+    /// A kv pair without `=`.
     #[error("kv pair {0:?} has no '=' (expected key=value)")]
     NoEquals(String),
+    /// A kv pair with nothing before `=`.
     #[error("kv pair {0:?} has an empty key")]
     EmptyKey(String),
+    /// A kv key given twice in one line.
     #[error("key {0:?} appears twice")]
     DuplicateKey(String),
+    /// A json line that serde_json refuses; the text is its reason.
     #[error("not valid JSON: {0}")]
     Json(String),
+    /// A json line that is valid JSON but not an object.
     #[error("JSON line is not an object")]
     NotObject,
+    /// A json line nested deeper than [`MAX_JSON_DEPTH`].
     #[error("JSON nests deeper than {MAX_JSON_DEPTH} levels")]
     TooDeep,
+    /// A NUL byte (or, in a JSON line, a `\u0000` escape): many databases refuse it in text
+    /// (PostgreSQL's jsonb does), so such a line is never sent.
+    #[error("line contains a NUL character")]
+    Nul,
 }
 
 /// The `values` object of a reading, already serialised as compact JSON text
@@ -203,7 +211,11 @@ pub fn push_json_str(out: &mut String, s: &str) {
 }
 
 /// Parses one serial line (without its line ending) into the `values` of a reading.
+/// A line containing a NUL byte is refused ([`LineError::Nul`]) in every format.
 pub fn parse_line(format: LineFormat, line: &[u8]) -> Result<Values, LineError> {
+    if line.contains(&0) {
+        return Err(LineError::Nul);
+    }
     let text = std::str::from_utf8(line).map_err(|_| LineError::NotUtf8)?;
     match format {
         LineFormat::Kv => parse_kv(text),
@@ -301,9 +313,20 @@ fn parse_json_object(text: &str) -> Result<Values, LineError> {
         return Err(LineError::TooDeep);
     }
     match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) if has_nul(&v) => Err(LineError::Nul),
         Ok(v @ Value::Object(_)) => Ok(Values(v.to_string())),
         Ok(_) => Err(LineError::NotObject),
         Err(e) => Err(LineError::Json(e.to_string())),
+    }
+}
+
+/// True when a key or string anywhere in `v` contains U+0000 (written `\u0000` in JSON).
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -312,6 +335,7 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// The body of a `reading` as a new string (see [`write_reading_body`]).
 pub fn reading_body(gateway: &str, seq: u64, source: &str, time: &str, values: &Values) -> String {
     let mut out = String::new();
     write_reading_body(&mut out, gateway, seq, source, time, values);
@@ -342,425 +366,15 @@ pub fn write_reading_body(
     out.push('}');
 }
 
+/// A `reply` saying the command `id` took effect.
 pub fn reply_ok(id: &str) -> Message {
     Message::new(KIND_REPLY, &json!({"id": id, "ok": true}))
 }
 
+/// A `reply` refusing the command `id`, with the reason.
 pub fn reply_err(id: &str, error: &str) -> Message {
     Message::new(KIND_REPLY, &json!({"id": id, "ok": false, "error": error}))
 }
 
-/// What a command asks for.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Drive an output to 0 or 1.
-    Set(u8),
-    /// Invert an output.
-    Toggle,
-    /// Invert an output for `ms` milliseconds, then restore the previous level.
-    Pulse(u64),
-    /// Write a string (plus the port's line ending) to a serial port.
-    Write(String),
-}
-
-impl Action {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Action::Set(_) => "set",
-            Action::Toggle => "toggle",
-            Action::Pulse(_) => "pulse",
-            Action::Write(_) => "write",
-        }
-    }
-}
-
-/// A parsed `command` message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Command {
-    pub id: String,
-    pub target: String,
-    pub action: Action,
-}
-
-/// A command that could not be parsed; `id` is known when the JSON had a string id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandError {
-    pub id: Option<String>,
-    pub message: String,
-}
-
-/// Longest command id accepted.
-pub const MAX_ID_LEN: usize = 128;
-
-/// Parses the JSON body of a `command` message. Checks syntax and value types only; whether
-/// the target exists and accepts the action is decided by the gateway.
-pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
-    let bad = |id: Option<String>, message: String| CommandError { id, message };
-    if body.len() > MAX_COMMAND_BYTES {
-        return Err(bad(
-            command_id(body),
-            format!(
-                "command is {} bytes, the limit is {MAX_COMMAND_BYTES}",
-                body.len()
-            ),
-        ));
-    }
-    if json_depth_exceeds(body, MAX_JSON_DEPTH) {
-        return Err(bad(
-            command_id(body),
-            format!("command JSON nests deeper than {MAX_JSON_DEPTH} levels"),
-        ));
-    }
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| bad(None, format!("malformed JSON: {e}")))?;
-    let Value::Object(obj) = v else {
-        return Err(bad(None, "command must be a JSON object".into()));
-    };
-    let id = match obj.get("id") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => s.clone(),
-        Some(Value::String(_)) => {
-            return Err(bad(
-                None,
-                format!("\"id\" must be 1 to {MAX_ID_LEN} characters"),
-            ))
-        }
-        Some(_) => return Err(bad(None, "\"id\" must be a string".into())),
-        None => return Err(bad(None, "missing \"id\"".into())),
-    };
-    let target = match obj.get("target") {
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(bad(Some(id), "\"target\" must be a string".into())),
-        None => return Err(bad(Some(id), "missing \"target\"".into())),
-    };
-    let action = match obj.get("action") {
-        Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(bad(Some(id), "\"action\" must be a string".into())),
-        None => return Err(bad(Some(id), "missing \"action\"".into())),
-    };
-    for key in obj.keys() {
-        if !matches!(key.as_str(), "id" | "target" | "action" | "value") {
-            return Err(bad(Some(id), format!("unknown field {key:?}")));
-        }
-    }
-    let value = obj.get("value");
-    let action = match action {
-        "set" => match value {
-            Some(Value::Bool(b)) => Action::Set(u8::from(*b)),
-            Some(Value::Number(n)) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
-                Action::Set(n.as_u64().unwrap_or(0) as u8)
-            }
-            Some(other) => {
-                return Err(bad(
-                    Some(id),
-                    format!("set: value must be 0, 1, false or true, got {other}"),
-                ))
-            }
-            None => return Err(bad(Some(id), "set: missing \"value\"".into())),
-        },
-        "toggle" => match value {
-            None | Some(Value::Null) => Action::Toggle,
-            Some(other) => {
-                return Err(bad(Some(id), format!("toggle takes no value, got {other}")))
-            }
-        },
-        "pulse" => {
-            let ms = value
-                .and_then(|v| v.as_object())
-                .and_then(|o| o.get("ms"))
-                .and_then(|ms| ms.as_u64());
-            match ms {
-                Some(ms) if ms > 0 => Action::Pulse(ms),
-                _ => {
-                    return Err(bad(
-                        Some(id),
-                        "pulse: value must be {\"ms\": N} with N a positive integer".into(),
-                    ))
-                }
-            }
-        }
-        "write" => match value {
-            Some(Value::String(s)) => Action::Write(s.clone()),
-            _ => return Err(bad(Some(id), "write: value must be a string".into())),
-        },
-        other => {
-            return Err(bad(
-                Some(id),
-                format!("unknown action {other:?} (set, toggle, pulse, write)"),
-            ))
-        }
-    };
-    Ok(Command { id, target, action })
-}
-
-/// Parses the JSON body of an `ack` message: `{"seq": N}`.
-pub fn parse_ack(body: &[u8]) -> Result<u64, String> {
-    #[derive(serde::Deserialize)]
-    struct Ack {
-        seq: u64,
-    }
-    if body.len() > MAX_COMMAND_BYTES || json_depth_exceeds(body, MAX_JSON_DEPTH) {
-        return Err("ack too large or too deeply nested".into());
-    }
-    // Typed: no JSON tree is built for the message that arrives once per reading.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err("ack must be {\"seq\": N} with N a non-negative integer".into());
-    }
-    match serde_json::from_slice::<Ack>(body) {
-        Ok(a) => Ok(a.seq),
-        Err(e) if e.is_data() => {
-            Err("ack must be {\"seq\": N} with N a non-negative integer".into())
-        }
-        Err(e) => Err(format!("malformed JSON: {e}")),
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kv_types() {
-        let m =
-            parse_kv("temperature=21.5 humidity=40,ok=true flag=false name=abc neg=-3").unwrap();
-        assert_eq!(
-            Value::Object(m.to_map()),
-            json!({"temperature": 21.5, "humidity": 40, "ok": true, "flag": false, "name": "abc", "neg": -3})
-        );
-    }
-
-    #[test]
-    fn kv_edge_cases() {
-        assert_eq!(parse_kv("  ,, "), Err(LineError::Empty));
-        assert!(matches!(parse_kv("a=1 b"), Err(LineError::NoEquals(_))));
-        assert!(matches!(parse_kv("=1"), Err(LineError::EmptyKey(_))));
-        assert!(matches!(
-            parse_kv("a=1 a=2"),
-            Err(LineError::DuplicateKey(_))
-        ));
-        let m = parse_kv("a= b=nan c=inf d=1e3 e=x=y").unwrap();
-        assert_eq!(
-            m.as_json(),
-            r#"{"a":"","b":"nan","c":"inf","d":1000.0,"e":"x=y"}"#
-        );
-        assert_eq!(
-            Value::Object(m.to_map()),
-            json!({"a": "", "b": "nan", "c": "inf", "d": 1000.0, "e": "x=y"})
-        );
-    }
-
-    #[test]
-    fn json_and_raw_lines() {
-        let m = parse_line(LineFormat::Json, br#"{"t": 1, "s": "x"}"#).unwrap();
-        assert_eq!(m.as_json(), r#"{"t":1,"s":"x"}"#);
-        assert_eq!(
-            parse_line(LineFormat::Json, b"[1,2]"),
-            Err(LineError::NotObject)
-        );
-        assert!(matches!(
-            parse_line(LineFormat::Json, b"{oops"),
-            Err(LineError::Json(_))
-        ));
-        let m = parse_line(LineFormat::Raw, b"hello \"world\"\t\x01").unwrap();
-        assert_eq!(
-            Value::Object(m.to_map()),
-            json!({"line": "hello \"world\"\t\u{1}"})
-        );
-        assert_eq!(
-            parse_line(LineFormat::Raw, b"\xff\xfe"),
-            Err(LineError::NotUtf8)
-        );
-    }
-
-    #[test]
-    fn commands_parse() {
-        let c =
-            parse_command(br#"{"id":"c-1","target":"relay1","action":"set","value":1}"#).unwrap();
-        assert_eq!(c.action, Action::Set(1));
-        let c = parse_command(br#"{"id":"c-1","target":"relay1","action":"set","value":false}"#)
-            .unwrap();
-        assert_eq!(c.action, Action::Set(0));
-        let c = parse_command(br#"{"id":"c","target":"r","action":"toggle"}"#).unwrap();
-        assert_eq!(c.action, Action::Toggle);
-        let c = parse_command(br#"{"id":"c","target":"r","action":"pulse","value":{"ms":250}}"#)
-            .unwrap();
-        assert_eq!(c.action, Action::Pulse(250));
-        let c = parse_command(br#"{"id":"c","target":"w","action":"write","value":"GO"}"#).unwrap();
-        assert_eq!(c.action, Action::Write("GO".into()));
-    }
-
-    #[test]
-    fn bad_commands_are_refused_with_id_when_known() {
-        for (body, has_id) in [
-            (&b"{nope"[..], false),
-            (br#"[1]"#, false),
-            (br#"{"target":"r","action":"set","value":1}"#, false),
-            (br#"{"id":5,"target":"r","action":"set","value":1}"#, false),
-            (br#"{"id":"c","action":"set","value":1}"#, true),
-            (br#"{"id":"c","target":"r","action":"fly"}"#, true),
-            (br#"{"id":"c","target":"r","action":"set","value":2}"#, true),
-            (
-                br#"{"id":"c","target":"r","action":"set","value":"1"}"#,
-                true,
-            ),
-            (br#"{"id":"c","target":"r","action":"set"}"#, true),
-            (
-                br#"{"id":"c","target":"r","action":"toggle","value":1}"#,
-                true,
-            ),
-            (
-                br#"{"id":"c","target":"r","action":"pulse","value":5}"#,
-                true,
-            ),
-            (
-                br#"{"id":"c","target":"r","action":"pulse","value":{"ms":0}}"#,
-                true,
-            ),
-            (
-                br#"{"id":"c","target":"r","action":"pulse","value":{"ms":-5}}"#,
-                true,
-            ),
-            (
-                br#"{"id":"c","target":"r","action":"write","value":7}"#,
-                true,
-            ),
-            (
-                br#"{"id":"c","target":"r","action":"set","value":1,"x":1}"#,
-                true,
-            ),
-        ] {
-            let e = parse_command(body).unwrap_err();
-            assert_eq!(e.id.is_some(), has_id, "{}", String::from_utf8_lossy(body));
-            assert!(!e.message.is_empty());
-        }
-    }
-
-    #[test]
-    fn json_depth_scan() {
-        assert!(!json_depth_exceeds(b"{}", 1));
-        assert!(json_depth_exceeds(b"{\"a\":[]}", 1));
-        assert!(!json_depth_exceeds(b"{\"a\":[]}", 2));
-        // Brackets inside strings, with escaped quotes, do not count.
-        assert!(!json_depth_exceeds(br#"{"a":"[[[[\"[[[["}"#, 1));
-        assert!(json_depth_exceeds(br#"{"a":"\\"}[[[ "#, 2));
-        let deep = format!("{}{}", "[".repeat(9), "]".repeat(9));
-        assert!(json_depth_exceeds(deep.as_bytes(), MAX_JSON_DEPTH));
-        let ok = format!("{}{}", "[".repeat(8), "]".repeat(8));
-        assert!(!json_depth_exceeds(ok.as_bytes(), MAX_JSON_DEPTH));
-        // Unbalanced closers never underflow.
-        assert!(!json_depth_exceeds(b"]]]]}}{", 1));
-    }
-
-    #[test]
-    fn command_limits() {
-        let deep = format!(
-            r#"{{"id":"c-9","target":"r","action":"set","value":{}1{}}}"#,
-            "[".repeat(20),
-            "]".repeat(20)
-        );
-        let e = parse_command(deep.as_bytes()).unwrap_err();
-        assert_eq!(e.id.as_deref(), Some("c-9"));
-        assert!(e.message.contains("deeper"), "{}", e.message);
-        let big = format!(
-            r#"{{"id":"c-8","target":"r","action":"write","value":"{}"}}"#,
-            "x".repeat(MAX_COMMAND_BYTES)
-        );
-        let e = parse_command(big.as_bytes()).unwrap_err();
-        assert_eq!(e.id.as_deref(), Some("c-8"));
-        assert!(e.message.contains("limit"), "{}", e.message);
-        // Way past serde_json's recursion limit: refused by the scan, no id, no crash.
-        let abyss = "[".repeat(100_000);
-        assert_eq!(parse_command(abyss.as_bytes()).unwrap_err().id, None);
-        assert_eq!(
-            command_id(br#"{"id":"x","v":[[[1]]]}"#).as_deref(),
-            Some("x")
-        );
-        assert_eq!(command_id(br#"{"id":5}"#), None);
-        let deep_line = format!("{{\"a\":{}{}}}", "[".repeat(9), "]".repeat(9));
-        assert_eq!(
-            parse_line(LineFormat::Json, deep_line.as_bytes()),
-            Err(LineError::TooDeep)
-        );
-        assert!(parse_ack(abyss.as_bytes()).is_err());
-    }
-
-    #[test]
-    fn write_values() {
-        assert!(check_write_value("GO 12.5", false).is_ok());
-        assert!(check_write_value("\x1b[2J", false)
-            .unwrap_err()
-            .contains("allow_binary"));
-        assert!(check_write_value("a\tb", false).is_err());
-        assert!(check_write_value("a\u{7f}", false).is_err());
-        assert!(check_write_value("a\u{85}", false).is_err());
-        assert!(check_write_value("\x1b[2J", true).is_ok());
-        assert!(check_write_value(&"x".repeat(MAX_WRITE_BYTES), false).is_ok());
-        assert!(check_write_value(&"x".repeat(MAX_WRITE_BYTES + 1), true).is_err());
-    }
-
-    #[test]
-    fn acks() {
-        assert_eq!(parse_ack(br#"{"seq": 42}"#), Ok(42));
-        assert_eq!(parse_ack(br#" {"other": [1], "seq": 7}"#), Ok(7));
-        let must = Err("ack must be {\"seq\": N} with N a non-negative integer".to_string());
-        assert_eq!(parse_ack(br#"{"seq": -1}"#), must);
-        assert_eq!(parse_ack(br#"{"seq": 1.5}"#), must);
-        assert_eq!(parse_ack(br#"{"n": 1}"#), must);
-        assert_eq!(parse_ack(b"[42]"), must);
-        assert!(parse_ack(b"{").unwrap_err().starts_with("malformed JSON"));
-    }
-
-    /// The hand-written JSON text is what serde_json would write, for every ASCII byte,
-    /// multi-byte characters and escapes.
-    #[test]
-    fn json_text_matches_serde_json() {
-        let mut strings: Vec<String> = (0u8..128).map(|b| format!("a{}b", b as char)).collect();
-        strings.extend(
-            [
-                "",
-                "\\\"",
-                "température=21.5°C",
-                "日本\u{7f}\u{1f}",
-                "\u{2028}x",
-            ]
-            .map(String::from),
-        );
-        for s in &strings {
-            let mut out = String::new();
-            push_json_str(&mut out, s);
-            assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
-        }
-        let values = parse_kv("t=1 x=\"q\" f=2.50 big=18446744073709551616 e=-1E-3").unwrap();
-        let body = reading_body("gw\"1", 9, "we\\ather", "2026-11-28T01:02:03.456Z", &values);
-        let expected = json!({
-            "gateway": "gw\"1", "seq": 9, "source": "we\\ather",
-            "time": "2026-11-28T01:02:03.456Z",
-            "values": {"t": 1, "x": "\"q\"", "f": 2.5, "big": 18446744073709551616.0, "e": -0.001}
-        });
-        assert_eq!(body, expected.to_string());
-        let edge = Values::single("level", &json!(1));
-        assert_eq!(edge.as_json(), r#"{"level":1}"#);
-    }
-
-    /// Duplicate keys are found past the scan limit too.
-    #[test]
-    fn kv_many_keys() {
-        let line: Vec<String> = (0..40).map(|i| format!("k{i}={i}")).collect();
-        let ok = parse_kv(&line.join(" ")).unwrap();
-        assert_eq!(ok.to_map().len(), 40);
-        for dup in [3, 20, 39] {
-            let mut l = line.clone();
-            l.push(format!("k{dup}=x"));
-            assert_eq!(
-                parse_kv(&l.join(",")),
-                Err(LineError::DuplicateKey(format!("k{dup}")))
-            );
-        }
-    }
-
-    #[test]
-    fn time_format() {
-        let t = now_rfc3339();
-        assert_eq!(t.len(), 24, "{t}");
-        assert!(t.ends_with('Z'));
-    }
-}
+mod tests;

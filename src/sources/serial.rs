@@ -2,16 +2,20 @@
 //! automatic reconnection.
 //!
 //! - The tty is opened non-blocking in raw mode ([`open_tty`]) and read when readable.
-//!   Bytes are framed into lines on `\n` (a trailing `\r` is removed); a line longer than
-//!   [`MAX_LINE`] bytes is discarded up to its end and reported once as
-//!   [`SerialEvent::Overlong`].
+//!   Bytes are framed into lines by a [`LineFramer`] (which bytes end a line is the port's
+//!   [`InputLineEnding`]; by default LF, CR or CR LF); a line longer than
+//!   [`MAX_LINE`](crate::protocol::MAX_LINE) bytes is discarded up to its end and reported
+//!   once as [`SerialEvent::Overlong`]. Empty lines are skipped.
 //! - Writes go into a bounded buffer and are flushed only when the fd is writable;
-//!   [`SerialEvent::WriteDone`] reports each write once its last byte reached the tty.
+//!   [`SerialEvent::WriteDone`] reports each write once its last byte reached the tty. A
+//!   write not done within the port's write timeout (default [`DEFAULT_WRITE_TIMEOUT`]) ends
+//!   with [`SerialEvent::WriteFailed`]: a device that neither drains nor hangs up must not
+//!   leave a command unanswered. Its unsent bytes are discarded and the port stays open.
 //! - Hang-up (read of 0 bytes, EIO: the USB adapter was unplugged, the pty closed), a missing
 //!   device or any other error drops the port, is logged once, and a timerfd retries the open
 //!   with backoff (1 s doubling to 30 s) until the path is back.
 
-use crate::protocol::MAX_LINE;
+pub use crate::config::InputLineEnding;
 use calloop::generic::Generic;
 use calloop::ping::{make_ping, Ping, PingSource};
 use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
@@ -19,15 +23,23 @@ use nix::sys::termios::BaudRate;
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+mod framer;
+mod writes;
+pub use framer::LineFramer;
+#[cfg(test)]
+use writes::Expired;
+use writes::WriteQueue;
+
 /// Bytes of pending writes accepted per port; more is refused (the device is too slow).
 pub const MAX_PENDING_WRITE: usize = 64 * 1024;
+/// How long a write may wait for the device unless the port sets another timeout.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_millis(2000);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Bytes read per wake before yielding to other sources (the fd is level-triggered, so the
@@ -54,30 +66,25 @@ pub enum SerialEvent {
     Disconnected(String),
     /// All bytes of the write with this token reached the tty.
     WriteDone(u64),
-    /// The write with this token could not be completed (the port went away).
+    /// The write with this token could not be completed: the port went away, or the device
+    /// did not take all its bytes within the write timeout (the text says which).
     WriteFailed(u64, String),
 }
 
 /// Why a write was refused before it started.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
+    /// The port is closed (unplugged, missing); it is reopened with backoff.
     #[error("serial port is not connected")]
     NotConnected,
+    /// [`MAX_PENDING_WRITE`] bytes already wait for the device: retry later.
     #[error("serial port write buffer is full ({MAX_PENDING_WRITE} bytes pending)")]
     Busy,
 }
 
-struct PendingWrite {
-    data: Vec<u8>,
-    done: usize,
-    token: u64,
-}
-
-#[derive(Default)]
 struct Shared {
     connected: bool,
-    pending: VecDeque<PendingWrite>,
-    pending_bytes: usize,
+    writes: WriteQueue,
 }
 
 /// Handle to queue writes to a port from anywhere in the loop. Cheap to clone.
@@ -88,31 +95,26 @@ pub struct SerialHandle {
 }
 
 impl SerialHandle {
-    /// Queues `data`; [`SerialEvent::WriteDone`] with `token` follows once it was written.
+    /// Queues `data`; [`SerialEvent::WriteDone`] with `token` follows once it was written, or
+    /// [`SerialEvent::WriteFailed`] when the port is lost or the write timeout passes first.
     pub fn write(&self, data: Vec<u8>, token: u64) -> Result<(), WriteError> {
         let mut s = self.shared.borrow_mut();
         if !s.connected {
             return Err(WriteError::NotConnected);
         }
-        if s.pending_bytes + data.len() > MAX_PENDING_WRITE {
-            return Err(WriteError::Busy);
-        }
-        s.pending_bytes += data.len();
-        s.pending.push_back(PendingWrite {
-            data,
-            done: 0,
-            token,
-        });
+        s.writes.push(data, token, Instant::now())?;
         drop(s);
         self.ping.ping();
         Ok(())
     }
+    /// Whether the port is open now.
     pub fn is_connected(&self) -> bool {
         self.shared.borrow().connected
     }
 }
 
-/// Maps a numeric baud rate to the termios constant; `None` for non-standard rates.
+/// Maps a numeric baud rate to the termios constant; `None` for non-standard rates. Accepts
+/// exactly [`crate::config::STANDARD_BAUD_RATES`] (a test keeps the two in step).
 pub fn baud_rate(baud: u32) -> Option<BaudRate> {
     use BaudRate::*;
     Some(match baud {
@@ -186,6 +188,7 @@ pub fn open_tty(path: &Path, baud: u32) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
+/// One serial port as a calloop event source; see the module documentation.
 pub struct SerialSource {
     name: String,
     path: PathBuf,
@@ -195,20 +198,25 @@ pub struct SerialSource {
     port_dirty: bool,
     port_registered: bool,
     write_interest: bool,
-    retry: Generic<TimerFd>,
+    /// One timer, two uses that never overlap: while the port is closed it schedules the
+    /// next open; while it is open it fires at the oldest pending write's deadline.
+    timer: Generic<TimerFd>,
+    /// The deadline the timer is set to while the port is open.
+    timer_deadline: Option<Instant>,
     backoff: Duration,
     /// A failure has been logged for the current outage (log once per outage).
     outage_logged: bool,
     ping_source: PingSource,
     ping: Ping,
     shared: Rc<RefCell<Shared>>,
-    line: Vec<u8>,
-    /// Bytes discarded of the current overlong line (0 when not discarding).
-    discarding: usize,
+    framer: LineFramer,
 }
 
 impl SerialSource {
     /// Creates the source; the port is opened on registration (and retried if missing).
+    /// Lines end as [`InputLineEnding::Auto`] and writes time out after
+    /// [`DEFAULT_WRITE_TIMEOUT`] unless set with [`SerialSource::input_line_ending`] and
+    /// [`SerialSource::write_timeout`].
     pub fn new(name: &str, path: &Path, baud: u32) -> io::Result<SerialSource> {
         let timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
@@ -224,17 +232,34 @@ impl SerialSource {
             port_dirty: false,
             port_registered: false,
             write_interest: false,
-            retry: Generic::new(timer, Interest::READ, Mode::Level),
+            timer: Generic::new(timer, Interest::READ, Mode::Level),
+            timer_deadline: None,
             backoff: BACKOFF_MIN,
             outage_logged: false,
             ping_source,
             ping,
-            shared: Rc::new(RefCell::new(Shared::default())),
-            line: Vec::with_capacity(256),
-            discarding: 0,
+            shared: Rc::new(RefCell::new(Shared {
+                connected: false,
+                writes: WriteQueue::new(DEFAULT_WRITE_TIMEOUT),
+            })),
+            framer: LineFramer::new(InputLineEnding::Auto),
         })
     }
 
+    /// Sets which bytes end a received line (`[[serial]] input_line_ending`).
+    pub fn input_line_ending(mut self, ending: InputLineEnding) -> SerialSource {
+        self.framer = LineFramer::new(ending);
+        self
+    }
+
+    /// Sets how long a write may wait for the device (`[[serial]] write_timeout_ms`);
+    /// applies to writes queued from now on.
+    pub fn write_timeout(self, timeout: Duration) -> SerialSource {
+        self.shared.borrow_mut().writes.timeout = timeout;
+        self
+    }
+
+    /// A handle that queues writes to this port.
     pub fn handle(&self) -> SerialHandle {
         SerialHandle {
             shared: self.shared.clone(),
@@ -261,8 +286,8 @@ impl SerialSource {
                 self.write_interest = false;
                 self.backoff = BACKOFF_MIN;
                 self.outage_logged = false;
-                self.line.clear();
-                self.discarding = 0;
+                self.framer.reset();
+                self.timer_deadline = None;
                 self.shared.borrow_mut().connected = true;
                 callback(SerialEvent::Connected, &mut ());
             }
@@ -289,13 +314,72 @@ impl SerialSource {
     fn arm_retry(&mut self) {
         let delay = self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.set_timer(delay);
+    }
+
+    /// Arms the timer `delay` from now (at least 1 ns: a zero expiration would disarm it).
+    fn set_timer(&mut self, delay: Duration) {
+        let delay = delay.max(Duration::from_nanos(1));
         // SAFETY: we do not replace or close the timer fd.
-        let timer = unsafe { self.retry.get_mut() };
+        let timer = unsafe { self.timer.get_mut() };
         if let Err(e) = timer.set(
             Expiration::OneShot(TimeSpec::from_duration(delay)),
             TimerSetTimeFlags::empty(),
         ) {
-            log::error!("serial retry timer failed name={} error={e}", self.name);
+            log::error!("serial timer failed name={} error={e}", self.name);
+        }
+    }
+
+    /// Ends the writes whose deadline has come and arms the timer for the next one.
+    fn expire_writes<F>(&mut self, now: Instant, callback: &mut F)
+    where
+        F: FnMut(SerialEvent, &mut ()),
+    {
+        let (expired, next, timeout) = {
+            let mut s = self.shared.borrow_mut();
+            let expired = s.writes.expire(now);
+            (expired, s.writes.next_deadline(), s.writes.timeout)
+        };
+        if expired.iter().any(|e| e.partial) {
+            // Part of a timed-out write is in the driver's output queue. Drop what the
+            // device has not taken, so it never receives a truncated command run together
+            // with the next one.
+            if let Some(port) = self.port.as_ref() {
+                // SAFETY: the port's descriptor is open for the duration of this call.
+                let fd = unsafe { BorrowedFd::borrow_raw(port.get_ref().as_raw_fd()) };
+                if let Err(e) =
+                    nix::sys::termios::tcflush(fd, nix::sys::termios::FlushArg::TCOFLUSH)
+                {
+                    log::warn!("serial output flush failed name={} error={e}", self.name);
+                }
+            }
+        }
+        for e in expired {
+            log::warn!(
+                "serial write timed out name={} token={} timeout_ms={} partial={}",
+                self.name,
+                e.token,
+                timeout.as_millis(),
+                e.partial
+            );
+            callback(
+                SerialEvent::WriteFailed(
+                    e.token,
+                    format!(
+                        "serial write timed out after {} ms: the device did not take the data \
+                         (unsent bytes discarded)",
+                        timeout.as_millis()
+                    ),
+                ),
+                &mut (),
+            );
+        }
+        if next != self.timer_deadline {
+            if let Some(deadline) = next {
+                self.set_timer(deadline.saturating_duration_since(now));
+            }
+            // With no write pending an armed timer is left to fire once, harmlessly.
+            self.timer_deadline = next;
         }
     }
 
@@ -313,11 +397,11 @@ impl SerialSource {
         self.port = None;
         self.port_registered = false;
         self.port_dirty = false;
+        self.timer_deadline = None;
         let failed: Vec<u64> = {
             let mut s = self.shared.borrow_mut();
             s.connected = false;
-            s.pending_bytes = 0;
-            s.pending.drain(..).map(|w| w.token).collect()
+            s.writes.clear()
         };
         for token in failed {
             callback(
@@ -347,7 +431,7 @@ impl SerialSource {
                 Ok(0) => return Err("hang-up (end of file)".into()),
                 Ok(n) => {
                     total += n;
-                    self.frame(&buf[..n], callback);
+                    self.framer.push(&buf[..n], &mut |e| callback(e, &mut ()));
                     // Stop when a short read emptied the tty's buffer (the fd is level-triggered:
                     // skip the read that would only return EAGAIN), or when this wake has held
                     // the loop long enough (a flood must not delay commands).
@@ -363,55 +447,6 @@ impl SerialSource {
         Ok(())
     }
 
-    fn frame<F>(&mut self, mut bytes: &[u8], callback: &mut F)
-    where
-        F: FnMut(SerialEvent, &mut ()),
-    {
-        while !bytes.is_empty() {
-            match bytes.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    let (head, rest) = bytes.split_at(i);
-                    bytes = &rest[1..];
-                    if self.discarding > 0 {
-                        let dropped = self.discarding + head.len();
-                        self.discarding = 0;
-                        callback(SerialEvent::Overlong(dropped), &mut ());
-                        continue;
-                    }
-                    if self.line.len() + head.len() > MAX_LINE + 1 {
-                        let dropped = self.line.len() + head.len();
-                        self.line.clear();
-                        callback(SerialEvent::Overlong(dropped), &mut ());
-                        continue;
-                    }
-                    self.line.extend_from_slice(head);
-                    if self.line.last() == Some(&b'\r') {
-                        self.line.pop();
-                    }
-                    if self.line.len() > MAX_LINE {
-                        let dropped = self.line.len();
-                        self.line.clear();
-                        callback(SerialEvent::Overlong(dropped), &mut ());
-                    } else if !self.line.is_empty() {
-                        let line = std::mem::replace(&mut self.line, Vec::with_capacity(256));
-                        callback(SerialEvent::Line(line), &mut ());
-                    }
-                }
-                None => {
-                    if self.discarding > 0 {
-                        self.discarding += bytes.len();
-                    } else if self.line.len() + bytes.len() > MAX_LINE + 1 {
-                        self.discarding = self.line.len() + bytes.len();
-                        self.line.clear();
-                    } else {
-                        self.line.extend_from_slice(bytes);
-                    }
-                    bytes = &[];
-                }
-            }
-        }
-    }
-
     /// Writes as much of the pending data as the tty takes now.
     fn flush_writes<F>(&mut self, callback: &mut F) -> Result<(), String>
     where
@@ -423,7 +458,7 @@ impl SerialSource {
         let fd = port.get_ref().as_raw_fd();
         loop {
             let mut s = self.shared.borrow_mut();
-            let Some(w) = s.pending.front_mut() else {
+            let Some(w) = s.writes.pending.front_mut() else {
                 return Ok(());
             };
             // SAFETY: fd is the open port's descriptor for the duration of this call.
@@ -434,8 +469,8 @@ impl SerialSource {
                     if w.done == w.data.len() {
                         let token = w.token;
                         let len = w.data.len();
-                        s.pending.pop_front();
-                        s.pending_bytes -= len;
+                        s.writes.pending.pop_front();
+                        s.writes.pending_bytes -= len;
                         drop(s);
                         callback(SerialEvent::WriteDone(token), &mut ());
                     }
@@ -468,14 +503,14 @@ impl EventSource for SerialSource {
             .process_events(readiness, token, |_, _| woke_write = true)
             .map_err(|e| io::Error::other(e.to_string()))?;
 
-        let mut retry_fired = false;
-        self.retry.process_events(readiness, token, |_, timer| {
+        let mut timer_fired = false;
+        self.timer.process_events(readiness, token, |_, timer| {
             // Consume the expiration; a spurious wake reads EAGAIN.
             let _ = timer.wait();
-            retry_fired = true;
+            timer_fired = true;
             Ok(PostAction::Continue)
         })?;
-        if retry_fired && self.port.is_none() {
+        if timer_fired && self.port.is_none() {
             self.try_open(&mut callback);
         }
 
@@ -506,7 +541,10 @@ impl EventSource for SerialSource {
             self.disconnect(reason, &mut callback);
             return Ok(PostAction::Continue);
         }
-        let want_write = self.port.is_some() && !self.shared.borrow().pending.is_empty();
+        if self.port.is_some() {
+            self.expire_writes(Instant::now(), &mut callback);
+        }
+        let want_write = self.port.is_some() && !self.shared.borrow().writes.pending.is_empty();
         if want_write != self.write_interest {
             self.write_interest = want_write;
             self.port_dirty = true;
@@ -519,7 +557,7 @@ impl EventSource for SerialSource {
 
     fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
         self.ping_source.register(poll, factory)?;
-        self.retry.register(poll, factory)?;
+        self.timer.register(poll, factory)?;
         // Open on registration so the first readings are not delayed by a retry period.
         self.arm_retry_now();
         Ok(())
@@ -527,7 +565,7 @@ impl EventSource for SerialSource {
 
     fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
         self.ping_source.reregister(poll, factory)?;
-        self.retry.reregister(poll, factory)?;
+        self.timer.reregister(poll, factory)?;
         if let Some(port) = self.port.as_mut() {
             port.interest = if self.write_interest {
                 Interest::BOTH
@@ -547,7 +585,7 @@ impl EventSource for SerialSource {
 
     fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
         self.ping_source.unregister(poll)?;
-        self.retry.unregister(poll)?;
+        self.timer.unregister(poll)?;
         if let Some(port) = self.port.as_mut() {
             if self.port_registered {
                 port.unregister(poll)?;
@@ -561,186 +599,9 @@ impl EventSource for SerialSource {
 impl SerialSource {
     /// Arms the timer to fire immediately, so the first open happens in the first dispatch.
     fn arm_retry_now(&mut self) {
-        // SAFETY: we do not replace or close the timer fd.
-        let timer = unsafe { self.retry.get_mut() };
-        if let Err(e) = timer.set(
-            Expiration::OneShot(TimeSpec::from_duration(Duration::from_nanos(1))),
-            TimerSetTimeFlags::empty(),
-        ) {
-            log::error!("serial timer failed name={} error={e}", self.name);
-        }
+        self.set_timer(Duration::from_nanos(1));
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use calloop::EventLoop;
-    use nix::pty::openpty;
-    use std::io::Write;
-    use std::os::fd::OwnedFd;
-
-    struct St {
-        events: Vec<SerialEvent>,
-    }
-
-    fn pty() -> (OwnedFd, PathBuf) {
-        let p = openpty(None, None).unwrap();
-        let path = std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).unwrap();
-        // Keep the slave open in the test too? No: close it so the gateway's open is the only one.
-        drop(p.slave);
-        (p.master, path)
-    }
-
-    fn run_until(ev: &mut EventLoop<St>, st: &mut St, pred: impl Fn(&St) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !pred(st) {
-            assert!(
-                Instant::now() < deadline,
-                "timeout; events so far: {:?}",
-                st.events
-            );
-            ev.dispatch(Some(Duration::from_millis(20)), st).unwrap();
-        }
-    }
-
-    #[test]
-    fn open_tty_sets_raw_mode_and_rejects_odd_bauds() {
-        let (_m, path) = pty();
-        let fd = open_tty(&path, 115200).unwrap();
-        let t = nix::sys::termios::tcgetattr(&fd).unwrap();
-        assert_eq!(nix::sys::termios::cfgetospeed(&t), BaudRate::B115200);
-        assert!(!t.local_flags.contains(nix::sys::termios::LocalFlags::ECHO));
-        assert!(open_tty(&path, 12345)
-            .unwrap_err()
-            .contains("unsupported baud"));
-        assert!(open_tty(Path::new("/nonexistent/tty"), 9600).is_err());
-        assert!(open_tty(Path::new("/dev/null"), 9600)
-            .unwrap_err()
-            .contains("terminal"));
-    }
-
-    #[test]
-    fn frames_lines_and_overlong() {
-        let (_, path) = pty();
-        let mut s = SerialSource::new("t", &path, 9600).unwrap();
-        let mut out = Vec::new();
-        let mut cb = |e: SerialEvent, _: &mut ()| out.push(e);
-        s.frame(b"a=1\r\nb=", &mut cb);
-        s.frame(b"2\n\n\r\n", &mut cb);
-        let long = vec![b'x'; MAX_LINE + 10];
-        s.frame(&long, &mut cb);
-        s.frame(b"yy\nok\n", &mut cb);
-        let exact = vec![b'z'; MAX_LINE];
-        s.frame(&exact, &mut cb);
-        s.frame(b"\r\n", &mut cb);
-        assert_eq!(
-            out,
-            vec![
-                SerialEvent::Line(b"a=1".to_vec()),
-                SerialEvent::Line(b"b=2".to_vec()),
-                SerialEvent::Overlong(MAX_LINE + 12),
-                SerialEvent::Line(b"ok".to_vec()),
-                SerialEvent::Line(exact),
-            ]
-        );
-    }
-
-    /// A flood of short lines must not hold the loop: one wake handles one chunk once the
-    /// time budget is spent, and the rest follows on later dispatches (level-triggered).
-    /// Before the time budget, all 4000 bytes (1000 lines) were handled in one wake.
-    #[test]
-    fn a_flood_of_lines_yields_the_loop() {
-        let (master, path) = pty();
-        let source = SerialSource::new("t", &path, 9600).unwrap();
-        let mut ev: EventLoop<St> = EventLoop::try_new().unwrap();
-        ev.handle()
-            .insert_source(source, |e, _, st: &mut St| {
-                if matches!(e, SerialEvent::Line(_)) {
-                    // Each line costs 100 µs (a slow reading pipeline).
-                    std::thread::sleep(Duration::from_micros(100));
-                }
-                st.events.push(e)
-            })
-            .unwrap();
-        let mut st = St { events: vec![] };
-        run_until(&mut ev, &mut st, |st| {
-            st.events.contains(&SerialEvent::Connected)
-        });
-        st.events.clear();
-        let mut m = std::fs::File::from(master);
-        m.write_all(&b"a=1\n".repeat(1000)).unwrap();
-        ev.dispatch(Some(Duration::from_secs(2)), &mut st).unwrap();
-        let first = st.events.len();
-        assert!(
-            first > 0 && first <= READ_CHUNK / 4,
-            "one wake handled {first} lines"
-        );
-        run_until(&mut ev, &mut st, |st| st.events.len() == 1000);
-        assert!(st
-            .events
-            .iter()
-            .all(|e| *e == SerialEvent::Line(b"a=1".to_vec())));
-    }
-
-    #[test]
-    fn reads_writes_and_reconnects_on_a_real_pty() {
-        let (master, path) = pty();
-        let dir = tempfile::tempdir().unwrap();
-        let link = dir.path().join("tty");
-        std::os::unix::fs::symlink(&path, &link).unwrap();
-        let source = SerialSource::new("t", &link, 9600).unwrap();
-        let handle = source.handle();
-        let mut ev: EventLoop<St> = EventLoop::try_new().unwrap();
-        ev.handle()
-            .insert_source(source, |e, _, st: &mut St| st.events.push(e))
-            .unwrap();
-        let mut st = St { events: vec![] };
-        run_until(&mut ev, &mut st, |st| {
-            st.events.contains(&SerialEvent::Connected)
-        });
-        let mut m = std::fs::File::from(master);
-        m.write_all(b"t=1\n").unwrap();
-        run_until(&mut ev, &mut st, |st| {
-            st.events.contains(&SerialEvent::Line(b"t=1".to_vec()))
-        });
-        handle
-            .write(b"HELLO\n".to_vec(), 7)
-            .unwrap_or_else(|e| panic!("{e}: {:?}", st.events));
-        run_until(&mut ev, &mut st, |st| {
-            st.events.contains(&SerialEvent::WriteDone(7))
-        });
-        let mut buf = [0u8; 64];
-        let n = nix::unistd::read(m.as_raw_fd(), &mut buf).unwrap();
-        assert_eq!(
-            &buf[..n],
-            b"HELLO\n",
-            "serialport puts the tty in raw mode: bytes pass unchanged"
-        );
-
-        // Unplug: close the master. The source must notice and drop the port.
-        drop(m);
-        run_until(&mut ev, &mut st, |st| {
-            st.events
-                .iter()
-                .any(|e| matches!(e, SerialEvent::Disconnected(_)))
-        });
-        assert_eq!(
-            handle.write(b"x".to_vec(), 8),
-            Err(WriteError::NotConnected)
-        );
-        // Plug back in: a new pty under the same path.
-        let (master2, path2) = pty();
-        std::fs::remove_file(&link).unwrap();
-        std::os::unix::fs::symlink(&path2, &link).unwrap();
-        st.events.clear();
-        run_until(&mut ev, &mut st, |st| {
-            st.events.contains(&SerialEvent::Connected)
-        });
-        let mut m2 = std::fs::File::from(master2);
-        m2.write_all(b"t=2\n").unwrap();
-        run_until(&mut ev, &mut st, |st| {
-            st.events.contains(&SerialEvent::Line(b"t=2".to_vec()))
-        });
-    }
-}
+mod tests;

@@ -7,7 +7,9 @@
 //!
 //! Commands are read from stdin, one JSON line each:
 //! `{"gateway":"gw-01","command":{"id":"c-1","target":"relay1","action":"toggle"}}`
-//! (an `id` is generated when missing). Errors are printed as `{"kind":"error",...}` lines.
+//! (an `id` is generated when missing: `b-<8 hex chars, random per run>-<n>`, so a restarted
+//! backend never reuses an id the gateway remembers). Errors are printed as
+//! `{"kind":"error",...}` lines.
 //!
 //! With `--secret-key FILE --allow DIR` the backend is a CURVE server. Its ZAP handler (a REP
 //! socket on `inproc://zeromq.zap.01`, served in the same poll loop) accepts a gateway only
@@ -314,6 +316,9 @@ pub struct Backend {
     socket: zmq::Socket,
     ledgers: HashMap<Vec<u8>, GatewayLedger>,
     opts: BackendOptions,
+    /// Random per run: generated command ids never repeat those of an earlier run, which the
+    /// gateway would answer from its cache (or refuse) instead of executing.
+    run_id: u32,
     next_command: u64,
     zap: Option<Zap>,
     monitor: zmq::Socket,
@@ -323,6 +328,13 @@ pub struct Backend {
     /// A handshake failure waiting for its DISCONNECTED event (which names the fd).
     failed_handshake: Option<String>,
     rejections: LogLimiter,
+}
+
+/// 32 random bits (std's hasher keys are seeded from the OS's random source).
+fn random_run_id() -> u32 {
+    use std::hash::BuildHasher;
+    let h = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    (h ^ (h >> 32)) as u32
 }
 
 /// A spool identity as gateways send it: 32 hex characters (128 bits).
@@ -391,6 +403,7 @@ impl Backend {
             socket,
             ledgers: HashMap::new(),
             opts,
+            run_id: random_run_id(),
             next_command: 1,
             zap,
             monitor,
@@ -713,7 +726,7 @@ impl Backend {
             return;
         }
         if command.get("id").is_none() {
-            command["id"] = Value::String(format!("b-{}", self.next_command));
+            command["id"] = Value::String(format!("b-{:08x}-{}", self.run_id, self.next_command));
             self.next_command += 1;
         }
         self.send(

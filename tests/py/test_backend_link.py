@@ -218,3 +218,25 @@ def test_malformed_spool_id_changes_nothing(backends):
         assert not any('"dup":true' in line for line in be.raw)
     finally:
         d.close()
+
+
+def test_generated_command_ids_differ_between_runs(backends):
+    """A restarted backend must not reuse the ids of its earlier run: the gateway would answer
+    them from its cache (or refuse them) instead of executing the new commands."""
+    ids = []
+    for run in range(2):
+        ep = endpoint()
+        be = backends(ep, name=f"run{run}")
+        d = Dealer(ep)
+        try:
+            d.hello(1)
+            assert d.ack() == 0
+            for _ in range(2):
+                be.command(GW_ID, {"target": "relay1", "action": "toggle"})
+                m = d.recv(5)
+                assert m is not None and m[0] == "command", m
+                ids.append(m[1]["id"])
+        finally:
+            d.close()
+        be.kill()
+    assert len(set(ids)) == 4, ids

@@ -3,7 +3,10 @@
 //! A ROUTER socket that gateways connect to. Every message received is printed as one JSON
 //! line on stdout: the message's JSON body with `"kind"` added (and `"gateway"` for replies),
 //! e.g. `{"kind":"reading","gateway":"gw-01","seq":1,...}`. Readings are deduplicated per
-//! gateway (by seq) and acknowledged cumulatively after they were written to stdout.
+//! gateway and spool (by seq; a new `spool_id` in a hello starts a fresh ledger) and
+//! acknowledged cumulatively after they were written to stdout. Every hello is answered at
+//! once with an ack of `resume_seq - 1`; the ROUTER sets ZMQ_ROUTER_HANDOVER and ZMTP
+//! heartbeats (docs/protocol.md, "What a backend must do").
 //!
 //! Commands are read from stdin, one JSON line each:
 //! `{"gateway":"gw-01","command":{"id":"c-1","target":"relay1","action":"toggle"}}`

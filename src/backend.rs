@@ -3,11 +3,16 @@
 //! A ROUTER socket that gateways connect to. Every message received is printed as one JSON
 //! line on stdout: the message's JSON body with `"kind"` added (and `"gateway"` for replies),
 //! e.g. `{"kind":"reading","gateway":"gw-01","seq":1,...}`. Readings are deduplicated per
-//! gateway (by seq) and acknowledged cumulatively after they were written to stdout.
+//! gateway and spool (by seq; a new `spool_id` in a hello starts a fresh ledger) and
+//! acknowledged cumulatively after they were written to stdout. Every hello is answered at
+//! once with an ack of `resume_seq - 1`; the ROUTER sets ZMQ_ROUTER_HANDOVER and ZMTP
+//! heartbeats (docs/protocol.md, "What a backend must do").
 //!
 //! Commands are read from stdin, one JSON line each:
 //! `{"gateway":"gw-01","command":{"id":"c-1","target":"relay1","action":"toggle"}}`
-//! (an `id` is generated when missing). Errors are printed as `{"kind":"error",...}` lines.
+//! (an `id` is generated when missing: `b-<8 hex chars, random per run>-<n>`, so a restarted
+//! backend never reuses an id the gateway remembers). Errors are printed as
+//! `{"kind":"error",...}` lines.
 //!
 //! With `--secret-key FILE --allow DIR` the backend is a CURVE server. Its ZAP handler (a REP
 //! socket on `inproc://zeromq.zap.01`, served in the same poll loop) accepts a gateway only
@@ -30,10 +35,17 @@ use std::path::{Path, PathBuf};
 /// Out-of-order seqs remembered per gateway before the oldest are forgotten.
 const MAX_PENDING_SEQS: usize = 100_000;
 
+/// ZMTP heartbeat interval of the ROUTER (the gateway uses the same).
+pub const HEARTBEAT_IVL_MS: i32 = 10_000;
+/// A connection that sent nothing, heartbeats included, for this long is dropped.
+pub const HEARTBEAT_TIMEOUT_MS: i32 = 30_000;
+
 #[derive(Debug, Clone, Default)]
 pub struct BackendOptions {
     pub bind: String,
-    /// Send acks (turn off to test a backend that never acknowledges).
+    /// Acknowledge readings (turn off to test a backend that never acknowledges). A hello is
+    /// answered either way, with an ack of `resume_seq - 1`, which acknowledges no reading the
+    /// gateway still holds.
     pub ack: bool,
     /// CURVE server secret key file (Z85, mode 0600). Requires `allow_dir`.
     pub secret_key: Option<PathBuf>,
@@ -207,7 +219,13 @@ fn peer_of_fd(fd: i32) -> Option<String> {
     stream.peer_addr().ok().map(|a| a.to_string())
 }
 
-/// Per-gateway delivery state: every seq ≤ `high` was received; `ahead` holds seqs > high+1.
+/// Per-gateway delivery state for the gateway's current spool: every seq ≤ `high` was
+/// received; `ahead` holds seqs > high+1.
+///
+/// Seqs are numbers within one spool. A gateway whose spool was replaced (a new SD card, a
+/// wiped `data_dir`) starts again at 1 under a new `spool_id`; its `hello` says so, and
+/// [`GatewayLedger::hello`] then starts a fresh ledger, so the new readings are not mistaken
+/// for duplicates of the old ones.
 #[derive(Debug, Default)]
 pub struct GatewayLedger {
     pub high: u64,
@@ -215,6 +233,13 @@ pub struct GatewayLedger {
     pub started: bool,
     pub received: u64,
     pub duplicates: u64,
+    /// The spool these seqs belong to (`spool_id` of the last `hello`; `""` when a hello
+    /// has none). `None` before the first hello.
+    pub spool_id: Option<String>,
+    /// The highest seq the gateway may have sent on its current connection: `resume_seq - 1`
+    /// from its last hello, raised by every reading since. A gateway refuses an ack above
+    /// what it sent on the connection, so acks never exceed this. `None` before any hello.
+    pub conn_high: Option<u64>,
 }
 
 impl GatewayLedger {
@@ -225,16 +250,17 @@ impl GatewayLedger {
             self.started = true;
             self.high = seq.saturating_sub(1);
         }
+        if let Some(c) = &mut self.conn_high {
+            *c = (*c).max(seq);
+        }
         if seq <= self.high || self.ahead.contains(&seq) {
             self.duplicates += 1;
             return false;
         }
         self.received += 1;
-        if seq == self.high + 1 {
+        if Some(seq) == self.high.checked_add(1) {
             self.high = seq;
-            while self.ahead.remove(&(self.high + 1)) {
-                self.high += 1;
-            }
+            self.absorb_ahead();
         } else {
             self.ahead.insert(seq);
             while self.ahead.len() > MAX_PENDING_SEQS {
@@ -244,16 +270,48 @@ impl GatewayLedger {
         true
     }
 
+    /// Moves `high` over the seqs in `ahead` that now follow it.
+    fn absorb_ahead(&mut self) {
+        while let Some(next) = self.high.checked_add(1) {
+            if !self.ahead.remove(&next) {
+                break;
+            }
+            self.high = next;
+        }
+    }
+
     /// The gateway says everything below `resume` is acked or dropped: skip the gap.
     pub fn resume(&mut self, resume: u64) {
         self.started = true;
-        if resume > self.high + 1 {
+        if resume > self.high.saturating_add(1) {
             self.high = resume - 1;
             self.ahead.retain(|&s| s > resume - 1);
-            while self.ahead.remove(&(self.high + 1)) {
-                self.high += 1;
-            }
+            self.absorb_ahead();
         }
+    }
+
+    /// A `hello`: the gateway's spool identity and `resume_seq`. When the spool differs from
+    /// the one this ledger was kept for, the ledger starts afresh; returns the old spool id
+    /// then.
+    pub fn hello(&mut self, spool_id: &str, resume: Option<u64>) -> Option<String> {
+        let replaced = self.spool_id.as_deref().filter(|old| *old != spool_id);
+        let replaced = replaced.map(str::to_string);
+        if replaced.is_some() {
+            *self = GatewayLedger::default();
+        }
+        self.spool_id = Some(spool_id.to_string());
+        if let Some(r) = resume {
+            self.resume(r);
+        }
+        self.conn_high = Some(resume.unwrap_or(0).saturating_sub(1));
+        replaced
+    }
+
+    /// The seq to acknowledge: the highest contiguous seq received, but never above what
+    /// the gateway sent on its current connection (so an answer to a hello is exactly
+    /// `resume_seq - 1`).
+    pub fn ack_seq(&self) -> u64 {
+        self.high.min(self.conn_high.unwrap_or(u64::MAX))
     }
 }
 
@@ -261,6 +319,9 @@ pub struct Backend {
     socket: zmq::Socket,
     ledgers: HashMap<Vec<u8>, GatewayLedger>,
     opts: BackendOptions,
+    /// Random per run: generated command ids never repeat those of an earlier run, which the
+    /// gateway would answer from its cache (or refuse) instead of executing.
+    run_id: u32,
     next_command: u64,
     zap: Option<Zap>,
     monitor: zmq::Socket,
@@ -270,6 +331,18 @@ pub struct Backend {
     /// A handshake failure waiting for its DISCONNECTED event (which names the fd).
     failed_handshake: Option<String>,
     rejections: LogLimiter,
+}
+
+/// 32 random bits (std's hasher keys are seeded from the OS's random source).
+fn random_run_id() -> u32 {
+    use std::hash::BuildHasher;
+    let h = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    (h ^ (h >> 32)) as u32
+}
+
+/// A spool identity as gateways send it: 32 hex characters (128 bits).
+pub fn is_spool_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn print_line(v: &Value) {
@@ -284,6 +357,13 @@ impl Backend {
         use anyhow::Context as _;
         let socket = ctx.socket(zmq::ROUTER)?;
         socket.set_router_mandatory(true)?;
+        // A gateway that reconnects (its link froze, its heartbeat gave up) comes back with
+        // the same routing id while the old pipe may still be alive here: without handover
+        // the ROUTER keeps the stale pipe and silently ignores the new connection.
+        socket.set_router_handover(true)?;
+        // ZMTP heartbeats, as the gateway's: a dead link is found and its pipe dropped.
+        socket.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
+        socket.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
         socket.set_linger(1000)?;
         let zap = match (&opts.secret_key, &opts.allow_dir) {
             (Some(key), Some(dir)) => {
@@ -326,6 +406,7 @@ impl Backend {
             socket,
             ledgers: HashMap::new(),
             opts,
+            run_id: random_run_id(),
             next_command: 1,
             zap,
             monitor,
@@ -503,12 +584,16 @@ impl Backend {
         }
         if self.opts.ack {
             for id in to_ack {
-                let high = self.ledgers.get(&id).map_or(0, |l| l.high);
-                let body = json!({"seq": high}).to_string();
-                self.send(&id, protocol::KIND_ACK, &body);
+                let seq = self.ledgers.get(&id).map_or(0, GatewayLedger::ack_seq);
+                self.send_ack(&id, seq);
             }
         }
         Ok(())
+    }
+
+    fn send_ack(&self, id: &[u8], seq: u64) {
+        let body = json!({ "seq": seq }).to_string();
+        self.send(id, protocol::KIND_ACK, &body);
     }
 
     fn send(&self, id: &[u8], kind: &str, body: &str) {
@@ -547,11 +632,43 @@ impl Backend {
             }
         };
         let ledger = self.ledgers.entry(id.clone()).or_default();
-        if matches!(kind.as_str(), "hello" | "stats") {
-            if let Some(resume) = value.get("resume_seq").and_then(Value::as_u64) {
+        let resume = value.get("resume_seq").and_then(Value::as_u64);
+        if kind == protocol::KIND_HELLO {
+            let spool_id = match value.get("spool_id") {
+                None => Some(""),
+                Some(Value::String(s)) if is_spool_id(s) => Some(s.as_str()),
+                Some(_) => None,
+            };
+            match spool_id {
+                Some(spool_id) => {
+                    if let Some(old) = ledger.hello(spool_id, resume) {
+                        log::warn!(
+                            "gateway={gateway} spool_id changed old={old:?} new={spool_id:?}: \
+                             its spool was replaced (new storage or a wiped data_dir) and its \
+                             seqs start again; starting a fresh ledger, readings from \
+                             resume_seq={} on are new",
+                            resume.unwrap_or(0)
+                        );
+                    }
+                }
+                None => {
+                    // Keep the ledger as it is; the hello is still answered.
+                    print_line(&json!({"kind": "error", "gateway": gateway,
+                        "error": "hello: spool_id must be a string of 32 hex characters; ignored"}));
+                    let spool_id = ledger.spool_id.clone().unwrap_or_default();
+                    ledger.hello(&spool_id, resume);
+                }
+            }
+            // Answered at once, acks on or not: any message from the backend tells the
+            // gateway that this connection is heard.
+            let seq = ledger.ack_seq();
+            self.send_ack(&id, seq);
+        } else if kind == protocol::KIND_STATS {
+            if let Some(resume) = resume {
                 ledger.resume(resume);
             }
         }
+        let ledger = self.ledgers.entry(id.clone()).or_default();
         let mut ack = None;
         if kind == "reading" {
             let Some(seq) = value.get("seq").and_then(Value::as_u64) else {
@@ -612,7 +729,7 @@ impl Backend {
             return;
         }
         if command.get("id").is_none() {
-            command["id"] = Value::String(format!("b-{}", self.next_command));
+            command["id"] = Value::String(format!("b-{:08x}-{}", self.run_id, self.next_command));
             self.next_command += 1;
         }
         self.send(
@@ -722,6 +839,92 @@ mod tests {
         let other = security::KeyPair::generate().unwrap();
         assert!(allowed_ids(dir.path(), &other.public).unwrap().is_empty());
         assert!(allowed_ids(&dir.path().join("missing"), &key).is_err());
+    }
+
+    const SPOOL_A: &str = "0123456789abcdef0123456789abcdef";
+    const SPOOL_B: &str = "fedcba9876543210fedcba9876543210";
+
+    #[test]
+    fn a_new_spool_id_starts_a_fresh_ledger() {
+        let mut l = GatewayLedger::default();
+        assert_eq!(l.hello(SPOOL_A, Some(1)), None);
+        for seq in 1..=50 {
+            assert!(l.receive(seq));
+        }
+        assert_eq!(l.ack_seq(), 50);
+        // The same spool reconnecting keeps its ledger: 1..50 stay duplicates.
+        assert_eq!(l.hello(SPOOL_A, Some(51)), None);
+        assert!(!l.receive(50));
+        // A wiped spool: seqs start again at 1 and are new readings.
+        assert_eq!(l.hello(SPOOL_B, Some(1)), Some(SPOOL_A.to_string()));
+        assert_eq!(l.ack_seq(), 0);
+        for seq in 1..=30 {
+            assert!(l.receive(seq), "seq {seq} taken for a duplicate");
+        }
+        assert_eq!((l.high, l.duplicates, l.received), (30, 0, 30));
+        assert_eq!(l.spool_id.as_deref(), Some(SPOOL_B));
+    }
+
+    #[test]
+    fn hello_is_acked_with_resume_minus_one_never_above_what_was_sent() {
+        // Fresh ledger: exactly resume_seq - 1.
+        let mut l = GatewayLedger::default();
+        l.hello(SPOOL_A, Some(7));
+        assert_eq!(l.ack_seq(), 6);
+        // Readings 7..=10 arrive: acked as they come.
+        for seq in 7..=10 {
+            l.receive(seq);
+        }
+        assert_eq!(l.ack_seq(), 10);
+        // The gateway missed that ack and reconnects with resume_seq 8: the answer is 7,
+        // not 10, because it has sent nothing on the new connection yet.
+        l.hello(SPOOL_A, Some(8));
+        assert_eq!(l.ack_seq(), 7);
+        // Once it sent 8..=10 again (duplicates here), the ack covers them.
+        for seq in 8..=10 {
+            assert!(!l.receive(seq));
+        }
+        assert_eq!(l.ack_seq(), 10);
+        // A hello without resume_seq is answered with 0; none with seq 0 underflows.
+        let mut l = GatewayLedger::default();
+        l.hello("", None);
+        assert_eq!(l.ack_seq(), 0);
+        l.hello("", Some(0));
+        assert_eq!(l.ack_seq(), 0);
+    }
+
+    #[test]
+    fn extreme_seqs_do_not_overflow() {
+        let mut l = GatewayLedger::default();
+        assert!(l.receive(u64::MAX - 1));
+        assert!(l.receive(u64::MAX));
+        assert_eq!(l.high, u64::MAX);
+        assert!(!l.receive(u64::MAX));
+        l.resume(u64::MAX);
+        let mut l = GatewayLedger::default();
+        l.receive(1);
+        l.receive(u64::MAX);
+        l.resume(u64::MAX);
+        assert_eq!(l.high, u64::MAX);
+        assert!(is_spool_id(SPOOL_A) && !is_spool_id("xyz") && !is_spool_id(&SPOOL_A[1..]));
+    }
+
+    #[test]
+    fn router_sends_heartbeats() {
+        let ctx = zmq::Context::new();
+        let b = Backend::new(
+            &ctx,
+            BackendOptions {
+                bind: "tcp://127.0.0.1:*".into(),
+                ack: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // (ZMQ_ROUTER_HANDOVER cannot be read back: tests/py/test_backend_link.py checks it.)
+        let s = b.socket();
+        assert_eq!(s.get_heartbeat_ivl().unwrap(), HEARTBEAT_IVL_MS);
+        assert_eq!(s.get_heartbeat_timeout().unwrap(), HEARTBEAT_TIMEOUT_MS);
     }
 
     #[test]

@@ -1012,7 +1012,10 @@ impl Gateway {
                 // Unacked readings go again, in order, after the hello.
                 self.rewind();
                 let hello = self.hello();
-                self.outbox.with(|o| o.push_front(hello));
+                if self.outbox.with(|o| o.push_hello(hello)).is_err() {
+                    self.counters.dropped_control += 1;
+                    log::warn!("outbox full: hello dropped (control reserve taken)");
+                }
             }
             ZmqEvent::Disconnected => {
                 // Rate-limited: a failing handshake (e.g. a wrong key) disconnects repeatedly.
@@ -1043,6 +1046,14 @@ impl Gateway {
             }
             ZmqEvent::Drained => self.fill_outbox(),
             ZmqEvent::Message(frames) => self.on_backend_message(frames),
+            ZmqEvent::TooManyFrames { frames } => {
+                self.counters.bad_messages += 1;
+                if self.command_errors.allow("bad backend message") {
+                    log::warn!(
+                        "backend message ignored: expected 2 frames (kind, JSON), got {frames}"
+                    );
+                }
+            }
         }
     }
 

@@ -1,9 +1,12 @@
 //! `ZmqSource`: a ZeroMQ socket as a calloop event source, with a bounded outbox.
 //!
 //! This is the calloop book's ZeroMQ source with its bugs fixed:
-//! - ZMQ_FD is edge-triggered and only ever *readable*; after every wake we loop on
-//!   `get_events()` until an iteration neither sent nor received, otherwise a readiness edge
-//!   consumed by a `send` would leave incoming messages unread forever.
+//! - ZMQ_FD is edge-triggered and only ever *readable*, and any libzmq call (a `send`, a
+//!   `recv`, even one that ends in EAGAIN) may consume its edge; after every wake we loop on
+//!   `get_events()` until a fresh read shows nothing to do, otherwise a message whose edge a
+//!   call consumed would stay unread forever.
+//! - An incoming message keeps at most [`MAX_FRAMES`] frames; a longer one is read to its
+//!   end, discarded and reported ([`ZmqEvent::TooManyFrames`]).
 //! - A ping on register makes the first dispatch check the socket. A push from another
 //!   source goes straight to libzmq when nothing is queued and the connection is up (then
 //!   ZMQ_EVENTS is read, and the source pinged if input waits: the send may have consumed
@@ -23,7 +26,7 @@
 //! backend was away would reach the new connection ahead of the `hello` (and ahead of the
 //! gateway's rewind, which may have dropped or reordered them).
 
-use crate::protocol::Message;
+use crate::protocol::{Message, KIND_HELLO};
 use calloop::generic::Generic;
 use calloop::ping::{make_ping, Ping, PingSource};
 use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
@@ -38,6 +41,33 @@ pub const CONTROL_RESERVE: usize = 64;
 
 /// Messages handled per wake before yielding to other sources.
 const BUDGET: usize = 512;
+
+/// Frames kept of one incoming message. A message with more is read to its end and reported
+/// as [`ZmqEvent::TooManyFrames`]: libzmq bounds each frame (ZMQ_MAXMSGSIZE) but not their
+/// number, so keeping them all would let a peer fill the memory with one message.
+pub const MAX_FRAMES: usize = 4;
+
+/// One incoming message, as [`ZmqSource::recv_bounded`] read it.
+enum Incoming {
+    Frames(Vec<Vec<u8>>),
+    TooMany(usize),
+}
+
+/// The libzmq call a test fault makes fail (see `Fault`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultOp {
+    Recv,
+    Send,
+}
+
+/// A test fault: the next `op` in the pump first runs `during`, then lets libzmq process its
+/// command mailbox (as every real call does) and fails with EAGAIN, as a call does when
+/// libzmq's state changed between the ZMQ_EVENTS read and the call.
+#[cfg(test)]
+struct Fault {
+    op: FaultOp,
+    during: Box<dyn FnMut()>,
+}
 
 /// A borrowed ZMQ_FD. libzmq owns the descriptor; it lives as long as the socket, and the
 /// socket outlives this wrapper (both are fields of [`ZmqSource`], the fd dropped first).
@@ -95,10 +125,22 @@ impl Outbox {
         self.queue.push_back(m);
         Ok(())
     }
-    /// Queues at the front (e.g. `hello` on reconnect); may exceed `max` by a few control
-    /// messages, never by readings.
-    pub fn push_front(&mut self, m: Message) {
+    /// Queues a control message at the front, under the same bound as
+    /// [`Outbox::push_control`]; gives the message back when the reserve is taken too.
+    pub fn push_front(&mut self, m: Message) -> Result<(), Message> {
+        if self.queue.len() >= self.max + CONTROL_RESERVE {
+            return Err(m);
+        }
         self.queue.push_front(m);
+        Ok(())
+    }
+    /// Queues a `hello` at the front (on each connect), first removing any `hello` still
+    /// queued: only the newest describes the gateway's state (its `resume_seq` in particular),
+    /// and a link that connects again and again must not pile them up. Bounded like
+    /// [`Outbox::push_front`].
+    pub fn push_hello(&mut self, m: Message) -> Result<(), Message> {
+        self.queue.retain(|q| q.kind != KIND_HELLO);
+        self.push_front(m)
     }
     /// Keeps only the messages for which `keep` is true.
     pub fn retain(&mut self, keep: impl FnMut(&Message) -> bool) {
@@ -223,8 +265,14 @@ impl OutboxHandle {
 /// What the source reports to its callback.
 #[derive(Debug, PartialEq)]
 pub enum ZmqEvent {
-    /// A message from the peer, all frames.
+    /// A message from the peer, all its frames (at most [`MAX_FRAMES`]).
     Message(Vec<Vec<u8>>),
+    /// A message from the peer with more than [`MAX_FRAMES`] frames: its frames were read
+    /// and discarded; `frames` is how many it had.
+    TooManyFrames {
+        /// The message's frame count.
+        frames: usize,
+    },
     /// A connection completed its handshake (first connect or reconnect).
     Connected,
     /// The connection was lost; libzmq reconnects by itself.
@@ -291,6 +339,8 @@ pub struct ZmqSource {
     /// Read the monitor on the next dispatch even if its fd did not fire (set on register).
     check_monitor: bool,
     stall_log: crate::gateway::LogLimiter,
+    #[cfg(test)]
+    fault: Rc<RefCell<Option<Fault>>>,
     monitor: zmq::Socket,
     socket: Rc<zmq::Socket>,
 }
@@ -328,6 +378,8 @@ impl ZmqSource {
             awaiting_retry: false,
             check_monitor: true,
             stall_log: crate::gateway::LogLimiter::default(),
+            #[cfg(test)]
+            fault: Rc::new(RefCell::new(None)),
             monitor,
             socket: Rc::new(socket),
         })
@@ -457,32 +509,104 @@ impl ZmqSource {
         Ok(())
     }
 
+    /// Receives one message frame by frame, keeping at most [`MAX_FRAMES`]; `None` on EAGAIN.
+    fn recv_bounded(&self) -> zmq::Result<Option<Incoming>> {
+        if self.injected_eagain(FaultOp::Recv) {
+            return Ok(None);
+        }
+        let mut msg = zmq::Message::new();
+        match self.socket.recv(&mut msg, zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut frames = vec![msg.to_vec()];
+        let mut count = 1;
+        // Multipart messages are atomic: once the first frame is here, all of them are.
+        while msg.get_more() {
+            self.socket.recv(&mut msg, zmq::DONTWAIT)?;
+            count += 1;
+            if count <= MAX_FRAMES {
+                frames.push(msg.to_vec());
+            } else if !frames.is_empty() {
+                frames = Vec::new();
+            }
+        }
+        Ok(Some(if count <= MAX_FRAMES {
+            Incoming::Frames(frames)
+        } else {
+            Incoming::TooMany(count)
+        }))
+    }
+
+    /// Sends one message; false on EAGAIN (nothing was queued).
+    fn send_message(&self, m: &Message) -> zmq::Result<bool> {
+        if self.injected_eagain(FaultOp::Send) {
+            return Ok(false);
+        }
+        let [kind, body] = m.frames();
+        // Multipart messages are atomic: if the first frame is accepted, the last one is too.
+        // EAGAIN on the first frame means nothing was queued.
+        match self.socket.send(kind, zmq::DONTWAIT | zmq::SNDMORE) {
+            Ok(()) => {
+                self.socket.send(body, zmq::DONTWAIT)?;
+                Ok(true)
+            }
+            Err(zmq::Error::EAGAIN) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Test faults only: whether the call `op` is to fail with EAGAIN (see [`Fault`]).
+    #[cfg(test)]
+    fn injected_eagain(&self, op: FaultOp) -> bool {
+        let fault = self.fault.borrow_mut().take_if(|f| f.op == op);
+        let Some(mut fault) = fault else {
+            return false;
+        };
+        (fault.during)();
+        let _ = self.socket.get_events();
+        true
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn injected_eagain(&self, _: FaultOp) -> bool {
+        false
+    }
+
     /// Sends and receives until neither made progress or the budget is spent.
     ///
     /// ZMQ_EVENTS is read once per round, not once per message sent (each read costs libzmq
     /// a `poll` and `getpid` system calls); within a round we receive one message and send
-    /// until EAGAIN or the outbox is empty. The last thing before returning is always a ZMQ_EVENTS read that
-    /// showed no work (or a self-ping), as the edge-triggered ZMQ_FD requires.
+    /// until EAGAIN or the outbox is empty. Every libzmq call may process the socket's command
+    /// mailbox and so consume the ZMQ_FD edge of whatever became ready meanwhile; the
+    /// edge-triggered ZMQ_FD then never fires for it. So a round that called libzmq always
+    /// ends with a fresh ZMQ_EVENTS read, and the pump returns only when such a read showed
+    /// nothing to do (or after a self-ping when the budget is spent), even when the round's
+    /// receive or first send ended in EAGAIN.
     fn pump<F>(&mut self, callback: &mut F) -> zmq::Result<()>
     where
         F: FnMut(ZmqEvent, &mut ()),
     {
         let mut sent_any = false;
         let mut budget = BUDGET;
+        let mut events = self.socket.get_events()?;
         while budget > 0 {
-            let events = self.socket.get_events()?;
+            let mut called = false;
             let mut progress = false;
             // One message per round: a recv that ends in EAGAIN costs the same `poll` as the
             // next round's ZMQ_EVENTS read, which is needed anyway.
             if events.contains(zmq::POLLIN) {
-                match self.socket.recv_multipart(zmq::DONTWAIT) {
-                    Ok(frames) => {
-                        progress = true;
-                        budget -= 1;
-                        callback(ZmqEvent::Message(frames), &mut ());
-                    }
-                    Err(zmq::Error::EAGAIN) => {}
-                    Err(e) => return Err(e),
+                called = true;
+                if let Some(incoming) = self.recv_bounded()? {
+                    progress = true;
+                    budget -= 1;
+                    let event = match incoming {
+                        Incoming::Frames(frames) => ZmqEvent::Message(frames),
+                        Incoming::TooMany(frames) => ZmqEvent::TooManyFrames { frames },
+                    };
+                    callback(event, &mut ());
                 }
             }
             // Not before the handshake was reported (see the module doc): the callback for
@@ -491,30 +615,32 @@ impl ZmqSource {
                 let mut outbox = self.outbox.borrow_mut();
                 while budget > 0 {
                     let Some(m) = outbox.front() else { break };
-                    let [kind, body] = m.frames();
-                    // Multipart messages are atomic: if the first frame is accepted, the
-                    // last one is too. EAGAIN on the first frame means nothing was queued.
-                    match self.socket.send(kind, zmq::DONTWAIT | zmq::SNDMORE) {
-                        Ok(()) => {
-                            self.socket.send(body, zmq::DONTWAIT)?;
-                            outbox.pop_front();
-                            progress = true;
-                            sent_any = true;
-                            budget -= 1;
-                        }
-                        Err(zmq::Error::EAGAIN) => break,
-                        Err(e) => return Err(e),
+                    called = true;
+                    if !self.send_message(m)? {
+                        break;
                     }
+                    outbox.pop_front();
+                    progress = true;
+                    sent_any = true;
+                    budget -= 1;
                 }
             }
-            if !progress {
-                // Caught up: the socket's state is known, so a push may send directly.
+            if !called {
+                // `events` is fresh and showed nothing to do: caught up. The socket's state is
+                // known, so a push may send directly.
                 self.direct.set(self.outbox.borrow().is_empty());
                 if sent_any && self.outbox.borrow().room() > 0 {
                     callback(ZmqEvent::Drained, &mut ());
                 }
                 return Ok(());
             }
+            if !progress {
+                // A call found nothing although ZMQ_EVENTS said it would: look again (below),
+                // but let such rounds spend the budget so a socket that keeps saying so
+                // cannot hold the loop.
+                budget -= 1;
+            }
+            events = self.socket.get_events()?;
         }
         // Budget spent with work left: continue on the next dispatch.
         self.ping.ping();
@@ -625,6 +751,52 @@ mod tests {
         }
         assert_eq!(o.push_control(msg(4)), Err(msg(4)));
         assert_eq!(o.push_back(msg(5)), Err(msg(5)));
+    }
+
+    fn hello(resume: u64) -> Message {
+        Message {
+            kind: KIND_HELLO,
+            body: format!("{{\"resume_seq\":{resume}}}"),
+        }
+    }
+
+    #[test]
+    fn push_front_keeps_the_control_bound() {
+        let mut o = Outbox::new(2);
+        o.push_back(msg(1)).unwrap();
+        o.push_back(msg(2)).unwrap();
+        // At the front, control messages may use the reserve beyond max...
+        for i in 0..CONTROL_RESERVE {
+            assert!(o.push_front(msg(100 + i)).is_ok());
+        }
+        // ...and no more.
+        assert_eq!(o.push_front(msg(3)), Err(msg(3)));
+        assert_eq!(o.len(), 2 + CONTROL_RESERVE);
+        assert_eq!(o.push_hello(hello(1)), Err(hello(1)));
+        assert_eq!(o.len(), 2 + CONTROL_RESERVE);
+    }
+
+    #[test]
+    fn push_hello_replaces_queued_hellos() {
+        let mut o = Outbox::new(10);
+        o.push_hello(hello(1)).unwrap();
+        o.push_back(msg(1)).unwrap();
+        o.push_control(msg(2)).unwrap();
+        // A reconnect before the first hello left: the newer one replaces it, at the front.
+        o.push_hello(hello(5)).unwrap();
+        o.push_hello(hello(7)).unwrap();
+        let queued: Vec<&Message> = o.iter().collect();
+        assert_eq!(queued, vec![&hello(7), &msg(1), &msg(2)]);
+        // A full outbox still takes the new hello: the stale one's place is freed first.
+        let mut o = Outbox::new(1);
+        o.push_hello(hello(1)).unwrap();
+        for i in 0..CONTROL_RESERVE {
+            o.push_control(msg(i)).unwrap();
+        }
+        assert!(o.push_control(msg(99)).is_err());
+        o.push_hello(hello(2)).unwrap();
+        assert_eq!(o.iter().next(), Some(&hello(2)));
+        assert_eq!(o.iter().filter(|m| m.kind == KIND_HELLO).count(), 1);
     }
 
     #[derive(Default)]
@@ -745,6 +917,146 @@ mod tests {
         assert_eq!(handle.sent(), 20);
     }
 
+    /// Dispatches until `done` holds or 5 s passed.
+    fn dispatch_until(
+        ev: &mut EventLoop<'static, State>,
+        st: &mut State,
+        mut done: impl FnMut(&State) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(st) && Instant::now() < deadline {
+            ev.dispatch(Some(Duration::from_millis(10)), st).unwrap();
+        }
+    }
+
+    fn ack(seq: u32) -> ZmqEvent {
+        ZmqEvent::Message(vec![
+            b"ack".to_vec(),
+            format!("{{\"seq\":{seq}}}").into_bytes(),
+        ])
+    }
+
+    /// What [`connected_pair`] returns.
+    type Pair = (
+        zmq::Context,
+        Rc<zmq::Socket>,
+        Rc<RefCell<Option<Fault>>>,
+        OutboxHandle,
+        EventLoop<'static, State>,
+        State,
+    );
+
+    /// A ROUTER (shared, for use inside a fault) and a connected source with identity `id`;
+    /// returns once Connected was reported.
+    fn connected_pair(id: &'static [u8]) -> Pair {
+        let ctx = zmq::Context::new();
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = router.get_last_endpoint().unwrap().unwrap();
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_identity(id).unwrap();
+        let mut source = ZmqSource::new(&ctx, dealer, 100).unwrap();
+        source.connect(&ep).unwrap();
+        let fault = source.fault.clone();
+        let (handle, mut ev) = in_loop(source);
+        let mut st = State::default();
+        dispatch_until(&mut ev, &mut st, |st| st.got.contains(&ZmqEvent::Connected));
+        assert!(st.got.contains(&ZmqEvent::Connected), "{:?}", st.got);
+        (ctx, Rc::new(router), fault, handle, ev, st)
+    }
+
+    /// A round whose first send ends in EAGAIN, while an ack arrives and libzmq processes
+    /// its activation inside that call (consuming the ZMQ_FD edge): the pump must look at
+    /// ZMQ_EVENTS again, read the ack and send the message, with no further wake-up.
+    #[test]
+    fn pump_looks_again_after_a_send_that_found_no_room() {
+        let (_ctx, router, fault, handle, mut ev, mut st) = connected_pair(b"gw-s");
+        let (r, probe) = (router.clone(), handle.socket.clone());
+        *fault.borrow_mut() = Some(Fault {
+            op: FaultOp::Send,
+            during: Box::new(move || {
+                r.send_multipart([&b"gw-s"[..], b"ack", b"{\"seq\":1}"], 0)
+                    .unwrap();
+                // Until libzmq has taken the ack's activation from its mailbox: the same
+                // thing the failing call does, and what spends the ZMQ_FD edge.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !probe.get_events().unwrap().contains(zmq::POLLIN)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }),
+        });
+        // Queued (not sent directly): the pump's round does the send.
+        handle.with(|o| o.push_back(msg(1))).unwrap();
+        dispatch_until(&mut ev, &mut st, |st| st.got.contains(&ack(1)));
+        assert!(fault.borrow().is_none(), "the fault never ran");
+        assert!(st.got.contains(&ack(1)), "ack never read: {:?}", st.got);
+        assert_eq!(handle.sent(), 1, "the message stayed queued");
+        let frames = router.recv_multipart(0).unwrap();
+        assert_eq!(frames[2], b"{\"n\":1}");
+    }
+
+    /// A round whose receive ends in EAGAIN while a message is (or became) ready: the pump
+    /// must look at ZMQ_EVENTS again and read it, with no further wake-up.
+    #[test]
+    fn pump_looks_again_after_a_recv_that_found_nothing() {
+        let (_ctx, router, fault, _handle, mut ev, mut st) = connected_pair(b"gw-r");
+        let r = router.clone();
+        *fault.borrow_mut() = Some(Fault {
+            op: FaultOp::Recv,
+            during: Box::new(move || {
+                // A second ack lands while the receive runs; the first one is still queued.
+                r.send_multipart([&b"gw-r"[..], b"ack", b"{\"seq\":2}"], 0)
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }),
+        });
+        router
+            .send_multipart([&b"gw-r"[..], b"ack", b"{\"seq\":1}"], 0)
+            .unwrap();
+        dispatch_until(&mut ev, &mut st, |st| {
+            st.got.contains(&ack(1)) && st.got.contains(&ack(2))
+        });
+        assert!(fault.borrow().is_none(), "the fault never ran");
+        assert!(
+            st.got.contains(&ack(1)),
+            "first ack never read: {:?}",
+            st.got
+        );
+        assert!(
+            st.got.contains(&ack(2)),
+            "second ack never read: {:?}",
+            st.got
+        );
+    }
+
+    /// A message with more frames than MAX_FRAMES is read to its end, reported with its frame
+    /// count, and the next message is read normally.
+    #[test]
+    fn a_message_with_too_many_frames_is_discarded_and_reported() {
+        let (_ctx, router, _fault, _handle, mut ev, mut st) = connected_pair(b"gw-f");
+        let mut frames: Vec<Vec<u8>> = vec![b"gw-f".to_vec()];
+        frames.extend((0..10_000).map(|i| format!("frame {i}").into_bytes()));
+        router.send_multipart(frames, 0).unwrap();
+        let four: Vec<&[u8]> = vec![b"gw-f", b"a", b"b", b"c", b"d"];
+        router.send_multipart(four, 0).unwrap();
+        router
+            .send_multipart([&b"gw-f"[..], b"ack", b"{\"seq\":3}"], 0)
+            .unwrap();
+        dispatch_until(&mut ev, &mut st, |st| st.got.contains(&ack(3)));
+        let messages: Vec<&ZmqEvent> = st
+            .got
+            .iter()
+            .filter(|e| !matches!(e, ZmqEvent::Connected))
+            .collect();
+        let kept = ZmqEvent::Message(["a", "b", "c", "d"].map(|f| f.as_bytes().to_vec()).to_vec());
+        assert_eq!(
+            messages,
+            vec![&ZmqEvent::TooManyFrames { frames: 10_000 }, &kept, &ack(3)]
+        );
+    }
+
     /// A handshake whose monitor event is lost (libzmq does lose one now and then) must not
     /// leave the source waiting forever: the connection check finds the ZMQ_IMMEDIATE socket
     /// writable, reports Connected, and the held message goes out.
@@ -822,7 +1134,7 @@ mod tests {
                 .insert_source(source, move |e, _, st: &mut State| {
                     if e == ZmqEvent::Connected {
                         st.sent_at_connect = Some(h.sent());
-                        h.with(|o| o.push_front(msg(999)));
+                        h.with(|o| o.push_front(msg(999))).unwrap();
                     }
                     st.got.push(e)
                 })

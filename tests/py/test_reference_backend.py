@@ -1,6 +1,8 @@
 """The gateway against the reference backend (`zgate backend`): readings printed as JSON
 lines, commands from stdin, replies printed, acks flowing, restart of the backend."""
 
+import re
+
 from conftest import GW_ID, TIME_RE, free_tcp_port, make_config, read_pin, wait_until
 
 
@@ -33,10 +35,11 @@ def test_readings_commands_and_acks(tmp_path, gateways, backends, pty_factory):
     assert reply == {"kind": "reply", "gateway": GW_ID, "id": "c-1", "ok": True}
     assert keys == ["kind", "gateway", "id", "ok"]
     assert read_pin(tmp_path, 27) == "1\n"
-    # Without an id the backend makes one up; the reply carries it.
+    # Without an id the backend makes one up, unique per run; the reply carries it.
     be.command(GW_ID, {"target": "relay1", "action": "set", "value": 0})
     reply, _ = be.expect("reply")
-    assert reply == {"kind": "reply", "gateway": GW_ID, "id": "b-1", "ok": True}
+    assert re.fullmatch(r"b-[0-9a-f]{8}-1", reply.pop("id")), reply
+    assert reply == {"kind": "reply", "gateway": GW_ID, "ok": True}
     assert read_pin(tmp_path, 27) == "0\n"
     be.command(GW_ID, {"id": "c-2", "target": "weather", "action": "write", "value": "GO"})
     reply, _ = be.expect("reply")

@@ -155,15 +155,10 @@ impl Default for GpioConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Pull {
-    Up,
-    Down,
-    #[default]
-    None,
-}
+pub use crate::hw::{Initial, Level, Pull};
 
+/// The `edge` setting of an input: which changes become readings. (A change itself is a
+/// [`crate::hw::InputChange`].)
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Edge {
@@ -174,11 +169,11 @@ pub enum Edge {
 }
 
 impl Edge {
-    /// Whether a transition to `level` is reported for this edge setting.
-    pub fn reports(self, level: u8) -> bool {
+    /// Whether a change to `level` is reported with this setting.
+    pub fn reports(self, level: Level) -> bool {
         match self {
-            Edge::Rising => level == 1,
-            Edge::Falling => level == 0,
+            Edge::Rising => level == Level::High,
+            Edge::Falling => level == Level::Low,
             Edge::Both => true,
         }
     }
@@ -202,8 +197,9 @@ pub struct InputConfig {
 pub struct OutputConfig {
     pub name: String,
     pub pin: u8,
+    /// `0`, `1` or `"keep"` (drive nothing at start; the level the pin has is read).
     #[serde(default)]
-    pub initial: u8,
+    pub initial: Initial,
     #[serde(default = "default_max_pulse_ms")]
     pub max_pulse_ms: u64,
 }
@@ -446,14 +442,6 @@ impl Config {
             }
         }
         for (i, output) in self.gpio.output.iter().enumerate() {
-            if output.initial > 1 {
-                return Err(err(
-                    "gpio.output",
-                    Some(i),
-                    "initial",
-                    "must be 0 or 1".into(),
-                ));
-            }
             if output.max_pulse_ms == 0 || output.max_pulse_ms > 86_400_000 {
                 return Err(err(
                     "gpio.output",

@@ -246,3 +246,138 @@ impl EventSource for SimWatcher {
         self.inotify.unregister(poll)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hw::Pull;
+    use std::time::Duration;
+
+    fn input(pin: u8, pull: Pull) -> InputLine {
+        InputLine {
+            pin,
+            pull,
+            debounce: Duration::ZERO,
+        }
+    }
+
+    fn output(pin: u8, initial: Initial) -> OutputLine {
+        OutputLine { pin, initial }
+    }
+
+    /// A pull-up input whose file holds 0 (contact closed before start) reads Low, and its
+    /// file is left as it is.
+    #[test]
+    fn existing_input_file_is_read_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(pin_path(dir.path(), 17), "0\n").unwrap();
+        let (mut gpio, _watcher) =
+            SimGpio::open(dir.path(), &[input(17, Pull::Up)], &[]).unwrap();
+        assert_eq!(gpio.read(17).unwrap(), Level::Low);
+        assert_eq!(
+            std::fs::read_to_string(pin_path(dir.path(), 17)).unwrap(),
+            "0\n"
+        );
+    }
+
+    /// A missing input file is created at the level its pull gives an open contact.
+    #[test]
+    fn missing_input_file_is_created_per_pull() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = [
+            input(5, Pull::Up),
+            input(6, Pull::Down),
+            input(7, Pull::None),
+        ];
+        let (mut gpio, _watcher) = SimGpio::open(dir.path(), &inputs, &[]).unwrap();
+        assert_eq!(gpio.read(5).unwrap(), Level::High);
+        assert_eq!(gpio.read(6).unwrap(), Level::Low);
+        assert_eq!(gpio.read(7).unwrap(), Level::Low);
+    }
+
+    /// `initial = "keep"` writes nothing: the file keeps its exact bytes and its level is
+    /// read; `initial = 0|1` drives the level.
+    #[test]
+    fn keep_output_is_not_written_and_reads_its_level() {
+        let dir = tempfile::tempdir().unwrap();
+        // No newline: any rewrite would show as "1\n".
+        std::fs::write(pin_path(dir.path(), 27), "1").unwrap();
+        std::fs::write(pin_path(dir.path(), 22), "1\n").unwrap();
+        let outputs = [
+            output(27, Initial::Keep),
+            output(22, Initial::Drive(Level::Low)),
+            output(23, Initial::Keep),
+        ];
+        let (mut gpio, _watcher) = SimGpio::open(dir.path(), &[], &outputs).unwrap();
+        assert_eq!(gpio.read(27).unwrap(), Level::High);
+        assert_eq!(
+            std::fs::read_to_string(pin_path(dir.path(), 27)).unwrap(),
+            "1"
+        );
+        assert_eq!(gpio.read(22).unwrap(), Level::Low);
+        // A kept output without a file has never been driven: created at 0.
+        assert_eq!(gpio.read(23).unwrap(), Level::Low);
+        gpio.write(27, Level::Low).unwrap();
+        assert_eq!(gpio.read(27).unwrap(), Level::Low);
+    }
+
+    #[test]
+    fn bad_input_file_content_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(pin_path(dir.path(), 17), "on\n").unwrap();
+        let e = SimGpio::open(dir.path(), &[input(17, Pull::Up)], &[])
+            .err()
+            .expect("open must fail");
+        let text = e.to_string();
+        assert!(matches!(e, HwError::SimPin { .. }), "{text}");
+        assert!(text.contains("gpio17") && text.contains("0 or 1"), "{text}");
+    }
+
+    #[test]
+    fn unconfigured_pins_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut gpio, _watcher) =
+            SimGpio::open(dir.path(), &[input(17, Pull::Up)], &[output(27, Initial::Keep)])
+                .unwrap();
+        assert!(matches!(
+            gpio.write(17, Level::High),
+            Err(HwError::NotConfigured { pin: 17, .. })
+        ));
+        assert!(matches!(
+            gpio.read(4),
+            Err(HwError::NotConfigured { pin: 4, .. })
+        ));
+    }
+
+    /// A change of an input file reaches the loop as one InputChange; rewriting the same
+    /// level reports nothing.
+    #[test]
+    fn watcher_reports_input_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(pin_path(dir.path(), 17), "0\n").unwrap();
+        let (_gpio, watcher) = SimGpio::open(dir.path(), &[input(17, Pull::Up)], &[]).unwrap();
+        let mut ev: calloop::EventLoop<Vec<InputChange>> = calloop::EventLoop::try_new().unwrap();
+        ev.handle()
+            .insert_source(watcher, |change, _, seen: &mut Vec<InputChange>| {
+                seen.push(change)
+            })
+            .unwrap();
+        let mut seen = Vec::new();
+        write_pin_file(dir.path(), 17, Level::Low).unwrap();
+        write_pin_file(dir.path(), 17, Level::High).unwrap();
+        for _ in 0..10 {
+            ev.dispatch(Some(Duration::from_millis(50)), &mut seen)
+                .unwrap();
+            if !seen.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![InputChange {
+                pin: 17,
+                level: Level::High
+            }]
+        );
+    }
+}

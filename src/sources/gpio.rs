@@ -120,3 +120,43 @@ impl EventSource for GpioEvents {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config(dir: &std::path::Path) -> Config {
+        let text = format!(
+            "[gateway]\nid = \"gw-t\"\ndata_dir = \"{0}\"\n\
+             [gpio]\nbackend = \"sim\"\nsim_dir = \"{0}\"\n\
+             [[gpio.input]]\nname = \"door\"\npin = 17\npull = \"up\"\n\
+             [[gpio.input]]\nname = \"window\"\npin = 18\npull = \"up\"\n\
+             [[gpio.output]]\nname = \"relay1\"\npin = 27\ninitial = \"keep\"\n\
+             [[gpio.output]]\nname = \"relay2\"\npin = 22\ninitial = 1\n",
+            dir.display()
+        );
+        Config::parse(&text, "t.toml").unwrap()
+    }
+
+    /// The levels at open are read from the backend: a pull-up input whose file holds 0 is
+    /// Low, a kept output has its file's level (and its file is not written), a new pull-up
+    /// input is High, a driven output has its initial level.
+    #[test]
+    fn open_reads_every_configured_level() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gpio17"), "0\n").unwrap();
+        std::fs::write(dir.path().join("gpio27"), "1").unwrap();
+        let gpio = open(&config(dir.path()).gpio).unwrap();
+        let want: BTreeMap<u8, Level> = [
+            (17, Level::Low),
+            (18, Level::High),
+            (22, Level::High),
+            (27, Level::High),
+        ]
+        .into();
+        assert_eq!(gpio.levels, want);
+        assert_eq!(std::fs::read_to_string(dir.path().join("gpio27")).unwrap(), "1");
+        assert_eq!(std::fs::read_to_string(dir.path().join("gpio17")).unwrap(), "0\n");
+    }
+}

@@ -810,6 +810,27 @@ path = "/dev/ttyUSB0"
         }
     }
 
+    /// `initial` takes 0, 1 or "keep"; anything else names file, line and key.
+    #[test]
+    fn output_initial_values() {
+        let with = |v: &str| GOOD.replace("pin = 27", &format!("pin = 27\ninitial = {v}"));
+        let c = Config::parse(&with("\"keep\""), "z.toml").unwrap();
+        assert_eq!(c.gpio.output[0].initial, Initial::Keep);
+        let c = Config::parse(&with("1"), "z.toml").unwrap();
+        assert_eq!(c.gpio.output[0].initial, Initial::Drive(Level::High));
+        let c = Config::parse(GOOD, "z.toml").unwrap();
+        assert_eq!(c.gpio.output[0].initial, Initial::Drive(Level::Low));
+        for bad in ["2", "\"on\"", "-1"] {
+            let e = Config::parse(&with(bad), "z.toml").unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (21, "gpio.output.initial"), "{e}");
+            assert!(
+                e.to_string().starts_with("z.toml:21: key gpio.output.initial:")
+                    && e.message.contains("0, 1 or \"keep\""),
+                "{e}"
+            );
+        }
+    }
+
     const KEY: &str = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID";
 
     #[test]

@@ -824,7 +824,8 @@ path = "/dev/ttyUSB0"
             let e = Config::parse(&with(bad), "z.toml").unwrap_err();
             assert_eq!((e.line, e.key.as_str()), (21, "gpio.output.initial"), "{e}");
             assert!(
-                e.to_string().starts_with("z.toml:21: key gpio.output.initial:")
+                e.to_string()
+                    .starts_with("z.toml:21: key gpio.output.initial:")
                     && e.message.contains("0, 1 or \"keep\""),
                 "{e}"
             );

@@ -1,7 +1,7 @@
 //! GPIO hardware: the [`GpioBackend`] trait, the types it speaks ([`Level`], [`Pull`],
 //! [`Initial`], [`InputChange`]) and one module per backend.
 //!
-//! - [`rppal`](self::rppal) — a Raspberry Pi's GPIO via the `rppal` crate: registers through
+//! - [`rppal`] — a Raspberry Pi's GPIO via the `rppal` crate: registers through
 //!   `/dev/gpiomem`, edge interrupts through `/dev/gpiochipN` on rppal's own thread, forwarded
 //!   into a bounded `calloop::channel`.
 //! - [`sim`] — simulated pins as files `gpio<N>` in a directory (`0`/`1` and a newline),
@@ -443,15 +443,23 @@ mod tests {
     fn io_errors_map_to_their_cause() {
         let e = |errno| std::io::Error::from_raw_os_error(errno);
         let m = |errno| HwError::from_io("rppal", 17, "/dev/gpiochip0", "request line", e(errno));
-        assert!(matches!(m(libc::EACCES), HwError::PermissionDenied { path } if path == "/dev/gpiochip0"));
+        assert!(
+            matches!(m(libc::EACCES), HwError::PermissionDenied { path } if path == "/dev/gpiochip0")
+        );
         assert!(matches!(m(libc::EPERM), HwError::PermissionDenied { .. }));
         assert!(matches!(m(libc::EBUSY), HwError::LineBusy { pin: 17, .. }));
         assert!(matches!(m(libc::EINVAL), HwError::NoSuchPin { pin: 17 }));
         assert!(matches!(m(libc::ENOENT), HwError::Unavailable { .. }));
         assert!(matches!(m(libc::EIO), HwError::Io { pin: 17, .. }));
         let busy = m(libc::EBUSY).to_string();
-        assert!(busy.contains("GPIO17 is busy") && busy.contains("gpioinfo"), "{busy}");
+        assert!(
+            busy.contains("GPIO17 is busy") && busy.contains("gpioinfo"),
+            "{busy}"
+        );
         let denied = m(libc::EACCES).to_string();
-        assert!(denied.contains("/dev/gpiochip0") && denied.contains("gpio"), "{denied}");
+        assert!(
+            denied.contains("/dev/gpiochip0") && denied.contains("gpio"),
+            "{denied}"
+        );
     }
 }

@@ -128,13 +128,10 @@ impl RppalGpio {
 
 impl GpioBackend for RppalGpio {
     fn write(&mut self, pin: u8, level: Level) -> Result<(), HwError> {
-        let p = self
-            .outputs
-            .get_mut(&pin)
-            .ok_or(HwError::NotConfigured {
-                pin,
-                expected: "an output",
-            })?;
+        let p = self.outputs.get_mut(&pin).ok_or(HwError::NotConfigured {
+            pin,
+            expected: "an output",
+        })?;
         p.write(rp_level(level));
         Ok(())
     }

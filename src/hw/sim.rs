@@ -271,8 +271,7 @@ mod tests {
     fn existing_input_file_is_read_not_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(pin_path(dir.path(), 17), "0\n").unwrap();
-        let (mut gpio, _watcher) =
-            SimGpio::open(dir.path(), &[input(17, Pull::Up)], &[]).unwrap();
+        let (mut gpio, _watcher) = SimGpio::open(dir.path(), &[input(17, Pull::Up)], &[]).unwrap();
         assert_eq!(gpio.read(17).unwrap(), Level::Low);
         assert_eq!(
             std::fs::read_to_string(pin_path(dir.path(), 17)).unwrap(),
@@ -336,9 +335,12 @@ mod tests {
     #[test]
     fn unconfigured_pins_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut gpio, _watcher) =
-            SimGpio::open(dir.path(), &[input(17, Pull::Up)], &[output(27, Initial::Keep)])
-                .unwrap();
+        let (mut gpio, _watcher) = SimGpio::open(
+            dir.path(),
+            &[input(17, Pull::Up)],
+            &[output(27, Initial::Keep)],
+        )
+        .unwrap();
         assert!(matches!(
             gpio.write(17, Level::High),
             Err(HwError::NotConfigured { pin: 17, .. })

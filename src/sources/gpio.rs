@@ -56,7 +56,11 @@ pub fn open(cfg: &GpioConfig) -> Result<OpenGpio, HwError> {
         }
     };
     let mut levels = BTreeMap::new();
-    for pin in inputs.iter().map(|i| i.pin).chain(outputs.iter().map(|o| o.pin)) {
+    for pin in inputs
+        .iter()
+        .map(|i| i.pin)
+        .chain(outputs.iter().map(|o| o.pin))
+    {
         levels.insert(pin, backend.read(pin)?);
     }
     Ok(OpenGpio {
@@ -156,7 +160,13 @@ mod tests {
         ]
         .into();
         assert_eq!(gpio.levels, want);
-        assert_eq!(std::fs::read_to_string(dir.path().join("gpio27")).unwrap(), "1");
-        assert_eq!(std::fs::read_to_string(dir.path().join("gpio17")).unwrap(), "0\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("gpio27")).unwrap(),
+            "1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("gpio17")).unwrap(),
+            "0\n"
+        );
     }
 }

@@ -156,15 +156,10 @@ impl Default for GpioConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Pull {
-    Up,
-    Down,
-    #[default]
-    None,
-}
+pub use crate::hw::{Initial, Level, Pull};
 
+/// The `edge` setting of an input: which changes become readings. (A change itself is a
+/// [`crate::hw::InputChange`].)
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Edge {
@@ -175,11 +170,11 @@ pub enum Edge {
 }
 
 impl Edge {
-    /// Whether a transition to `level` is reported for this edge setting.
-    pub fn reports(self, level: u8) -> bool {
+    /// Whether a change to `level` is reported with this setting.
+    pub fn reports(self, level: Level) -> bool {
         match self {
-            Edge::Rising => level == 1,
-            Edge::Falling => level == 0,
+            Edge::Rising => level == Level::High,
+            Edge::Falling => level == Level::Low,
             Edge::Both => true,
         }
     }
@@ -203,8 +198,9 @@ pub struct InputConfig {
 pub struct OutputConfig {
     pub name: String,
     pub pin: u8,
+    /// `0`, `1` or `"keep"` (drive nothing at start; the level the pin has is read).
     #[serde(default)]
-    pub initial: u8,
+    pub initial: Initial,
     #[serde(default = "default_max_pulse_ms")]
     pub max_pulse_ms: u64,
 }
@@ -476,14 +472,6 @@ impl Config {
             }
         }
         for (i, output) in self.gpio.output.iter().enumerate() {
-            if output.initial > 1 {
-                return Err(err(
-                    "gpio.output",
-                    Some(i),
-                    "initial",
-                    "must be 0 or 1".into(),
-                ));
-            }
             if output.max_pulse_ms == 0 || output.max_pulse_ms > 86_400_000 {
                 return Err(err(
                     "gpio.output",
@@ -906,6 +894,28 @@ path = "/dev/ttyUSB0"
             let e = Config::parse(&GOOD.replace(from, to), "z.toml").unwrap_err();
             assert_eq!(e.key, key, "{e}");
             assert!(e.line > 0, "{e}");
+        }
+    }
+
+    /// `initial` takes 0, 1 or "keep"; anything else names file, line and key.
+    #[test]
+    fn output_initial_values() {
+        let with = |v: &str| GOOD.replace("pin = 27", &format!("pin = 27\ninitial = {v}"));
+        let c = Config::parse(&with("\"keep\""), "z.toml").unwrap();
+        assert_eq!(c.gpio.output[0].initial, Initial::Keep);
+        let c = Config::parse(&with("1"), "z.toml").unwrap();
+        assert_eq!(c.gpio.output[0].initial, Initial::Drive(Level::High));
+        let c = Config::parse(GOOD, "z.toml").unwrap();
+        assert_eq!(c.gpio.output[0].initial, Initial::Drive(Level::Low));
+        for bad in ["2", "\"on\"", "-1"] {
+            let e = Config::parse(&with(bad), "z.toml").unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (21, "gpio.output.initial"), "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with("z.toml:21: key gpio.output.initial:")
+                    && e.message.contains("0, 1 or \"keep\""),
+                "{e}"
+            );
         }
     }
 

@@ -146,14 +146,14 @@ pub fn run(seconds: Option<u64>) -> Result<()> {
         let gpio_dir = cfg.gpio.sim_dir.clone();
         threads.push(std::thread::spawn(move || {
             let start = Instant::now();
-            let mut door = 1u8;
+            let mut door = crate::hw::Level::High;
             let mut last_door = start;
             let mut last_cmd = start;
             let mut n = 1;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 if last_door.elapsed() >= Duration::from_secs(7) {
-                    door = 1 - door;
+                    door = !door;
                     let _ = write_pin_file(&gpio_dir, 17, door);
                     last_door = Instant::now();
                 }

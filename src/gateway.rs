@@ -8,7 +8,7 @@
 //! non-blocking and every queue is bounded.
 
 use crate::config::{Config, Edge as EdgeSetting, LineFormat};
-use crate::hw::{self, Edge, GpioBackend, HwError};
+use crate::hw::{GpioBackend, HwError, InputChange, Level};
 use crate::protocol::{self, Action, Command, Message, Values};
 use crate::sd_notify;
 use crate::security;
@@ -201,17 +201,17 @@ struct InputState {
     name: String,
     edge: EdgeSetting,
     debounce: Duration,
-    level: u8,
+    level: Level,
     changed_at: Option<Instant>,
     recheck: Option<RegistrationToken>,
 }
 
 struct OutputState {
     pin: u8,
-    level: u8,
+    level: Level,
     max_pulse_ms: u64,
     /// Level to restore and the timer that restores it, while a pulse runs.
-    pulse: Option<(u8, RegistrationToken)>,
+    pulse: Option<(Level, RegistrationToken)>,
 }
 
 struct PortState {
@@ -387,7 +387,11 @@ impl Gateway {
         // Spool::open logs what it recovered (segments, records, discarded bytes, next seq).
         let (spool, _recovery) = Spool::open(&spool_dir, cfg.spool.clone())?;
 
-        let (gpio, gpio_events) = hw::open(&cfg.gpio)?;
+        let crate::sources::gpio::OpenGpio {
+            backend: gpio,
+            events: gpio_events,
+            levels,
+        } = crate::sources::gpio::open(&cfg.gpio)?;
         let mut reader_tokens = Vec::new();
         reader_tokens.push(
             handle
@@ -405,7 +409,7 @@ impl Gateway {
                         name: i.name.clone(),
                         edge: i.edge,
                         debounce: Duration::from_millis(i.debounce_ms),
-                        level: u8::from(i.pull == crate::config::Pull::Up),
+                        level: levels[&i.pin],
                         changed_at: None,
                         recheck: None,
                     },
@@ -421,7 +425,7 @@ impl Gateway {
                     o.name.clone(),
                     OutputState {
                         pin: o.pin,
-                        level: o.initial,
+                        level: levels[&o.pin],
                         max_pulse_ms: o.max_pulse_ms,
                         pulse: None,
                     },
@@ -1217,15 +1221,15 @@ impl Gateway {
         if let Some(out) = self.outputs.get(&cmd.target) {
             let (pin, level, max) = (out.pin, out.level, out.max_pulse_ms);
             let new_level = match cmd.action {
-                Action::Set(v) => v,
-                Action::Toggle => 1 - level,
+                Action::Set(v) => Level::try_from(v).map_err(|e| e.to_string())?,
+                Action::Toggle => !level,
                 Action::Pulse(ms) if ms > max => {
                     return Err(format!(
                         "pulse of {ms} ms exceeds max_pulse_ms={max} for {}",
                         cmd.target
                     ))
                 }
-                Action::Pulse(_) => 1 - level,
+                Action::Pulse(_) => !level,
                 Action::Write(_) => {
                     return Err(format!(
                         "{} is a GPIO output: use set, toggle or pulse",
@@ -1316,7 +1320,7 @@ impl Gateway {
         }
     }
 
-    fn on_edge(&mut self, edge: Edge) {
+    fn on_edge(&mut self, edge: InputChange) {
         let Some(input) = self.inputs.get_mut(&edge.pin) else {
             return;
         };
@@ -1360,7 +1364,7 @@ impl Gateway {
             input.changed_at = None;
         }
         match self.gpio.read(pin) {
-            Ok(level) => self.on_edge(Edge { pin, level }),
+            Ok(level) => self.on_edge(InputChange { pin, level }),
             Err(e) => log::warn!("debounce re-read failed pin={pin} error=\"{e}\""),
         }
     }
@@ -1474,7 +1478,7 @@ mod tests {
         gw.on_command(toggle);
         assert_eq!(
             crate::hw::sim::read_pin_file(dir.path(), 27).unwrap(),
-            Some(1)
+            Some(Level::High)
         );
         let bad = br#"{"id":"c-2","target":"relay1","action":"set","value":7}"#;
         gw.on_command(bad);

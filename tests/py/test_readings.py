@@ -104,3 +104,21 @@ def test_input_edges_become_readings(tmp_path, gateways, peers, pty_factory):
         tmp.rename(sim / "gpio17")
         check_reading(peer.reading(), n, "door", {"level": level})
     gw.assert_alive()
+
+
+def test_levels_at_start_are_read_not_assumed(tmp_path, gateways, peers, pty_factory):
+    """A pull-up door contact already closed (0) at start keeps its 0, so its first opening is
+    a reading; an output with initial = "keep" is not written at start."""
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    (sim / "gpio17").write_text("0\n")
+    (sim / "gpio27").write_text("1")  # no newline: any write at start would show
+    outputs = [("relay1", 27, '"keep"', 1000)]
+    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, outputs=outputs)
+    assert (sim / "gpio17").read_text() == "0\n"
+    assert (sim / "gpio27").read_text() == "1"
+    tmp = sim / ".door.tmp"
+    tmp.write_text("1\n")
+    tmp.rename(sim / "gpio17")
+    check_reading(peer.reading(), 1, "door", {"level": 1})
+    gw.assert_alive()

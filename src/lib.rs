@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod hw;
+pub mod limit;
 pub mod protocol;
 pub mod sd_notify;
 pub mod security;

@@ -94,6 +94,12 @@ impl Delivery {
         self.next_send
     }
 
+    /// Whether every stored reading (up to `next_seq`) was moved into the outbox: then
+    /// [`Delivery::fill`] has nothing to do.
+    pub fn caught_up(&self, next_seq: u64) -> bool {
+        self.next_send >= next_seq
+    }
+
     /// Whether the backend connection is up, as last reported.
     pub fn is_connected(&self) -> bool {
         self.connected

@@ -177,6 +177,10 @@ impl Gateway {
     }
 
     pub(super) fn fill_outbox(&mut self, now: Instant) {
+        // Skips the spool look-up on the hot path (nothing waits: nothing to fill).
+        if self.delivery.caught_up(self.spool.next_seq()) {
+            return;
+        }
         let (view, room) = (self.view(), self.outbox.room());
         self.delivery.fill(view, room, now, &mut self.fx);
     }

@@ -22,7 +22,7 @@
 //! a routing id last seen with another gateway's key. Rejections go to the log (stderr) with
 //! the peer's address.
 
-use crate::gateway::LogLimiter;
+use crate::limit::LogLimiter;
 use crate::protocol;
 use crate::security;
 use crate::sources::zmq::{recv_monitor_event, MonitorEvent};

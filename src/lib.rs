@@ -6,7 +6,9 @@
 //! - [`sources`]: the loop's event sources (ZeroMQ, serial, GPIO).
 //! - [`hw`]: GPIO backends (Raspberry Pi via rppal, simulated via files + inotify).
 //! - [`spool`]: the on-disk spool of unacknowledged readings.
-//! - [`gateway`]: the loop's shared state: readings, commands, stats, shutdown.
+//! - [`gateway`]: the loop's state machines (link, delivery, commands, outputs, inputs) and
+//!   the interpreter of their effects.
+//! - [`limit`]: rate and log limiters (time injected).
 //! - [`sd_notify`]: systemd readiness and watchdog notifications.
 //! - [`security`]: CURVE keys, key files, the endpoint policy (docs/security.md).
 //! - [`backend`]: the reference backend (`zgate backend`).
@@ -17,6 +19,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod hw;
+pub mod limit;
 pub mod protocol;
 pub mod sd_notify;
 pub mod security;

@@ -1,0 +1,374 @@
+//! The gateway: one calloop loop that owns the backend socket, the serial ports, the GPIO
+//! lines and the timers.
+//!
+//! Flow: serial lines and GPIO edges become readings in the spool and then the outbox; the
+//! [`ZmqSource`] sends them when the socket is writable. Commands from the backend are
+//! executed on the loop thread and answered with a `reply` once they took effect. Nothing
+//! here blocks: every I/O is non-blocking and every queue is bounded.
+//!
+//! Structure: each concern is a plain state machine that takes its input and `now` and
+//! returns [`Effect`]s — [`link`] (connection checks), [`delivery`] (spool → outbox, rewind,
+//! retransmit, replay pace), [`commands`] (duplicates, rate limit, replies), [`outputs`]
+//! (levels, pulses), [`inputs`] (debounce). [`Gateway`] is the interpreter: the only part that
+//! touches the `LoopHandle`, the socket, the spool and the hardware.
+
+pub mod commands;
+pub mod delivery;
+pub mod effect;
+mod error;
+mod handlers;
+pub mod inputs;
+mod interpret;
+pub mod link;
+pub mod outputs;
+pub mod ports;
+mod socket;
+pub mod stats;
+
+pub use self::effect::{Effect, Effects, TimerId};
+pub use self::error::GatewayError;
+use self::error::{chain, ierr, lerr};
+pub use self::socket::backend_socket;
+pub use self::stats::Counters;
+/// Re-exported for [`crate::sources::zmq`], which still names it here.
+pub use crate::limit::LogLimiter;
+
+use self::commands::Commands;
+use self::delivery::{Delivery, SpoolView};
+use self::inputs::Inputs;
+use self::link::Link;
+use self::outputs::Outputs;
+use self::ports::PortState;
+use crate::config::Config;
+use crate::hw::GpioBackend;
+use crate::limit::LogLimits;
+use crate::protocol::{self, Command, Message, Values};
+use crate::sd_notify;
+use crate::sources::gpio::OpenGpio;
+use crate::sources::serial::{SerialEvent, SerialSource, WriteError};
+use crate::sources::zmq::{OutboxHandle, ZmqEvent, ZmqSource};
+use crate::spool::{Appended, Spool};
+use calloop::signals::{Signal, Signals};
+use calloop::timer::{TimeoutAction, Timer};
+use calloop::{EventLoop, LoopHandle, RegistrationToken};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+/// The loop's shared state: the state machines and the interpreter of their effects.
+pub struct Gateway {
+    cfg: Config,
+    handle: LoopHandle<'static, Gateway>,
+    outbox: OutboxHandle,
+    zmq_token: RegistrationToken,
+    gpio: Box<dyn GpioBackend>,
+    spool: Spool,
+    link: Link,
+    delivery: Delivery,
+    commands: Commands,
+    outputs: Outputs,
+    inputs: Inputs,
+    ports: BTreeMap<String, PortState>,
+    /// Reading sources removed on shutdown.
+    reader_tokens: Vec<RegistrationToken>,
+    /// The armed one-shot timers.
+    timers: HashMap<TimerId, RegistrationToken>,
+    /// Effects waiting to be applied (kept, so the steady state allocates nothing).
+    fx: Effects,
+    logs: LogLimits,
+    /// Counters reported in `stats`.
+    pub counters: Counters,
+    started: Instant,
+    shutdown_deadline: Option<Instant>,
+    // Last field: the context outlives the socket inside the loop's ZmqSource.
+    _ctx: zmq::Context,
+}
+
+impl Gateway {
+    /// Sets up every source in `event_loop` and returns the loop's shared state.
+    pub fn new(
+        cfg: Config,
+        event_loop: &EventLoop<'static, Gateway>,
+    ) -> Result<Gateway, GatewayError> {
+        let handle = event_loop.handle();
+        // First, before any thread exists (libzmq's I/O threads, rppal's interrupt threads):
+        // Signals blocks SIGINT/SIGTERM in this thread, and threads inherit the mask.
+        let signals = Signals::new(&[Signal::SIGINT, Signal::SIGTERM])
+            .map_err(lerr("blocking SIGINT/SIGTERM for the signal source"))?;
+        handle
+            .insert_source(signals, |event, _, gw: &mut Gateway| {
+                log::info!("signal received signal={:?}: shutting down", event.signal());
+                gw.begin_shutdown();
+            })
+            .map_err(ierr("adding the signal source"))?;
+
+        let ctx = zmq::Context::new();
+        let socket = backend_socket(&ctx, &cfg)?;
+        let zerr = |what| move |source| GatewayError::Zmq { what, source };
+        let mut zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
+            .map_err(zerr("creating the socket monitor"))?;
+        zsource
+            .connect(&cfg.backend.endpoint)
+            .map_err(zerr("connecting to the backend endpoint"))?;
+        let outbox = zsource.handle();
+        let zmq_token = handle
+            .insert_source(zsource, |event, _, gw: &mut Gateway| gw.on_zmq(event))
+            .map_err(ierr("adding the backend socket"))?;
+
+        let spool_dir = cfg.gateway.data_dir.join("spool");
+        // Spool::open logs what it recovered (segments, records, discarded bytes, next seq).
+        let (spool, _recovery) = Spool::open(&spool_dir, cfg.spool.clone())?;
+
+        let OpenGpio {
+            backend: gpio,
+            events: gpio_events,
+            levels,
+        } = crate::sources::gpio::open(&cfg.gpio)?;
+        let mut reader_tokens = vec![handle
+            .insert_source(gpio_events, |edge, _, gw: &mut Gateway| gw.on_edge(edge))
+            .map_err(ierr("adding the GPIO source"))?];
+
+        let mut ports = BTreeMap::new();
+        for sc in &cfg.serial {
+            let source = SerialSource::new(&sc.name, &sc.path, sc.baud).map_err(|source| {
+                GatewayError::Serial {
+                    name: sc.name.clone(),
+                    source,
+                }
+            })?;
+            let port = PortState::new(sc, source.handle());
+            let name = sc.name.clone();
+            reader_tokens.push(
+                handle
+                    .insert_source(source, move |event, _, gw: &mut Gateway| {
+                        gw.on_serial(&name, event)
+                    })
+                    .map_err(ierr("adding a serial port"))?,
+            );
+            ports.insert(sc.name.clone(), port);
+        }
+
+        let retransmit = Duration::from_secs(cfg.spool.retransmit_s);
+        handle
+            .insert_source(
+                Timer::from_duration(retransmit),
+                move |_, _, gw: &mut Gateway| {
+                    gw.on_retransmit_timer();
+                    TimeoutAction::ToDuration(retransmit)
+                },
+            )
+            .map_err(ierr("adding the retransmit timer"))?;
+
+        let interval = Duration::from_secs(cfg.gateway.stats_interval_s);
+        handle
+            .insert_source(
+                Timer::from_duration(interval),
+                move |_, _, gw: &mut Gateway| {
+                    gw.on_stats_timer();
+                    TimeoutAction::ToDuration(interval)
+                },
+            )
+            .map_err(ierr("adding the stats timer"))?;
+
+        log::info!(
+            "gateway starting id={} endpoint={} security={} inputs={} outputs={} serial={} gpio={:?}",
+            cfg.gateway.id,
+            cfg.backend.endpoint,
+            if cfg.backend.curve() { "curve" } else { "none" },
+            cfg.gpio.input.len(),
+            cfg.gpio.output.len(),
+            cfg.serial.len(),
+            cfg.gpio.backend
+        );
+        let now = Instant::now();
+        let view = SpoolView {
+            first_unacked: spool.first_unacked(),
+            next_seq: spool.next_seq(),
+        };
+        let mut gw = Gateway {
+            link: Link::new(&cfg.backend.endpoint, cfg.backend.curve()),
+            delivery: Delivery::new(&cfg.spool, view, now),
+            commands: Commands::new(cfg.commands.max_per_s, now),
+            outputs: Outputs::new(&cfg.gpio.output),
+            inputs: Inputs::new(&cfg.gpio.input),
+            cfg,
+            handle,
+            outbox,
+            zmq_token,
+            gpio,
+            spool,
+            ports,
+            reader_tokens,
+            timers: HashMap::new(),
+            fx: Effects::default(),
+            logs: LogLimits::default(),
+            counters: Counters::default(),
+            started: now,
+            shutdown_deadline: None,
+            _ctx: ctx,
+        };
+        // Levels read after open, not assumed from pull or `initial`.
+        for (i, input) in gw.cfg.gpio.input.iter().enumerate() {
+            if let Some(&level) = levels.get(&input.pin) {
+                gw.inputs.set_level(i, level);
+            }
+        }
+        for (i, output) in gw.cfg.gpio.output.iter().enumerate() {
+            if let Some(&level) = levels.get(&output.pin) {
+                gw.outputs.set_level(i, level);
+            }
+        }
+        // Until the first handshake is reported.
+        gw.link.start(now, &mut gw.fx);
+        gw.apply_effects();
+        Ok(gw)
+    }
+
+    /// Runs until SIGINT/SIGTERM and the shutdown flush are done.
+    pub fn run(cfg: Config) -> Result<(), GatewayError> {
+        let mut event_loop: EventLoop<'static, Gateway> =
+            EventLoop::try_new().map_err(lerr("creating the event loop"))?;
+        let mut gw = Gateway::new(cfg, &event_loop)?;
+        // Under systemd (Type=notify): ready once every source is set up, and a watchdog ping
+        // from a loop timer, so a stuck loop gets the service restarted.
+        if let Err(e) = sd_notify::ready() {
+            log::warn!("sd_notify READY=1 failed: {e}");
+        }
+        if let Some(timeout) = sd_notify::watchdog_interval() {
+            let period = sd_notify::ping_period(timeout);
+            log::info!(
+                "systemd watchdog timeout_ms={} ping_ms={}",
+                timeout.as_millis(),
+                period.as_millis()
+            );
+            event_loop
+                .handle()
+                .insert_source(Timer::immediate(), move |_, _, _: &mut Gateway| {
+                    if let Err(e) = sd_notify::watchdog() {
+                        log::warn!("sd_notify WATCHDOG=1 failed: {e}");
+                    }
+                    TimeoutAction::ToDuration(period)
+                })
+                .map_err(ierr("adding the watchdog timer"))?;
+        }
+        gw.drive(&mut event_loop)
+    }
+
+    /// Runs `event_loop` until shutdown is done or a source fails. Either way the spool
+    /// state is written before it returns; a failure is logged with its cause and returned.
+    pub fn drive(
+        &mut self,
+        event_loop: &mut EventLoop<'static, Gateway>,
+    ) -> Result<(), GatewayError> {
+        let signal = event_loop.get_signal();
+        let result = event_loop.run(None, self, |gw| {
+            if gw.finished() {
+                signal.stop();
+            }
+        });
+        let result = result.map_err(lerr("running the event loop"));
+        if let Err(e) = &result {
+            log::error!("gateway stopping on an error: {}", chain(e));
+        }
+        self.finish();
+        result
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The outbox of the backend link.
+    pub fn outbox(&self) -> &OutboxHandle {
+        &self.outbox
+    }
+
+    /// True once shutdown was requested and the outbox is flushed or the flush time is up.
+    pub fn finished(&self) -> bool {
+        match self.shutdown_deadline {
+            Some(deadline) => self.outbox.is_empty() || Instant::now() >= deadline,
+            None => false,
+        }
+    }
+
+    /// Stops reading sensors and starts the bounded flush of the outbox.
+    pub fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
+        self.shutdown_deadline = Some(Instant::now() + flush);
+        if let Err(e) = sd_notify::stopping() {
+            log::warn!("sd_notify STOPPING=1 failed: {e}");
+        }
+        for token in self.reader_tokens.drain(..) {
+            self.handle.remove(token);
+        }
+        // Wake the loop at the deadline even if nothing else happens.
+        if let Err(e) = self
+            .handle
+            .insert_source(Timer::from_duration(flush), |_, _, _| TimeoutAction::Drop)
+        {
+            log::error!("cannot arm the shutdown timer: {}", e.error);
+        }
+        log::info!(
+            "shutdown: flushing outbox queued={} for up to {} ms",
+            self.outbox.len(),
+            flush.as_millis()
+        );
+    }
+
+    /// Writes the spool state, logs what is left and lets libzmq hand queued frames to the
+    /// kernel before exit.
+    pub fn finish(&mut self) {
+        if let Err(e) = self.spool.flush() {
+            log::error!("spool flush at shutdown failed: {e}");
+        }
+        let left = self.outbox.len();
+        if left > 0 {
+            log::warn!("shutdown: messages not delivered count={left}");
+        }
+        // Frames already accepted by libzmq may use what is left of the flush time (at least
+        // a moment) to reach the wire; closing the socket does not wait, the process exit does.
+        let left_ms = self.shutdown_deadline.map_or(0, |d| {
+            d.saturating_duration_since(Instant::now()).as_millis()
+        });
+        self.outbox
+            .set_close_linger(left_ms.min(i32::MAX as u128) as i32);
+        self.handle.remove(self.zmq_token);
+        log::info!(
+            "gateway stopped readings={} sent={} acked={}",
+            self.counters.readings,
+            self.outbox.sent(),
+            self.counters.acked
+        );
+    }
+
+    fn view(&self) -> SpoolView {
+        SpoolView {
+            first_unacked: self.spool.first_unacked(),
+            next_seq: self.spool.next_seq(),
+        }
+    }
+
+    fn hello(&self) -> Message {
+        Message::new(
+            protocol::KIND_HELLO,
+            &json!({
+                "gateway": self.cfg.gateway.id,
+                "protocol": protocol::PROTOCOL_VERSION,
+                "version": env!("CARGO_PKG_VERSION"),
+                "inputs": self.cfg.inputs(),
+                "outputs": self.cfg.outputs(),
+                "serial": self.cfg.serial_names(),
+                "resume_seq": self.view().resume_seq(),
+                "security": if self.cfg.backend.curve() { "curve" } else { "none" },
+                "insecure": self.cfg.backend.insecure_link(),
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,143 @@
+//! Interpreter tests: a real loop, spool and simulated GPIO, no backend.
+
+use super::*;
+use calloop::ping::{make_ping, PingSource};
+use calloop::{EventSource, Poll, PostAction, Readiness, Token, TokenFactory};
+
+fn test_gateway(dir: &std::path::Path) -> (EventLoop<'static, Gateway>, Gateway) {
+    let text = format!(
+        "[gateway]\nid = \"gw-t\"\ndata_dir = \"{0}\"\n\
+         [backend]\nendpoint = \"tcp://127.0.0.1:1\"\n\
+         [gpio]\nbackend = \"sim\"\nsim_dir = \"{0}\"\n\
+         [[gpio.output]]\nname = \"relay1\"\npin = 27\n",
+        dir.display()
+    );
+    let cfg = Config::parse(&text, "t.toml").unwrap();
+    let ev = EventLoop::try_new().unwrap();
+    let gw = Gateway::new(cfg, &ev).unwrap();
+    (ev, gw)
+}
+
+fn replies(gw: &Gateway) -> Vec<String> {
+    gw.outbox.peek(|o| {
+        o.iter()
+            .filter(|m| m.kind == protocol::KIND_REPLY)
+            .map(|m| m.body.clone())
+            .collect()
+    })
+}
+
+/// Through the interpreter: a repeated id drives the pin once and is answered as before.
+#[test]
+fn duplicate_commands_drive_the_pin_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ev, mut gw) = test_gateway(dir.path());
+    let now = Instant::now();
+    let toggle = br#"{"id":"c-1","target":"relay1","action":"toggle"}"#;
+    gw.on_command(toggle, now);
+    gw.on_command(toggle, now);
+    gw.apply_effects();
+    assert_eq!(
+        crate::hw::sim::read_pin_file(dir.path(), 27).unwrap(),
+        Some(crate::hw::Level::High)
+    );
+    let r = replies(&gw);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[0], r[1]);
+    assert_eq!((gw.commands.ok, gw.commands.failed), (1, 0));
+}
+
+/// A source whose dispatch fails with a cause of its own.
+struct Failing(PingSource);
+
+#[derive(Debug, thiserror::Error)]
+#[error("sensor bus wedged (test cause)")]
+struct TestCause;
+
+impl EventSource for Failing {
+    type Event = ();
+    type Metadata = ();
+    type Ret = ();
+    type Error = TestCause;
+
+    fn process_events<F>(&mut self, r: Readiness, t: Token, _: F) -> Result<PostAction, TestCause>
+    where
+        F: FnMut((), &mut ()),
+    {
+        let _ = self.0.process_events(r, t, |_, _| {});
+        Err(TestCause)
+    }
+    fn register(&mut self, p: &mut Poll, f: &mut TokenFactory) -> calloop::Result<()> {
+        self.0.register(p, f)
+    }
+    fn reregister(&mut self, p: &mut Poll, f: &mut TokenFactory) -> calloop::Result<()> {
+        self.0.reregister(p, f)
+    }
+    fn unregister(&mut self, p: &mut Poll) -> calloop::Result<()> {
+        self.0.unregister(p)
+    }
+}
+
+/// A failing source stops the loop with a typed error that carries its cause, and the
+/// spool state (acks) is written on the way out.
+#[test]
+fn source_error_keeps_its_cause_and_flushes_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ev, mut gw) = test_gateway(dir.path());
+    let now = Instant::now();
+    let values = Values::single("t", &json!(1));
+    for _ in 0..5 {
+        gw.emit_reading("s", &values, now);
+    }
+    gw.on_ack(3, now);
+    let (ping, source) = make_ping().unwrap();
+    ev.handle()
+        .insert_source(Failing(source), |_, _, _| {})
+        .unwrap();
+    ping.ping();
+    let err = gw
+        .drive(&mut ev)
+        .expect_err("the failing source ends the loop");
+    assert!(matches!(err, GatewayError::Loop { .. }), "{err:?}");
+    let text = chain(&err);
+    assert!(text.contains("sensor bus wedged"), "{text}");
+    drop(gw);
+    drop(ev);
+    let spool_dir = dir.path().join("spool");
+    let (spool, _) = Spool::open(&spool_dir, Default::default()).unwrap();
+    assert_eq!(spool.acked(), 3, "acks written at exit");
+    assert_eq!(spool.first_unacked(), Some(4));
+}
+
+/// Delivery through the interpreter: readings go straight into the outbox while nothing
+/// waits, and a rewind (a connection) queues the unacked ones again from the spool, in order.
+#[test]
+fn readings_reach_the_outbox_and_rewind_from_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ev, mut gw) = test_gateway(dir.path());
+    let now = Instant::now();
+    for i in 0..4 {
+        gw.emit_reading("s", &Values::single("n", &json!(i)), now);
+    }
+    let readings = |gw: &Gateway| -> Vec<String> {
+        gw.outbox.peek(|o| {
+            o.iter()
+                .filter(|m| m.kind == protocol::KIND_READING)
+                .map(|m| m.body.clone())
+                .collect()
+        })
+    };
+    assert_eq!(readings(&gw).len(), 4);
+    assert_eq!(gw.delivery.next_send(), 5);
+    gw.on_ack(2, now);
+    gw.on_zmq(ZmqEvent::Connected);
+    let r = readings(&gw);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert!(
+        r[0].contains("\"seq\":3") && r[1].contains("\"seq\":4"),
+        "{r:?}"
+    );
+    let first = gw.outbox.peek(|o| o.iter().next().map(|m| m.kind));
+    assert_eq!(first, Some(protocol::KIND_HELLO));
+    assert!(!gw.timers.contains_key(&TimerId::ConnCheck));
+}

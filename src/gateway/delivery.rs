@@ -118,6 +118,25 @@ impl Delivery {
         }
     }
 
+    /// Reading `seq` got its seq but is not on disk (file system full). True: it is next in
+    /// line on a live connection, so it may still go out from memory (report that with
+    /// [`Delivery::direct_pushed`]); otherwise call [`Delivery::skip_unstored`].
+    pub fn on_unstored(&mut self, seq: u64, view: SpoolView, now: Instant) -> bool {
+        if self.connected && self.next_send == seq && !self.read_pending {
+            self.start_retransmit_clock(seq, view, now);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Reading `seq` is neither on disk nor in the outbox: never wait for it.
+    pub fn skip_unstored(&mut self, seq: u64) {
+        if self.next_send == seq {
+            self.next_send = seq + 1;
+        }
+    }
+
     /// The reading `seq` offered by [`Delivery::on_stored`] is in the outbox.
     pub fn direct_pushed(&mut self, seq: u64) {
         if self.next_send == seq {

@@ -65,6 +65,11 @@ impl Inputs {
         self.inputs.iter().any(|i| i.name == name)
     }
 
+    /// Every input, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &InputState> {
+        self.inputs.iter()
+    }
+
     /// Input number `i`.
     pub fn get(&self, i: usize) -> Option<&InputState> {
         self.inputs.get(i)

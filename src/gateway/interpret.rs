@@ -95,6 +95,10 @@ impl Gateway {
                         log::error!("spool tick failed: {e}");
                     }
                 }
+                // A stalled disk leaves work for the next tick (bounded by the helper queue).
+                if self.spool.wants_tick() {
+                    self.arm_spool_tick(now);
+                }
             }
             TimerId::Pulse(i) => self.outputs.pulse_due(i, &mut self.fx),
             TimerId::Debounce(i) => self.inputs.debounce_due(i, &mut self.fx),
@@ -171,9 +175,38 @@ impl Gateway {
                 }
             }
             Err(e) => {
-                self.counters.spool_errors += 1;
-                if self.logs.allow("spool append failed", now) {
-                    log::error!("spool append failed: {e}: reading from {source} lost");
+                if let Some(seq) = e.unstored_seq() {
+                    // A full file system is a full budget the spool could not free: a reading
+                    // that is next in line still goes out from memory while connected.
+                    let view = self.view();
+                    let pushed = self.delivery.on_unstored(seq, view, now)
+                        && self
+                            .outbox
+                            .push(Message {
+                                kind: protocol::KIND_READING,
+                                body,
+                            })
+                            .is_ok();
+                    if pushed {
+                        self.counters.readings += 1;
+                        self.delivery.direct_pushed(seq);
+                        if self.logs.allow("disk full", now) {
+                            log::warn!(
+                                "{e}: reading seq={seq} from {source} sent from memory only"
+                            );
+                        }
+                    } else {
+                        self.counters.dropped += 1;
+                        self.delivery.skip_unstored(seq);
+                        if self.logs.allow("disk full", now) {
+                            log::error!("{e}: reading seq={seq} from {source} lost");
+                        }
+                    }
+                } else {
+                    self.counters.spool_errors += 1;
+                    if self.logs.allow("spool append failed", now) {
+                        log::error!("spool append failed: {e}: reading from {source} lost");
+                    }
                 }
             }
         }

@@ -130,12 +130,13 @@ impl Gateway {
 
         let mut ports = BTreeMap::new();
         for sc in &cfg.serial {
-            let source = SerialSource::new(&sc.name, &sc.path, sc.baud).map_err(|source| {
-                GatewayError::Serial {
+            let source = SerialSource::new(&sc.name, &sc.path, sc.baud)
+                .map_err(|source| GatewayError::Serial {
                     name: sc.name.clone(),
                     source,
-                }
-            })?;
+                })?
+                .input_line_ending(sc.input_line_ending)
+                .write_timeout(Duration::from_millis(sc.write_timeout_ms));
             let port = PortState::new(sc, source.handle());
             let name = sc.name.clone();
             reader_tokens.push(
@@ -353,6 +354,18 @@ impl Gateway {
     }
 
     fn hello(&self) -> Message {
+        // The level of every input and output as the gateway knows it now (read at start,
+        // then followed), so a backend never has to assume one.
+        let levels: serde_json::Map<String, serde_json::Value> = self
+            .inputs
+            .iter()
+            .map(|i| (i.name.clone(), json!(u8::from(i.level))))
+            .chain(
+                self.outputs
+                    .iter()
+                    .map(|o| (o.name.clone(), json!(u8::from(o.level)))),
+            )
+            .collect();
         Message::new(
             protocol::KIND_HELLO,
             &json!({
@@ -363,6 +376,8 @@ impl Gateway {
                 "outputs": self.cfg.outputs(),
                 "serial": self.cfg.serial_names(),
                 "resume_seq": self.view().resume_seq(),
+                "spool_id": self.spool.spool_id(),
+                "levels": levels,
                 "security": if self.cfg.backend.curve() { "curve" } else { "none" },
                 "insecure": self.cfg.backend.insecure_link(),
             }),

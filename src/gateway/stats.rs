@@ -100,6 +100,7 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
             "spool_errors": c.spool_errors,
         },
         "spool": {
+            "spool_id": sp.spool_id,
             "bytes": sp.bytes,
             "readings": sp.readings,
             "oldest_unacked_age_s": sp.oldest_unacked_ms.map(|t| s.now_ms.saturating_sub(t) / 1000),
@@ -107,6 +108,12 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
             "dropped_newest": sp.dropped_newest,
             "next_seq": sp.next_seq,
             "acked": sp.acked,
+            "disk_full": sp.disk_full,
+            "not_stored": sp.not_stored,
+            "disk_avail_bytes": sp.disk_avail_bytes,
+            "disk_stalled": sp.disk_stalled,
+            "disk_stalls": sp.disk_stalls,
+            "corrupt_records": sp.corrupt_records,
         },
         "serial": ports,
     });

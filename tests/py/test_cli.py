@@ -63,7 +63,7 @@ BAD_CONFIGS = [
     (lambda t: t.replace('name = "relay2"', 'name = "door"'), 'name = "door"|2',
      "key gpio.output.name: \"door\" is used twice"),
     (lambda t: t.replace("initial = 1", "initial = 2"), "initial = 2",
-     "key gpio.output.initial: must be 0 or 1"),
+     "key gpio.output.initial: 2 is not 0, 1 or \"keep\""),
 ]
 
 

@@ -113,7 +113,7 @@ def test_levels_at_start_are_read_not_assumed(tmp_path, gateways, peers, pty_fac
     sim.mkdir()
     (sim / "gpio17").write_text("0\n")
     (sim / "gpio27").write_text("1")  # no newline: any write at start would show
-    outputs = [("relay1", 27, '"keep"', 1000)]
+    outputs = [("relay1", 27, "keep", 1000)]
     gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, outputs=outputs)
     assert (sim / "gpio17").read_text() == "0\n"
     assert (sim / "gpio27").read_text() == "1"

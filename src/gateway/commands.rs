@@ -201,7 +201,7 @@ impl Commands {
     /// The INFO line of a retried id, limited like every other repeated line (a backend that
     /// retries in a tight loop must not flood the log); its summary is at INFO too.
     fn log_duplicate(&mut self, id: &str, answered: bool, now: Instant) {
-        const KIND: &str = "duplicate command id";
+        const KIND: &str = "duplicate command";
         let what = if answered {
             "not executed again, answered as before"
         } else {

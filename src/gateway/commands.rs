@@ -419,7 +419,10 @@ mod tests {
         assert_eq!((c.ok, c.failed), (1, reused.len() as u64));
 
         let same = br#"{"value":true,"action":"set","target":"relay1","id":"c-1"}"#;
-        assert!(c.on_command(same, t0, &mut fx).is_none(), "a retry: not executed");
+        assert!(
+            c.on_command(same, t0, &mut fx).is_none(),
+            "a retry: not executed"
+        );
         assert_eq!(sent(&mut fx), first, "answered as before");
         assert_eq!((c.ok, c.failed), (1, reused.len() as u64));
     }

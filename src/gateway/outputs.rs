@@ -298,7 +298,10 @@ mod tests {
         let mut o = outputs();
         let mut fx = Effects::default();
         run(&mut o, Action::Pulse(200), t0, &mut fx);
-        assert_eq!(fx.drain(), vec![Effect::Arm(TimerId::Pulse(0), t0 + ms(200))]);
+        assert_eq!(
+            fx.drain(),
+            vec![Effect::Arm(TimerId::Pulse(0), t0 + ms(200))]
+        );
         let w = run(&mut o, Action::Pulse(500), t0 + ms(100), &mut fx);
         assert_eq!(w.level, Level::High, "stays active");
         let until = t0 + ms(600);
@@ -322,7 +325,10 @@ mod tests {
         run(&mut o, Action::Pulse(1000), t0, &mut fx);
         run(&mut o, Action::Pulse(50), t0 + ms(10), &mut fx);
         let until = t0 + ms(60);
-        assert_eq!(fx.drain().last(), Some(&Effect::Arm(TimerId::Pulse(0), until)));
+        assert_eq!(
+            fx.drain().last(),
+            Some(&Effect::Arm(TimerId::Pulse(0), until))
+        );
         o.pulse_due(0, until, &mut fx);
         assert_eq!(fx.drain(), vec![end()]);
     }
@@ -334,8 +340,14 @@ mod tests {
         let mut o = outputs();
         let mut fx = Effects::default();
         run(&mut o, Action::Set(1), t0, &mut fx);
-        assert_eq!(run(&mut o, Action::Pulse(100), t0, &mut fx).level, Level::Low);
-        assert_eq!(run(&mut o, Action::Pulse(100), t0, &mut fx).level, Level::Low);
+        assert_eq!(
+            run(&mut o, Action::Pulse(100), t0, &mut fx).level,
+            Level::Low
+        );
+        assert_eq!(
+            run(&mut o, Action::Pulse(100), t0, &mut fx).level,
+            Level::Low
+        );
         assert_eq!(o.get(0).unwrap().pulse.unwrap().restore, Level::High);
     }
 
@@ -375,7 +387,10 @@ mod tests {
         assert_eq!(o.get(0).unwrap().pulse, None);
         o.pulse_due(0, t0 + ms(200), &mut fx);
         assert!(fx.is_empty());
-        assert_eq!(run(&mut o, Action::Toggle, t0 + ms(300), &mut fx).level, Level::Low);
+        assert_eq!(
+            run(&mut o, Action::Toggle, t0 + ms(300), &mut fx).level,
+            Level::Low
+        );
     }
 
     /// Shutdown: every running pulse is restored (timer cancelled, restore write asked for);

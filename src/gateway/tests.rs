@@ -165,5 +165,9 @@ fn shutdown_ends_running_pulses() {
     gw.apply_effects();
     assert_eq!(pin(), Some(crate::hw::Level::High));
     gw.finish();
-    assert_eq!(pin(), Some(crate::hw::Level::Low), "restored on the way out");
+    assert_eq!(
+        pin(),
+        Some(crate::hw::Level::Low),
+        "restored on the way out"
+    );
 }

@@ -1,8 +1,10 @@
 //! Link security: CURVE keys (Z85), key files, the endpoint policy and `zgate keygen`.
 //!
 //! Key files (see docs/security.md):
-//! - `NAME.key`: the 40-character Z85 CURVE *secret* key on one line. Mode 0600; the gateway
-//!   and the reference backend refuse a file with any group or other permission bits.
+//! - `NAME.key`: the 40-character Z85 CURVE *secret* key on one line. The key rule (checked
+//!   by the gateway, `zgate check-config` and the reference backend; applied by the package's
+//!   postinst): owned by root or the user zgate runs as, mode 0640 or stricter, and
+//!   group-readable only by the group zgate runs as ([`check_key_file`]).
 //! - `NAME.pub`: the 40-character Z85 *public* key and a newline.
 //!
 //! Only the secret key is stored in the `.key` file: the public key is derived from it with
@@ -114,7 +116,9 @@ pub fn curve_public(secret_z85: &str) -> Result<String, String> {
 /// A CURVE key pair in Z85.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyPair {
+    /// The public key (Z85).
     pub public: String,
+    /// The secret key (Z85).
     pub secret: String,
 }
 
@@ -138,43 +142,279 @@ impl KeyPair {
         })
     }
 
+    /// The public key's 32 bytes.
     pub fn public_bytes(&self) -> [u8; 32] {
         z85_decode_key(&self.public).expect("validated at construction")
     }
 
+    /// The secret key's 32 bytes.
     pub fn secret_bytes(&self) -> [u8; 32] {
         z85_decode_key(&self.secret).expect("validated at construction")
     }
 }
 
-/// Permission problems are refused with the command that fixes them.
-pub fn check_key_file_mode(path: &Path, mode: u32) -> Result<(), String> {
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "secret key file {} is accessible by group or others (mode {:04o}): run `chmod 600 {}`",
-            path.display(),
-            mode & 0o7777,
-            path.display()
-        ));
+/// Where the installed package puts docs/security.md; error messages point there.
+pub const SECURITY_DOC: &str = "/usr/share/doc/zgate/security.md";
+
+/// The user and group a process runs as (effective ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id: the one group that may read a secret key besides its owner.
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// The effective ids of this process.
+    pub fn current() -> RunAs {
+        // SAFETY: geteuid/getegid cannot fail and touch no memory.
+        unsafe {
+            RunAs {
+                uid: libc::geteuid(),
+                gid: libc::getegid(),
+            }
+        }
+    }
+}
+
+/// The name of a user id, or the number when it has none.
+pub fn user_name(uid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live storage of the given size; the name is copied out
+    // before `buf` goes away.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc == 0 && !result.is_null() {
+        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
+        let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+        return name.to_string_lossy().into_owned();
+    }
+    uid.to_string()
+}
+
+/// The name of a group id, or the number when it has none.
+pub fn group_name(gid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as in user_name.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc == 0 && !result.is_null() {
+        // SAFETY: on success gr_name points to a NUL-terminated string inside `buf`.
+        let name = unsafe { std::ffi::CStr::from_ptr(grp.gr_name) };
+        return name.to_string_lossy().into_owned();
+    }
+    gid.to_string()
+}
+
+/// Why a secret key file is refused. Every message names the file, the cause and the command
+/// that fixes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file does not exist or cannot be opened for another reason than permissions.
+    #[error(
+        "cannot read secret key file {path}: {reason}; create it with `zgate keygen --out \
+         PREFIX` (writes PREFIX.key) or fix backend.secret_key_file"
+    )]
+    Unavailable {
+        /// The key file.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// The process may not read the file.
+    #[error(
+        "cannot read secret key file {path}: permission denied for user {user} (group \
+         {group}), which zgate runs as; fix (as root): `{fix}` (see {SECURITY_DOC}, \"Key files\")"
+    )]
+    Unreadable {
+        /// The key file.
+        path: PathBuf,
+        /// The user this process runs as.
+        user: String,
+        /// The group this process runs as.
+        group: String,
+        /// The command that fixes it.
+        fix: String,
+    },
+    /// Owned by a user who is neither root nor the one zgate runs as.
+    #[error(
+        "secret key file {path} is owned by {owner}: a secret key must be owned by root or by \
+         {user}, the user zgate runs as (its owner can read it and widen its mode at any \
+         time); fix (as root): `{fix}` (see {SECURITY_DOC}, \"Key files\")"
+    )]
+    Owner {
+        /// The key file.
+        path: PathBuf,
+        /// Its owner.
+        owner: String,
+        /// The user this process runs as.
+        user: String,
+        /// The command that fixes it.
+        fix: String,
+    },
+    /// Permission bits beyond owner read/write and group read (0640).
+    #[error(
+        "secret key file {path} has mode {mode:04o}: a secret key may be readable and \
+         writable by its owner and readable by zgate's own group, nothing more (mode 0640 \
+         or stricter: no access for others, no group write); fix (as root): `{fix}` (see \
+         {SECURITY_DOC}, \"Key files\")"
+    )]
+    Mode {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// The command that fixes it.
+        fix: String,
+    },
+    /// Group-readable by a group other than the one zgate runs as.
+    #[error(
+        "secret key file {path} is readable by group {group}, which is not {own}, the group \
+         zgate runs as: every member of {group} could read the key; fix (as root): `{fix}`{hint} \
+         (see {SECURITY_DOC}, \"Key files\")"
+    )]
+    Group {
+        /// The key file.
+        path: PathBuf,
+        /// The file's group.
+        group: String,
+        /// The group this process runs as.
+        own: String,
+        /// The command that fixes it.
+        fix: String,
+        /// Extra advice (running as root).
+        hint: String,
+    },
+    /// The content is not a Z85 CURVE secret key.
+    #[error(
+        "secret key file {path}: {problem}; it must hold the 40-character Z85 secret key \
+         written by `zgate keygen --out PREFIX` (PREFIX.key)"
+    )]
+    Format {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with the content.
+        problem: String,
+    },
+}
+
+/// The command that puts `path` under the key rule for a process running as `me`: owner root
+/// (or the current owner when that is root or `me`), group `me`'s group, mode 0600 when the
+/// owner is `me` (it reads as the owner), else 0640 (it reads through the group).
+fn key_fix(path: &Path, owner: u32, me: RunAs) -> String {
+    let owner = if owner == 0 || owner == me.uid { owner } else { 0 };
+    let mode = if owner == me.uid { "0600" } else { "0640" };
+    let p = path.display();
+    format!(
+        "chown {}:{} {p} && chmod {mode} {p}",
+        user_name(owner),
+        group_name(me.gid)
+    )
+}
+
+/// The key rule, for a file with permission bits `mode`, owner `uid` and group `gid`, read by
+/// a process running as `me`:
+/// - owned by root or by `me`'s user;
+/// - no permission bits beyond 0640 (owner read/write, group read);
+/// - group-readable only when the group is `me`'s group.
+///
+/// So `root:zgate 0640` (the package's layout) and `zgate:zgate 0600` both pass for the
+/// service running as zgate:zgate, and a key readable by anyone else is refused.
+pub fn check_key_file(
+    path: &Path,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    me: RunAs,
+) -> Result<(), KeyFileError> {
+    let fix = key_fix(path, uid, me);
+    if uid != 0 && uid != me.uid {
+        return Err(KeyFileError::Owner {
+            path: path.to_path_buf(),
+            owner: user_name(uid),
+            user: user_name(me.uid),
+            fix,
+        });
+    }
+    let mode = mode & 0o7777;
+    if mode & !0o640 != 0 {
+        return Err(KeyFileError::Mode {
+            path: path.to_path_buf(),
+            mode,
+            fix,
+        });
+    }
+    if mode & 0o040 != 0 && gid != me.gid {
+        let hint = if me.uid == 0 {
+            format!(
+                "; zgate runs as root here: to check what the zgate service accepts, run it as \
+                 the service's user (`sudo -u {} zgate check-config FILE`)",
+                group_name(gid)
+            )
+        } else {
+            String::new()
+        };
+        return Err(KeyFileError::Group {
+            path: path.to_path_buf(),
+            group: group_name(gid),
+            own: group_name(me.gid),
+            fix,
+            hint,
+        });
     }
     Ok(())
 }
 
-/// Reads a secret key file: checks its mode, its format, and derives the public key.
-pub fn load_secret_key(path: &Path) -> Result<KeyPair, String> {
-    let meta = fs::metadata(path)
-        .map_err(|e| format!("cannot read secret key file {}: {e}", path.display()))?;
-    check_key_file_mode(path, meta.permissions().mode())?;
-    let text = fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secret key file {}: {e}", path.display()))?;
+/// Reads a secret key file: checks the key rule ([`check_key_file`]) and the format, and
+/// derives the public key.
+pub fn read_secret_key(path: &Path) -> Result<KeyPair, KeyFileError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = RunAs::current();
+    let unavailable = |e: std::io::Error| KeyFileError::Unavailable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let meta = fs::metadata(path).map_err(unavailable)?;
+    if !meta.is_file() {
+        return Err(KeyFileError::Unavailable {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
+    }
+    check_key_file(path, meta.mode(), meta.uid(), meta.gid(), me)?;
+    let bytes = fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            KeyFileError::Unreadable {
+                path: path.to_path_buf(),
+                user: user_name(me.uid),
+                group: group_name(me.gid),
+                fix: key_fix(path, meta.uid(), me),
+            }
+        } else {
+            unavailable(e)
+        }
+    })?;
+    let bad = |problem: String| KeyFileError::Format {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
     let secret = text.trim();
-    z85_decode_key(secret).map_err(|e| format!("secret key file {}: {e}", path.display()))?;
-    require_curve()?;
-    let public = curve_public(secret)?;
+    z85_decode_key(secret).map_err(bad)?;
+    let public = curve_public(secret).map_err(bad)?;
     Ok(KeyPair {
         public,
         secret: secret.to_string(),
     })
+}
+
+/// [`read_secret_key`] with the error as text; fails as well when libzmq has no CURVE.
+pub fn load_secret_key(path: &Path) -> Result<KeyPair, String> {
+    require_curve()?;
+    read_secret_key(path).map_err(|e| e.to_string())
 }
 
 /// Reads a public key file (`NAME.pub`): one Z85 key.
@@ -294,14 +534,33 @@ mod tests {
     }
 
     #[test]
-    fn key_file_modes() {
+    fn key_rule_owner_mode_group() {
         let p = Path::new("/x/gw.key");
-        assert!(check_key_file_mode(p, 0o100600).is_ok());
-        assert!(check_key_file_mode(p, 0o100400).is_ok());
-        let e = check_key_file_mode(p, 0o100644).unwrap_err();
-        assert!(e.contains("chmod 600 /x/gw.key"), "{e}");
-        assert!(check_key_file_mode(p, 0o100620).is_err());
-        assert!(check_key_file_mode(p, 0o100601).is_err());
+        // The service: user 990, group 990.
+        let svc = RunAs { uid: 990, gid: 990 };
+        // The package's layout: root:zgate 0640; the service's own key 0600; read-only.
+        assert!(check_key_file(p, 0o100640, 0, 990, svc).is_ok());
+        assert!(check_key_file(p, 0o100600, 990, 990, svc).is_ok());
+        assert!(check_key_file(p, 0o100400, 990, 5, svc).is_ok());
+        assert!(check_key_file(p, 0o100600, 0, 0, svc).is_ok(), "unreadable, not refused");
+        // Others may never read; the group may not write; no exec or special bits.
+        for mode in [0o100644, 0o100604, 0o100660, 0o100670, 0o100700, 0o104600, 0o100641] {
+            let e = check_key_file(p, mode, 0, 990, svc).unwrap_err();
+            assert!(matches!(e, KeyFileError::Mode { .. }), "{mode:o}: {e}");
+        }
+        // A group other than the service's may not read it.
+        let e = check_key_file(p, 0o100640, 0, 100, svc).unwrap_err();
+        assert!(matches!(e, KeyFileError::Group { .. }), "{e}");
+        assert!(e.to_string().contains("chmod 0640 /x/gw.key"), "{e}");
+        // Owned by someone else (who could chmod it).
+        let e = check_key_file(p, 0o100600, 1234, 990, svc).unwrap_err();
+        assert!(matches!(e, KeyFileError::Owner { .. }), "{e}");
+        assert!(e.to_string().contains(SECURITY_DOC), "{e}");
+        // The fix keeps an acceptable owner and gives the service's group read access.
+        let e = check_key_file(p, 0o100644, 0, 990, svc).unwrap_err().to_string();
+        assert!(e.contains(&format!("chown root:{} /x/gw.key && chmod 0640 /x/gw.key", group_name(990))), "{e}");
+        let e = check_key_file(p, 0o100644, 990, 990, svc).unwrap_err().to_string();
+        assert!(e.contains("&& chmod 0600 /x/gw.key"), "{e}");
     }
 
     #[test]
@@ -323,7 +582,15 @@ mod tests {
         assert!(keygen(&prefix).unwrap_err().contains("already exists"));
         assert_eq!(fs::read(&k).unwrap(), before);
         fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_secret_key(&k).unwrap_err().contains("chmod 600"));
+        assert!(load_secret_key(&k).unwrap_err().contains("has mode 0644"));
+        // Group-readable by this process's own group: accepted.
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(load_secret_key(&k).unwrap(), pair);
+        fs::write(&k, "garbage\n").unwrap();
+        let e = read_secret_key(&k).unwrap_err();
+        assert!(matches!(e, KeyFileError::Format { .. }), "{e}");
+        let e = read_secret_key(&dir.path().join("missing.key")).unwrap_err();
+        assert!(matches!(e, KeyFileError::Unavailable { .. }), "{e}");
     }
 
     #[test]

@@ -209,6 +209,19 @@ pub fn group_name(gid: u32) -> String {
     gid.to_string()
 }
 
+/// The id of the group `name`, if it exists.
+pub fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live storage of the given size.
+    let rc = unsafe {
+        libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+    };
+    (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
+}
+
 /// Why a secret key file is refused. Every message names the file, the cause and the command
 /// that fixes it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -349,11 +362,9 @@ pub fn check_key_file(
     }
     if mode & 0o040 != 0 && gid != me.gid {
         let hint = if me.uid == 0 {
-            format!(
-                "; zgate runs as root here: to check what the zgate service accepts, run it as \
-                 the service's user (`sudo -u {} zgate check-config FILE`)",
-                group_name(gid)
-            )
+            "; this check runs as root: the packaged service runs as user zgate, so check \
+             what it accepts with `sudo -u zgate zgate check-config /etc/zgate/zgate.toml`"
+                .to_string()
         } else {
             String::new()
         };

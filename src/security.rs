@@ -217,7 +217,13 @@ pub fn group_id(name: &str) -> Option<u32> {
     let mut result: *mut libc::group = std::ptr::null_mut();
     // SAFETY: every pointer refers to live storage of the given size.
     let rc = unsafe {
-        libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
     };
     (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
 }
@@ -318,7 +324,11 @@ pub enum KeyFileError {
 /// (or the current owner when that is root or `me`), group `me`'s group, mode 0600 when the
 /// owner is `me` (it reads as the owner), else 0640 (it reads through the group).
 fn key_fix(path: &Path, owner: u32, me: RunAs) -> String {
-    let owner = if owner == 0 || owner == me.uid { owner } else { 0 };
+    let owner = if owner == 0 || owner == me.uid {
+        owner
+    } else {
+        0
+    };
     let mode = if owner == me.uid { "0600" } else { "0640" };
     let p = path.display();
     format!(
@@ -553,9 +563,14 @@ mod tests {
         assert!(check_key_file(p, 0o100640, 0, 990, svc).is_ok());
         assert!(check_key_file(p, 0o100600, 990, 990, svc).is_ok());
         assert!(check_key_file(p, 0o100400, 990, 5, svc).is_ok());
-        assert!(check_key_file(p, 0o100600, 0, 0, svc).is_ok(), "unreadable, not refused");
+        assert!(
+            check_key_file(p, 0o100600, 0, 0, svc).is_ok(),
+            "unreadable, not refused"
+        );
         // Others may never read; the group may not write; no exec or special bits.
-        for mode in [0o100644, 0o100604, 0o100660, 0o100670, 0o100700, 0o104600, 0o100641] {
+        for mode in [
+            0o100644, 0o100604, 0o100660, 0o100670, 0o100700, 0o104600, 0o100641,
+        ] {
             let e = check_key_file(p, mode, 0, 990, svc).unwrap_err();
             assert!(matches!(e, KeyFileError::Mode { .. }), "{mode:o}: {e}");
         }
@@ -568,9 +583,19 @@ mod tests {
         assert!(matches!(e, KeyFileError::Owner { .. }), "{e}");
         assert!(e.to_string().contains(SECURITY_DOC), "{e}");
         // The fix keeps an acceptable owner and gives the service's group read access.
-        let e = check_key_file(p, 0o100644, 0, 990, svc).unwrap_err().to_string();
-        assert!(e.contains(&format!("chown root:{} /x/gw.key && chmod 0640 /x/gw.key", group_name(990))), "{e}");
-        let e = check_key_file(p, 0o100644, 990, 990, svc).unwrap_err().to_string();
+        let e = check_key_file(p, 0o100644, 0, 990, svc)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "chown root:{} /x/gw.key && chmod 0640 /x/gw.key",
+                group_name(990)
+            )),
+            "{e}"
+        );
+        let e = check_key_file(p, 0o100644, 990, 990, svc)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("&& chmod 0600 /x/gw.key"), "{e}");
     }
 

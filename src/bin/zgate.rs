@@ -193,19 +193,23 @@ fn keygen_report(key: &std::path::Path, public: &std::path::Path, id: Option<&st
         public.display()
     );
     match id {
-        Some(id) => out += &format!(
-            "backend: give {} to the backend operator, to be saved as {id}.pub in the \
+        Some(id) => {
+            out += &format!(
+                "backend: give {} to the backend operator, to be saved as {id}.pub in the \
              backend's allow list directory (zgate backend --allow DIR): the file name must \
              be the gateway id\n",
-            public.display()
-        ),
-        None => out += &format!(
-            "backend: give {} to the backend operator, to be saved as <gateway-id>.pub in \
+                public.display()
+            )
+        }
+        None => {
+            out += &format!(
+                "backend: give {} to the backend operator, to be saved as <gateway-id>.pub in \
              the backend's allow list directory (zgate backend --allow DIR), where \
              <gateway-id> is [gateway] id of this gateway (--id ID or --config FILE prints \
              the exact name)\n",
-            public.display()
-        ),
+                public.display()
+            )
+        }
     }
     if security::RunAs::current().uid == 0 && security::group_id("zgate").is_some() {
         let k = key.display();

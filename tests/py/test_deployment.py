@@ -344,3 +344,25 @@ def test_backend_log_limits_are_per_kind(tmp_path, gateways, backends):
     wait_until(lambda: "impersonation" in be.log(), 10, "the impersonation logged",
                interval=0.05)
     assert 'routing id "gw-beta"' in be.log()
+
+
+def test_host_package_passes_check_deb(tmp_path):
+    """The .deb as cargo-deb builds it from this tree (host architecture, from the debug
+    binary: `make check-deploy` does the same for the ARM packages) ships the docs and a
+    postinst whose key rule deploy/check-deb runs."""
+    if subprocess.run(["cargo", "deb", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("cargo-deb is not installed (deploy/setup-deb installs it)")
+    if not (REPO / "target" / "debug" / "zgate").exists():
+        pytest.skip("no debug build in target/")
+    deb = tmp_path / "zgate_host.deb"
+    r = subprocess.run(["cargo", "deb", "--no-build", "--profile", "dev", "-o", str(deb)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                          text=True).stdout.strip()
+    r = subprocess.run([str(REPO / "deploy" / "check-deb"), str(deb), arch],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for needle in ("/usr/share/doc/zgate/security.md", "/usr/share/doc/zgate/protocol.md",
+                   "postinst key rule: a.key -> 0640"):
+        assert needle in r.stdout, r.stdout

@@ -243,6 +243,20 @@ pub enum KeyFileError {
         /// The OS error.
         reason: String,
     },
+    /// A directory on the path cannot be searched by the process.
+    #[error(
+        "cannot reach secret key file {path}: permission denied on a directory of its path \
+         for user {user} (group {group}), which zgate runs as; every directory above the key \
+         must be searchable by that user (e.g. `chmod 0755 /etc/zgate`)"
+    )]
+    Path {
+        /// The key file.
+        path: PathBuf,
+        /// The user this process runs as.
+        user: String,
+        /// The group this process runs as.
+        group: String,
+    },
     /// The process may not read the file.
     #[error(
         "cannot read secret key file {path}: permission denied for user {user} (group \
@@ -398,7 +412,17 @@ pub fn read_secret_key(path: &Path) -> Result<KeyPair, KeyFileError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let meta = fs::metadata(path).map_err(unavailable)?;
+    let meta = fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            KeyFileError::Path {
+                path: path.to_path_buf(),
+                user: user_name(me.uid),
+                group: group_name(me.gid),
+            }
+        } else {
+            unavailable(e)
+        }
+    })?;
     if !meta.is_file() {
         return Err(KeyFileError::Unavailable {
             path: path.to_path_buf(),

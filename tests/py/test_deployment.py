@@ -143,6 +143,25 @@ def test_service_user_refuses_keys_outside_the_rule(etc, mode, owner, group, why
         assert SECURITY_DOC in r.stderr, r.stderr
 
 
+def test_service_user_is_told_when_a_directory_hides_the_key(etc):
+    needs_root_and_setpriv()
+    hidden = etc / "private"
+    hidden.mkdir(mode=0o700)
+    key, _, _ = keygen(hidden / "gateway")
+    chown(key, "root", SERVICE_GROUP)
+    os.chmod(key, 0o640)
+    cfg = etc / "z.toml"
+    cfg.write_text(curve_config(etc, "tcp://127.0.0.1:5555", key,
+                                "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID"))
+    os.chmod(cfg, 0o644)
+    r = zgate("check-config", str(cfg), as_service=True)
+    assert r.returncode == 2, r.stdout
+    assert f"cannot reach secret key file {key}: permission denied on a directory" in r.stderr, \
+        r.stderr
+    os.chmod(hidden, 0o755)
+    assert zgate("check-config", str(cfg), as_service=True).returncode == 0
+
+
 def test_check_config_loads_the_key_file(tmp_path):
     key, _, _ = keygen(tmp_path / "gateway")
     cfg = tmp_path / "z.toml"

@@ -15,6 +15,9 @@ pub enum GatewayError {
         #[source]
         source: zmq::Error,
     },
+    /// The backend socket's event source could not be set up.
+    #[error("backend link: {0}")]
+    ZmqSource(#[from] crate::sources::zmq::ZmqSourceError),
     /// The GPIO backend failed.
     #[error(transparent)]
     Hw(#[from] HwError),

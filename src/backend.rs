@@ -40,8 +40,10 @@ pub const HEARTBEAT_IVL_MS: i32 = 10_000;
 /// A connection that sent nothing, heartbeats included, for this long is dropped.
 pub const HEARTBEAT_TIMEOUT_MS: i32 = 30_000;
 
+/// How `zgate backend` runs (its command-line options).
 #[derive(Debug, Clone, Default)]
 pub struct BackendOptions {
+    /// The ZeroMQ endpoint the ROUTER socket binds, e.g. `tcp://*:5555`.
     pub bind: String,
     /// Acknowledge readings (turn off to test a backend that never acknowledges). A hello is
     /// answered either way, with an ack of `resume_seq - 1`, which acknowledges no reading the
@@ -85,8 +87,12 @@ pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
 /// A ZAP decision: status code, status text, user id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZapDecision {
+    /// ZAP status code: `"200"` accepts, `"400"` refuses the key, `"500"` means the request
+    /// or the allow list could not be read.
     pub status: &'static str,
+    /// Why, for libzmq's log and the handshake failure the gateway sees.
     pub text: String,
+    /// The accepted gateway's id (its key file's name); empty when refused.
     pub user_id: String,
 }
 
@@ -228,10 +234,16 @@ fn peer_of_fd(fd: i32) -> Option<String> {
 /// for duplicates of the old ones.
 #[derive(Debug, Default)]
 pub struct GatewayLedger {
+    /// Highest seq below which every seq was received (or skipped by a `resume_seq`).
     pub high: u64,
+    /// Seqs received above `high + 1`, waiting for the gap to fill (bounded: the oldest go
+    /// when there are too many).
     pub ahead: BTreeSet<u64>,
+    /// A hello or a reading has been seen from this gateway.
     pub started: bool,
+    /// Distinct readings received.
     pub received: u64,
+    /// Readings received again (seq already counted).
     pub duplicates: u64,
     /// The spool these seqs belong to (`spool_id` of the last `hello`; `""` when a hello
     /// has none). `None` before the first hello.
@@ -315,6 +327,8 @@ impl GatewayLedger {
     }
 }
 
+/// The reference backend: a ROUTER socket that prints readings as JSON lines, acks them,
+/// keeps a [`GatewayLedger`] per gateway and sends commands typed on stdin.
 pub struct Backend {
     socket: zmq::Socket,
     ledgers: HashMap<Vec<u8>, GatewayLedger>,
@@ -353,6 +367,7 @@ fn print_line(v: &Value) {
 }
 
 impl Backend {
+    /// Binds the ROUTER socket (and, with CURVE, the ZAP handler) as `opts` say.
     pub fn new(ctx: &zmq::Context, opts: BackendOptions) -> Result<Backend, anyhow::Error> {
         use anyhow::Context as _;
         let socket = ctx.socket(zmq::ROUTER)?;
@@ -421,6 +436,7 @@ impl Backend {
         self.zap.is_some()
     }
 
+    /// The ROUTER socket, e.g. to read the endpoint it bound.
     pub fn socket(&self) -> &zmq::Socket {
         &self.socket
     }
@@ -739,6 +755,7 @@ impl Backend {
         );
     }
 
+    /// The ledger of the gateway with this id, if it was heard from.
     pub fn ledger(&self, gateway: &str) -> Option<&GatewayLedger> {
         self.ledgers.get(gateway.as_bytes())
     }

@@ -14,9 +14,13 @@ use std::path::{Path, PathBuf};
 /// A configuration error: file, 1-based line (0 when unknown), dotted key and message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
+    /// The config file's name as given (a path, or the name passed to [`Config::parse`]).
     pub file: String,
+    /// 1-based line of the offending key or table; 0 when it cannot be located.
     pub line: usize,
+    /// Dotted key, e.g. `gpio.output.pin`; empty for an error about the whole file.
     pub key: String,
+    /// What is wrong and what is accepted.
     pub message: String,
 }
 
@@ -30,40 +34,56 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The whole configuration file, validated ([`Config::load`], [`Config::parse`]).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[gateway]`: identity, state directory, stats period (required: `id`).
     pub gateway: GatewayConfig,
+    /// `[backend]`: the ZeroMQ link to the backend.
     #[serde(default)]
     pub backend: BackendConfig,
+    /// `[gpio]`: the GPIO backend and its inputs and outputs.
     #[serde(default)]
     pub gpio: GpioConfig,
+    /// `[[serial]]`: serial ports, each a reading source and a `write` command target.
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
+    /// `[spool]`: the on-disk spool of unacknowledged readings.
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// `[commands]`: limits on commands from the backend.
     #[serde(default)]
     pub commands: CommandsConfig,
 }
 
+/// `[gateway]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// Gateway id; also the ZeroMQ routing id.
+    /// Gateway id; also the ZeroMQ routing id. 1 to 255 printable ASCII characters, no spaces.
     pub id: String,
+    /// State directory; the spool lives in `data_dir/spool` (default `/var/lib/zgate`).
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Seconds between `stats` messages; at least 1 (default 30).
     #[serde(default = "default_stats_interval")]
     pub stats_interval_s: u64,
 }
 
+/// `[backend]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
+    /// The backend's ZeroMQ endpoint, `tcp://host:port` or `ipc:///path`; the gateway dials
+    /// out with a DEALER socket (default `tcp://127.0.0.1:5555`).
     #[serde(default = "default_endpoint")]
     pub endpoint: String,
+    /// Messages held in memory while the backend is slow or away, 1 to 10,000,000 (default
+    /// 10,000); control messages have a small reserve beyond it.
     #[serde(default = "default_outbox_max")]
     pub outbox_max: usize,
+    /// On SIGTERM/SIGINT, how long (ms) to keep delivering queued messages (default 2000).
     #[serde(default = "default_shutdown_flush_ms")]
     pub shutdown_flush_ms: u64,
     /// The backend's CURVE public key (Z85, 40 characters). With `secret_key_file`, turns
@@ -124,23 +144,32 @@ impl Default for CommandsConfig {
     }
 }
 
+/// `[gpio] backend`: which GPIO implementation drives the pins.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum GpioBackendKind {
+    /// The Raspberry Pi's GPIO through rppal (`"rppal"`, the default).
     #[default]
     Rppal,
+    /// Simulated pins (`"sim"`): one file per pin in `sim_dir`, watched with inotify.
     Sim,
 }
 
+/// `[gpio]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GpioConfig {
+    /// Which GPIO implementation to open.
     #[serde(default)]
     pub backend: GpioBackendKind,
+    /// For the `sim` backend: the directory of pin files `gpio<N>` holding `0` or `1`
+    /// (default `/run/zgate-sim`).
     #[serde(default = "default_sim_dir")]
     pub sim_dir: PathBuf,
+    /// `[[gpio.input]]`: pins read; each reported change is a reading.
     #[serde(default)]
     pub input: Vec<InputConfig>,
+    /// `[[gpio.output]]`: pins driven by `set` / `toggle` / `pulse` commands.
     #[serde(default)]
     pub output: Vec<OutputConfig>,
 }
@@ -163,8 +192,11 @@ pub use crate::hw::{Initial, Level, Pull};
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Edge {
+    /// Only changes to [`Level::High`].
     Rising,
+    /// Only changes to [`Level::Low`].
     Falling,
+    /// Every change (the default).
     #[default]
     Both,
 }
@@ -180,27 +212,37 @@ impl Edge {
     }
 }
 
+/// One `[[gpio.input]]` pin.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InputConfig {
+    /// The readings' `source` name; unique among inputs, outputs and serial ports.
     pub name: String,
+    /// BCM pin number, 0 to [`MAX_BCM_PIN`] (not the header pin number); used once.
     pub pin: u8,
+    /// Internal bias resistor (default none). The level at start is read, not assumed.
     #[serde(default)]
     pub pull: Pull,
+    /// Which changes become readings (default both).
     #[serde(default)]
     pub edge: Edge,
+    /// A change must hold this long (ms, at most 10,000) before it is reported (default 20).
     #[serde(default = "default_debounce_ms")]
     pub debounce_ms: u64,
 }
 
+/// One `[[gpio.output]]` pin.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
+    /// The command `target` name; unique among inputs, outputs and serial ports.
     pub name: String,
+    /// BCM pin number, 0 to [`MAX_BCM_PIN`]; used once.
     pub pin: u8,
     /// `0`, `1` or `"keep"` (drive nothing at start; the level the pin has is read).
     #[serde(default)]
     pub initial: Initial,
+    /// Longest `pulse` a command may ask for, in ms, 1 to 86,400,000 (default 10,000).
     #[serde(default = "default_max_pulse_ms")]
     pub max_pulse_ms: u64,
 }
@@ -589,13 +631,15 @@ impl Config {
         Ok(())
     }
 
-    /// Names of configured inputs, outputs and serial ports (for `hello`).
+    /// Names of the configured GPIO inputs, in file order (for `hello`).
     pub fn inputs(&self) -> Vec<String> {
         self.gpio.input.iter().map(|p| p.name.clone()).collect()
     }
+    /// Names of the configured GPIO outputs, in file order (for `hello`).
     pub fn outputs(&self) -> Vec<String> {
         self.gpio.output.iter().map(|p| p.name.clone()).collect()
     }
+    /// Names of the configured serial ports, in file order (for `hello`).
     pub fn serial_names(&self) -> Vec<String> {
         self.serial.iter().map(|p| p.name.clone()).collect()
     }

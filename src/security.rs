@@ -114,7 +114,9 @@ pub fn curve_public(secret_z85: &str) -> Result<String, String> {
 /// A CURVE key pair in Z85.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyPair {
+    /// The public key: 40 Z85 characters (32 bytes).
     pub public: String,
+    /// The secret key: 40 Z85 characters (32 bytes); redacted in `Debug`.
     pub secret: String,
 }
 
@@ -138,10 +140,12 @@ impl KeyPair {
         })
     }
 
+    /// The public key's 32 bytes.
     pub fn public_bytes(&self) -> [u8; 32] {
         z85_decode_key(&self.public).expect("validated at construction")
     }
 
+    /// The secret key's 32 bytes.
     pub fn secret_bytes(&self) -> [u8; 32] {
         z85_decode_key(&self.secret).expect("validated at construction")
     }

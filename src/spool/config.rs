@@ -41,6 +41,7 @@ impl Default for SpoolConfig {
     }
 }
 
+/// `[spool] when_full`: what an append does when `max_bytes` (or the file system) is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
@@ -51,6 +52,7 @@ pub enum WhenFull {
     DropNewest,
 }
 
+/// `[spool] fsync`: when appended readings are forced to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FsyncPolicy {

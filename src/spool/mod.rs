@@ -51,21 +51,39 @@ const MAX_SEGMENT: u64 = 4 * 1024 * 1024;
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 const SEGMENT_EXT: &str = ".seg";
 
+/// Why the spool could not open, store a reading or write its state. Each message says
+/// what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// A file operation on the spool directory failed.
     #[error(
         "spool I/O error on {}: {source}; check that gateway.data_dir is on a mounted, \
          writable, not-full file system and that zgate's user may read and write it",
         path.display()
     )]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file or directory operated on.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A `[spool]` setting is out of range.
     #[error("invalid [spool] configuration: {reason}")]
-    InvalidConfig { reason: String },
+    InvalidConfig {
+        /// Which setting and what is accepted.
+        reason: String,
+    },
+    /// One reading's payload is larger than a record may be.
     #[error(
         "reading of {len} payload bytes is larger than the spool accepts ({limit} bytes); \
          send smaller readings or raise spool.max_bytes"
     )]
-    RecordTooLarge { len: usize, limit: u64 },
+    RecordTooLarge {
+        /// The payload's size in bytes.
+        len: usize,
+        /// The largest payload accepted, in bytes.
+        limit: u64,
+    },
     /// The file system is full even with every older segment freed (or, under
     /// `drop_oldest`, with nothing left to free): the reading got `seq` (its payload was built
     /// with it) but is not on disk. The seq is used up; a caller that can still send the
@@ -76,21 +94,32 @@ pub enum SpoolError {
         path.display()
     )]
     DiskFull {
+        /// The seq the reading got (used up).
         seq: u64,
+        /// The segment file the append was for.
         path: PathBuf,
+        /// ENOSPC or EDQUOT.
         source: io::Error,
     },
+    /// Every seq up to [`MAX_SEQ`] is used; only crafted state or segment files get here.
     #[error(
         "the spool in {} has used every seq up to {MAX_SEQ} (its state or segments were \
          crafted); move that directory away to start a new spool",
         dir.display()
     )]
-    SeqsExhausted { dir: PathBuf },
+    SeqsExhausted {
+        /// The spool directory.
+        dir: PathBuf,
+    },
+    /// A reading's payload is not UTF-8 text.
     #[error(
         "reading payload is not UTF-8 (valid up to byte {valid_up_to}); the spool stores text \
          only"
     )]
-    NotUtf8 { valid_up_to: usize },
+    NotUtf8 {
+        /// Length of the payload's valid UTF-8 prefix, in bytes.
+        valid_up_to: usize,
+    },
 }
 
 impl SpoolError {
@@ -167,7 +196,12 @@ pub struct Recovery {
 pub enum Appended {
     /// Stored (written to the OS; also fsynced under `fsync = "always"`). `dropped_oldest`
     /// unacked readings were discarded to make room.
-    Stored { seq: u64, dropped_oldest: u64 },
+    Stored {
+        /// The reading's seq.
+        seq: u64,
+        /// Unacked readings deleted (oldest segments) to make room for it.
+        dropped_oldest: u64,
+    },
     /// The spool (its `max_bytes`, or the file system) is full and
     /// `when_full = "drop_newest"`: not stored, no seq consumed.
     DroppedNewest,
@@ -184,9 +218,14 @@ pub struct SpoolStats {
     pub readings: u64,
     /// `time_ms` of the oldest unacked reading.
     pub oldest_unacked_ms: Option<u64>,
+    /// Unacked readings deleted with their segment to make room (`when_full = "drop_oldest"`),
+    /// since start.
     pub dropped_oldest: u64,
+    /// Readings refused because the spool was full (`when_full = "drop_newest"`), since start.
     pub dropped_newest: u64,
+    /// The seq the next stored reading gets.
     pub next_seq: u64,
+    /// Highest acked seq: every seq up to it is acked (0: none yet).
     pub acked: u64,
     /// Appends (and `state` writes) that found the file system full (ENOSPC or EDQUOT); each
     /// then applied `when_full` like a full `max_bytes`.
@@ -315,6 +354,7 @@ impl Spool {
         &self.spool_id
     }
 
+    /// The spool directory (`data_dir/spool`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -1,4 +1,4 @@
-//! Reliable delivery: an append-only on-disk spool of readings (issue 3).
+//! Reliable delivery: an append-only on-disk spool of readings.
 //!
 //! Every reading is appended here before it is queued for sending, and leaves only when a
 //! cumulative ack covers its seq (or when the spool is full and `drop_oldest` discards it).

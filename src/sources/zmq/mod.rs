@@ -1,6 +1,6 @@
 //! `ZmqSource`: a ZeroMQ socket as a calloop event source, with a bounded outbox.
 //!
-//! This is the calloop book's ZeroMQ source with its bugs fixed:
+//! It follows the calloop book's ZeroMQ source, with the rules that one misses:
 //! - ZMQ_FD is edge-triggered and only ever *readable*, and any libzmq call (a `send`, a
 //!   `recv`, even one that ends in EAGAIN) may consume its edge; after every wake we loop on
 //!   `get_events()` until a fresh read shows nothing to do, otherwise a message whose edge a

@@ -28,7 +28,11 @@ mod state;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_budget;
+#[cfg(test)]
 mod tests_disk;
+#[cfg(test)]
+mod tests_recovery;
 
 pub use crate::spool::config::{FsyncPolicy, SpoolConfig, WhenFull, DEFAULT_REPLAY_MAX_PER_S};
 pub use crate::spool::record::{

@@ -58,7 +58,7 @@ pub enum WhenFull {
 pub enum FsyncPolicy {
     /// fsync every append before it returns (and the directory on segment create/delete).
     Always,
-    /// fsync from [`Spool::tick`] when something was written since the last fsync.
+    /// fsync from [`Spool::tick`](crate::spool::Spool::tick) when something was written since the last fsync.
     #[default]
     Interval,
 }

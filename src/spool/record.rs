@@ -54,7 +54,7 @@ pub enum DecodeError {
         /// Bytes the whole record (or its header) needs from this position.
         needed: usize,
     },
-    /// The bytes do not start with [`MAGIC`].
+    /// The bytes do not start with the record magic `5A D1`.
     #[error("no record magic at this position (corrupt data)")]
     BadMagic,
     /// The header's checksum does not match, or it holds impossible values.

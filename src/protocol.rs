@@ -146,7 +146,7 @@ pub enum LineError {
 /// (`{"temperature":21.5,"ok":true}`).
 ///
 /// Readings are written straight to text: building a `serde_json::Value` tree (an ordered map
-/// per line) and serialising it again was the largest cost per reading on the loop thread
+/// per line) and serialising it again would be the largest cost per reading on the loop thread
 /// (docs/benchmarks.md, item 6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Values(String);

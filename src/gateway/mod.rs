@@ -30,8 +30,6 @@ pub use self::error::GatewayError;
 use self::error::{chain, ierr, lerr};
 pub use self::socket::backend_socket;
 pub use self::stats::Counters;
-/// Re-exported for [`crate::sources::zmq`], which still names it here.
-pub use crate::limit::LogLimiter;
 
 use self::commands::Commands;
 use self::delivery::{Delivery, SpoolView};
@@ -105,8 +103,7 @@ impl Gateway {
         let ctx = zmq::Context::new();
         let socket = backend_socket(&ctx, &cfg)?;
         let zerr = |what| move |source| GatewayError::Zmq { what, source };
-        let mut zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
-            .map_err(zerr("creating the socket monitor"))?;
+        let mut zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)?;
         zsource
             .connect(&cfg.backend.endpoint)
             .map_err(zerr("connecting to the backend endpoint"))?;

@@ -122,9 +122,9 @@ pub fn curve_public(secret_z85: &str) -> Result<String, String> {
 /// A CURVE key pair in Z85.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyPair {
-    /// The public key (Z85).
+    /// The public key: 40 Z85 characters (32 bytes).
     pub public: String,
-    /// The secret key (Z85).
+    /// The secret key: 40 Z85 characters (32 bytes); redacted in `Debug`.
     pub secret: String,
 }
 

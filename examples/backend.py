@@ -20,7 +20,7 @@ It follows docs/protocol.md, "Writing a backend":
 
 Output (stdout, or --out FILE): one JSON object per line, what the gateways sent plus "kind":
   {"kind": "reading", "gateway": "gw-01", "seq": 1, "source": "weather", ...}
-  {"kind": "reply", "gateway": "gw-01", "id": "py-...-1", "ok": true, "command": {...}}
+  {"kind": "reply", "gateway": "gw-01", "id": "py-5f0c3a9e21d8-1", "ok": true, "command": {...}}
 hello and stats lines too. Diagnostics go to stderr.
 
 Examples:
@@ -224,7 +224,10 @@ class Backend:
         self.inbuf = b""
 
     def emit(self, kind, gateway, body):
-        self.out.write(json.dumps({"kind": kind, **body, "gateway": gateway}) + "\n")
+        """One output line. "gateway" is the routing id (with CURVE: checked against the key)."""
+        line = {"kind": kind, "gateway": gateway}
+        line.update((k, v) for k, v in body.items() if k != "gateway")
+        self.out.write(json.dumps(line) + "\n")
 
     def sender_ok(self, frames):
         """With CURVE: the routing id must be the id the sender's key is registered under."""

@@ -117,7 +117,6 @@ def test_readings_are_acked_and_a_wiped_spool_is_new_data(tmp_path, gateways, ex
     gw.start()
     hello, _ = be.expect("hello", timeout=10)
     assert hello["spool_id"] != first_spool and hello["resume_seq"] == 1
-    be.wait_log("spool_id changed")
     gw.wait_serial_open("weather", since_start=True)
     for i in range(101, 111):
         sensor.line(f"n={i}")
@@ -126,6 +125,7 @@ def test_readings_are_acked_and_a_wiped_spool_is_new_data(tmp_path, gateways, ex
         assert (r["seq"], r["values"]) == (seq, {"n": i})
     be.expect("stats", lambda s: s["spool"]["spool_id"] == hello["spool_id"]
               and s["counters"]["acked"] == 10, timeout=10)
+    be.wait_log(f"spool_id changed {first_spool} -> {hello['spool_id']}")
     gw.assert_alive()
 
 
@@ -139,7 +139,7 @@ def test_commands_from_a_file_and_stdin_reach_the_outputs(tmp_path, gateways, ex
     sensor = pty_factory("weather")
     gw = gateways(gateway_config(tmp_path, endpoint, sensor))
     reply, keys = be_file.expect("reply", timeout=10)
-    assert keys == ["kind", "id", "ok", "command", "gateway"], keys
+    assert keys == ["kind", "gateway", "id", "ok", "command"], keys
     assert ID_RE.fullmatch(reply["id"]) and reply["ok"] is True, reply
     assert reply["command"] == {"target": "relay1", "action": "set", "value": 1,
                                 "id": reply["id"]}

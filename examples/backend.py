@@ -218,7 +218,7 @@ class Backend:
         self.ledgers = {}      # gateway id -> Ledger
         self.unsupported = {}  # gateway id -> protocol of its last hello, when not PROTOCOL
         self.impostor = {}     # CURVE: routing id -> key owner of its last message, when foreign
-        self.pending = {}      # command id -> {"gateway", "command", "since", "sent"}
+        self.pending = {}      # command id -> {"gateway", "command", "since", "state"}
         self.prefix = f"py-{secrets.token_hex(6)}"  # random per run: ids never repeat
         self.counter = 0
         self.inbuf = b""
@@ -275,13 +275,14 @@ class Backend:
                 self.emit("reading", gateway, body)
             to_ack.add(gateway)  # duplicates too: the gateway may have missed our last ack
         elif kind == "reply":
-            sent = self.pending.pop(body.get("id"), None)
+            cid = body.get("id")
+            sent = self.pending.pop(cid, None) if isinstance(cid, str) else None
             self.emit("reply", gateway, {**body, **({"command": sent["command"]} if sent else {})})
         else:
             ledger, resume = self.ledgers.get(gateway), body.get("resume_seq")
-            spool = body.get("spool") or {}
+            spool = body.get("spool")
             if kind == "stats" and ledger and isinstance(resume, int) \
-                    and spool.get("spool_id") == ledger.spool_id:
+                    and isinstance(spool, dict) and spool.get("spool_id") == ledger.spool_id:
                 ledger.skip_to(resume)  # readings below were dropped at the gateway
             self.emit(kind, gateway, body)  # stats, and kinds added later: print them
 
@@ -316,19 +317,14 @@ class Backend:
         # id: the gateway never runs an id twice, it answers from its cache).
         for p in self.pending.values():
             if p["gateway"] == gateway:
-                p["sent"] = False
+                p["state"] = "send"
 
-    def send(self, gateway, kind, body):
-        """True when libzmq took the message; False when the gateway is not connected (or its
-        queue is full: then the command goes again with the next hello)."""
+    def send_ack(self, gateway):
         try:
-            self.sock.send_multipart([gateway.encode(), kind, json.dumps(body).encode()],
-                                     zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as e:
-            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            return False
+            self.sock.send_multipart([gateway.encode(), b"ack", json.dumps(
+                {"seq": self.ledgers[gateway].ack_seq()}).encode()], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # gone, or its queue is full: its next hello is answered
+            log.debug("gateway=%s: ack not sent: %s", gateway, e)
 
     def on_input_line(self, line):
         line = line.strip()
@@ -343,22 +339,34 @@ class Backend:
             self.counter += 1
             command["id"] = f"{self.prefix}-{self.counter}"
         self.pending[command["id"]] = {"gateway": gateway, "command": command,
-                                       "since": time.monotonic(), "sent": False}
+                                       "since": time.monotonic(), "state": "send"}
 
     def send_pending(self):
+        """Sends each command in state "send"; gives up those without a reply in time."""
         now = time.monotonic()
         for cid, p in list(self.pending.items()):
+            gateway = p["gateway"]
             if now - p["since"] > self.args.command_timeout:
                 del self.pending[cid]
-                log.error("command id=%s gateway=%s: no reply within %s s (gateway not "
-                          "connected?): given up", cid, p["gateway"], self.args.command_timeout)
-            elif p["gateway"] in self.impostor:
+                log.error("command id=%s gateway=%s: no reply within %s s: given up",
+                          cid, gateway, self.args.command_timeout)
+            elif gateway in self.impostor:
                 del self.pending[cid]
                 log.error("command id=%s not sent: routing id %s was last used with the key of "
-                          "%s (impersonation)", cid, p["gateway"], self.impostor[p["gateway"]])
-            elif not p["sent"] and self.send(p["gateway"], b"command", p["command"]):
-                p["sent"] = True
-                log.info("command sent id=%s gateway=%s", cid, p["gateway"])
+                          "%s (impersonation)", cid, gateway, self.impostor[gateway])
+            elif p["state"] == "send" and gateway not in self.unsupported:
+                try:
+                    self.sock.send_multipart([gateway.encode(), b"command",
+                                              json.dumps(p["command"]).encode()], zmq.NOBLOCK)
+                    p["state"] = "sent"
+                    log.info("command sent id=%s gateway=%s", cid, gateway)
+                except zmq.Again:
+                    pass  # its queue is full: again at the next turn
+                except zmq.ZMQError as e:
+                    if e.errno != zmq.EHOSTUNREACH:
+                        raise
+                    p["state"] = "wait"  # not connected (ROUTER_MANDATORY): until its hello
+                    log.info("command id=%s waits for gateway=%s to connect", cid, gateway)
 
     def read_input(self, fd):
         """Reads what is there and handles every complete line. False at end of input."""
@@ -405,7 +413,7 @@ class Backend:
                 if self.out is not sys.stdout:
                     os.fsync(self.out.fileno())
                 for gateway in to_ack:
-                    self.send(gateway, b"ack", {"seq": self.ledgers[gateway].ack_seq()})
+                    self.send_ack(gateway)
             self.send_pending()
             self.out.flush()
 

@@ -57,10 +57,13 @@ log = logging.getLogger("backend")
 
 def load_secret_key(path):
     """A `zgate keygen` secret key file: 40 Z85 characters on one line, not open to others."""
-    mode = os.stat(path).st_mode & 0o777
+    try:
+        mode = os.stat(path).st_mode & 0o777
+        key = Path(path).read_text().strip()
+    except OSError as e:
+        sys.exit(f"cannot read secret key file {path}: {e}")
     if mode & 0o037:
         sys.exit(f"secret key file {path} is open to others (mode {mode:04o}): chmod 600 {path}")
-    key = Path(path).read_text().strip()
     try:
         if len(z85.decode(key)) != 32:
             raise ValueError
@@ -213,7 +216,10 @@ class Backend:
         elif re.match(r"tcp://(?!127\.|localhost:|\[::1\])", args.bind):
             log.warning("INSECURE: %s is plaintext: anyone on the network can read and forge "
                         "readings and commands; use --secret-key and --allow", args.bind)
-        self.sock.bind(args.bind)
+        try:
+            self.sock.bind(args.bind)
+        except zmq.ZMQError as e:
+            sys.exit(f"cannot bind {args.bind}: {e}")
         self.out = open(args.out, "a") if args.out else sys.stdout
         self.ledgers = {}      # gateway id -> Ledger
         self.unsupported = {}  # gateway id -> protocol of its last hello, when not PROTOCOL
@@ -388,9 +394,14 @@ class Backend:
         if self.zap is not None:
             poller.register(self.zap, zmq.POLLIN)
         fd = None
-        if self.args.commands != "none":
-            fd = sys.stdin.fileno() if self.args.commands == "-" else os.open(self.args.commands,
-                                                                             os.O_RDONLY)
+        if self.args.commands == "-":
+            fd = sys.stdin.fileno()
+        elif self.args.commands != "none":
+            try:
+                fd = os.open(self.args.commands, os.O_RDONLY)
+            except OSError as e:
+                sys.exit(f"--commands: {e}")
+        if fd is not None:
             poller.register(fd, zmq.POLLIN)
         log.info("listening bind=%s", self.args.bind)
         while True:

@@ -81,12 +81,12 @@ def keygen(prefix):
 
 def gateway_config(base, endpoint, sensor, *, gateway_id=GW_ID, backend=()):
     """Serial port "weather", outputs relay1 (pin 27, starts at 0) and relay2 (pin 22, at 1),
-    stats every second, unacked readings resent after 2 s."""
+    stats every second, unacked readings resent after 3 s."""
     base.mkdir(exist_ok=True)
     return make_config(base, endpoint, serial=[("weather", sensor.path, "kv", "\n")],
                        stats_interval_s=1, gateway_id=gateway_id, backend=list(backend),
                        outputs=(("relay1", 27, 0, 5000), ("relay2", 22, 1, 5000)),
-                       spool={"retransmit_s": 2})
+                       spool={"retransmit_s": 3})
 
 
 def test_readings_are_acked_and_a_wiped_spool_is_new_data(tmp_path, gateways, examples,
@@ -105,10 +105,10 @@ def test_readings_are_acked_and_a_wiped_spool_is_new_data(tmp_path, gateways, ex
         assert keys[:3] == ["kind", "gateway", "seq"], keys
         assert (r["gateway"], r["seq"], r["source"], r["values"]) == (GW_ID, i, "weather",
                                                                       {"n": i})
-    # Acked: the gateway counts all 20 as acked, and with retransmit_s = 2 it resends nothing
-    # over the next 3 s (a backend that did not ack would get them all again).
+    # Acked: the gateway counts all 20 as acked, and with retransmit_s = 3 it resends nothing
+    # over the next 4 s (a backend that did not ack would get them all again).
     s, _ = be.expect("stats", lambda s: s["counters"]["acked"] == 20, timeout=10)
-    later, _ = be.expect("stats", lambda t: t["uptime_s"] >= s["uptime_s"] + 3, timeout=10)
+    later, _ = be.expect("stats", lambda t: t["uptime_s"] >= s["uptime_s"] + 4, timeout=10)
     assert later["counters"]["retransmits"] == 0, later
     assert later["spool"]["readings"] == 0, later
     assert [r["seq"] for r in be.readings()] == list(range(1, 21)), "a reading printed twice"

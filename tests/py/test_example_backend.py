@@ -180,7 +180,9 @@ def test_commands_from_a_file_and_stdin_reach_the_outputs(tmp_path, gateways, ex
     be.line("gw-01 relay1")
     be.wait_log("refused: expected GATEWAY TARGET ACTION [VALUE]")
     be.line("gw-99 relay1 toggle")
+    be.wait_log("waits for gateway=gw-99 to connect")  # ROUTER_MANDATORY: not "sent"
     be.wait_log("gateway=gw-99: no reply within 5.0 s")
+    assert not [x for x in be.log().splitlines() if "command sent" in x and "gw-99" in x]
     assert read_pin(tmp_path, 27) == "1\n"
     gw.assert_alive()
 
@@ -262,13 +264,17 @@ class FakeGateway:
         self.endpoint = endpoint
         self.sock = None
 
-    def connect(self):
-        if self.sock is not None:
-            self.sock.close(0)
+    def connect(self, close_old=True):
+        """A new connection; ``close_old=False`` leaves the old one open, as a link that froze
+        without a FIN does (returned, to be closed by the caller)."""
+        old = self.sock
+        if old is not None and close_old:
+            old.close(0)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, b"gw-fake")
         self.sock.connect(self.endpoint)
+        return old
 
     def send(self, kind, body):
         self.sock.send_multipart([kind.encode(), json.dumps(body).encode()])
@@ -336,6 +342,12 @@ def test_ack_rules_with_a_pyzmq_gateway(examples):
         g.reading(5)
         assert g.ack() == 5
         assert len(be.readings()) == 5
+        # The old connection still open (a frozen link): the new one takes over its routing id
+        # (ROUTER_HANDOVER), and its hello is answered.
+        stale = g.connect(close_old=False)
+        g.hello(SPOOL_A, 6)
+        assert g.ack() == 5
+        stale.close(0)
         # A new spool_id: a fresh ledger, seq 1 is a new reading.
         g.connect()
         g.hello(SPOOL_B, 1)

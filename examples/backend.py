@@ -289,8 +289,10 @@ class Backend:
             spool = body.get("spool")
             if kind == "stats" and ledger and isinstance(resume, int) \
                     and isinstance(spool, dict) and spool.get("spool_id") == ledger.spool_id:
+                high = ledger.high
                 ledger.skip_to(resume)  # readings below were dropped at the gateway
-                to_ack.add(gateway)  # readings after the gap may be contiguous now
+                if ledger.high != high:
+                    to_ack.add(gateway)  # the readings after the gap can be acked now
             self.emit(kind, gateway, body)  # stats, and kinds added later: print them
 
     def on_hello(self, gateway, body, to_ack):

@@ -67,7 +67,7 @@ def load_secret_key(path):
     try:
         if len(z85.decode(key)) != 32:
             raise ValueError
-    except ValueError:
+    except (KeyError, ValueError):  # a character outside Z85, or the wrong length
         sys.exit(f"secret key file {path}: not a 40-character Z85 CURVE key")
     return key.encode()
 
@@ -149,8 +149,8 @@ class Ledger:
             return False
         self.ahead.add(seq)
         self._advance()
-        while len(self.ahead) > MAX_AHEAD:
-            self.ahead.remove(min(self.ahead))
+        while len(self.ahead) > MAX_AHEAD:  # bounded (a forgotten seq, if resent, is stored
+            self.ahead.remove(min(self.ahead))  # again: at-least-once, never lost)
         return True
 
     def _advance(self):

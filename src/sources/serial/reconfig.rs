@@ -59,16 +59,16 @@ impl SerialSource {
         self.framer.set_ending(new.ending);
         let path_changed = new.path != self.path;
         let baud_changed = new.baud != self.baud;
+        if path_changed && self.port.is_some() {
+            let reason = format!(
+                "path changed to {} by a configuration reload",
+                new.path.display()
+            );
+            self.disconnect(reason, callback);
+        }
         self.path = new.path;
         self.baud = new.baud;
         if path_changed {
-            if self.port.is_some() {
-                let reason = format!(
-                    "path changed to {} by a configuration reload",
-                    self.path.display()
-                );
-                self.disconnect(reason, callback);
-            }
             // Open the new path now, not after the backoff.
             self.backoff = BACKOFF_MIN;
             self.arm_retry_now();

@@ -58,7 +58,7 @@ pub struct ListDiff {
 }
 
 impl ListDiff {
-    /// Matches `old` and `new` by `key`; `same` says whether two matched items are equal.
+    /// Matches `old` and `new` by `key`; matched items that differ are `changed`.
     fn of<T, K: PartialEq>(old: &[T], new: &[T], key: impl Fn(&T) -> K) -> ListDiff
     where
         T: PartialEq,

@@ -93,3 +93,97 @@ impl SerialSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calloop::EventLoop;
+    use nix::sys::termios::{cfgetospeed, tcgetattr};
+    use std::io::Write;
+
+    fn pty() -> (std::fs::File, PathBuf) {
+        let p = nix::pty::openpty(None, None).unwrap();
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd())).unwrap();
+        drop(p.slave);
+        (std::fs::File::from(p.master), path)
+    }
+
+    fn cfg(path: &Path, baud: u32, ending: InputLineEnding) -> SerialConfig {
+        let text = format!(
+            "[gateway]\nid = \"t\"\n[[serial]]\nname = \"s\"\npath = \"{}\"\nbaud = {baud}\n\
+             input_line_ending = \"{}\"\nwrite_timeout_ms = 300\n",
+            path.display(),
+            format!("{ending:?}").to_lowercase()
+        );
+        crate::config::Config::parse(&text, "t.toml")
+            .unwrap()
+            .serial[0]
+            .clone()
+    }
+
+    fn run_until(ev: &mut EventLoop<Vec<SerialEvent>>, st: &mut Vec<SerialEvent>, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while st.len() < n {
+            assert!(Instant::now() < deadline, "timeout; events so far: {st:?}");
+            ev.dispatch(Some(Duration::from_millis(20)), st).unwrap();
+        }
+    }
+
+    fn line(s: &str) -> SerialEvent {
+        SerialEvent::Line(s.as_bytes().to_vec())
+    }
+
+    /// A new line ending and baud rate apply to the open port (no reopen, a partial line
+    /// kept); a new path closes the port and opens the new one at once.
+    #[test]
+    fn settings_apply_in_place_and_a_new_path_reopens() {
+        let (mut master, path) = pty();
+        let mut ev: EventLoop<Vec<SerialEvent>> = EventLoop::try_new().unwrap();
+        let src = SerialSource::new("s", &path, 9600).unwrap();
+        let handle = src.handle();
+        ev.handle()
+            .insert_source(src, |e, _, st: &mut Vec<SerialEvent>| st.push(e))
+            .unwrap();
+        let mut st = Vec::new();
+        run_until(&mut ev, &mut st, 1);
+        master.write_all(b"a=1\nb=").unwrap();
+        run_until(&mut ev, &mut st, 2);
+
+        // A pty master reports its slave's termios.
+        assert_eq!(cfgetospeed(&tcgetattr(&master).unwrap()), BaudRate::B9600);
+        handle.reconfigure(&cfg(&path, 19200, InputLineEnding::Cr));
+        ev.dispatch(Some(Duration::from_millis(20)), &mut st)
+            .unwrap();
+        assert_eq!(
+            cfgetospeed(&tcgetattr(&master).unwrap()),
+            BaudRate::B19200,
+            "set on the open tty"
+        );
+        assert_eq!(
+            handle.shared.borrow().writes.timeout,
+            Duration::from_millis(300)
+        );
+        master.write_all(b"2\rc=3\n4\r").unwrap();
+        run_until(&mut ev, &mut st, 4);
+        assert_eq!(
+            st,
+            vec![
+                SerialEvent::Connected,
+                line("a=1"),
+                line("b=2"),
+                line("c=3\n4")
+            ]
+        );
+
+        let (mut master2, path2) = pty();
+        st.clear();
+        handle.reconfigure(&cfg(&path2, 19200, InputLineEnding::Cr));
+        run_until(&mut ev, &mut st, 2);
+        assert!(matches!(&st[0], SerialEvent::Disconnected(why) if why.contains("path changed")));
+        assert_eq!(st[1], SerialEvent::Connected);
+        master2.write_all(b"d=5\r").unwrap();
+        run_until(&mut ev, &mut st, 3);
+        assert_eq!(st[2], line("d=5"));
+        assert_eq!(cfgetospeed(&tcgetattr(&master2).unwrap()), BaudRate::B19200);
+    }
+}

@@ -114,6 +114,16 @@ pub struct ReloadPlan {
     pub shutdown_flush_changed: bool,
 }
 
+/// A value as the log shows it: quoted text, an unset option as `unset`.
+fn shown<T: Debug>(value: &T) -> String {
+    let text = format!("{value:?}");
+    match text.strip_prefix("Some(").and_then(|t| t.strip_suffix(')')) {
+        Some(inner) => inner.to_string(),
+        None if text == "None" => "unset".into(),
+        None => text,
+    }
+}
+
 /// Records `key` as refused when the file's value differs, and puts the running value back.
 fn refuse<T: PartialEq + Clone + Debug>(
     refused: &mut Vec<Refused>,
@@ -124,8 +134,8 @@ fn refuse<T: PartialEq + Clone + Debug>(
     if running != file {
         refused.push(Refused {
             key: key.to_string(),
-            running: format!("{running:?}"),
-            file: format!("{file:?}"),
+            running: shown(running),
+            file: shown(file),
         });
         *file = running.clone();
     }

@@ -227,6 +227,10 @@ fn curve_keys_are_refused() {
     );
     assert!(!p.config.backend.curve());
     assert!(!p.changes_anything());
+    assert_eq!(
+        p.refused[1].to_string(),
+        "key=backend.secret_key_file running=unset file=\"/etc/zgate/gw.key\""
+    );
 }
 
 // ---- Through the interpreter: a real loop, spool and simulated GPIO, no backend.

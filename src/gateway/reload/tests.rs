@@ -367,3 +367,39 @@ fn invalid_file_keeps_the_running_config() {
         "the new rate limit"
     );
 }
+
+/// A `[gpio]` that cannot be opened (here a pin file that holds no level) leaves the running
+/// `[gpio]` in force, reopened with its outputs kept; the rest of the file still applies.
+#[test]
+fn unopenable_gpio_keeps_the_running_gpio() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_ev, mut gw) = start(d, TWO_RELAYS);
+    let now = Instant::now();
+    gw.on_command(
+        br#"{"id":"c-1","target":"relay1","action":"set","value":1}"#,
+        now,
+    );
+    gw.apply_effects();
+    std::fs::write(d.join("gpio19"), "x\n").unwrap();
+    let body = format!("{TWO_RELAYS}[[gpio.input]]\nname = \"bad\"\npin = 19\n");
+    let text = gpio_config(d, &body) + "[commands]\nmax_per_s = 4\n";
+    std::fs::write(d.join("zgate.toml"), text).unwrap();
+    let before = gw.config().gpio.clone();
+    gw.reload();
+    assert_eq!(gw.config().gpio, before);
+    assert_eq!(gw.config().commands.max_per_s, 4);
+    assert!(gw.inputs.get(0).is_none());
+    assert_eq!(pin(d, 27), Some(Level::High), "relay1 kept its level");
+    assert_eq!(gw.outputs.get(0).map(|o| o.level), Some(Level::High));
+    gw.on_command(
+        br#"{"id":"c-2","target":"relay2","action":"set","value":1}"#,
+        now,
+    );
+    gw.apply_effects();
+    assert_eq!(
+        pin(d, 22),
+        Some(Level::High),
+        "the reopened backend drives outputs"
+    );
+}

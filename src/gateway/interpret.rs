@@ -100,7 +100,7 @@ impl Gateway {
                     self.arm_spool_tick(now);
                 }
             }
-            TimerId::Pulse(i) => self.outputs.pulse_due(i, &mut self.fx),
+            TimerId::Pulse(i) => self.outputs.pulse_due(i, now, &mut self.fx),
             TimerId::Debounce(i) => self.inputs.debounce_due(i, &mut self.fx),
         }
         self.apply_effects();

@@ -330,11 +330,14 @@ impl Gateway {
         }
     }
 
-    /// Stops reading sensors and starts the bounded flush of the outbox.
+    /// Ends every running pulse (the outputs go back to the levels they had before, so a
+    /// door strike does not stay energised after a stop), stops reading sensors and starts
+    /// the bounded flush of the outbox.
     pub fn begin_shutdown(&mut self) {
         if self.shutdown_deadline.is_some() {
             return;
         }
+        self.end_pulses("shutdown");
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
         if let Err(e) = sd_notify::stopping() {
@@ -357,9 +360,11 @@ impl Gateway {
         );
     }
 
-    /// Writes the spool state, logs what is left and lets libzmq hand queued frames to the
-    /// kernel before exit.
+    /// Ends the pulses still running (one started during the flush, or every one when the
+    /// loop stopped on an error), writes the spool state, logs what is left and lets libzmq
+    /// hand queued frames to the kernel before exit.
     pub fn finish(&mut self) {
+        self.end_pulses("exit");
         if let Err(e) = self.spool.flush() {
             log::error!("spool flush at shutdown failed: {e}");
         }
@@ -381,6 +386,15 @@ impl Gateway {
             self.outbox.sent(),
             self.counters.acked
         );
+    }
+
+    /// Restores every pulsing output now (written to the pin and logged by the interpreter).
+    fn end_pulses(&mut self, when: &str) {
+        let n = self.outputs.end_pulses(&mut self.fx);
+        if n > 0 {
+            log::info!("{when}: ending running pulses count={n}");
+        }
+        self.apply_effects();
     }
 
     fn view(&self) -> SpoolView {

@@ -323,8 +323,9 @@ fn reload_keeps_kept_outputs_and_ends_pulses_of_removed_ones() {
     assert_eq!(gw.config().gpio.output.len(), 2);
     assert!(gw.outputs.find("relay2").is_none());
 
-    // The pulse still ends on time, on the new index.
-    gw.on_timer(TimerId::Pulse(1));
+    // The pulse still ends at its deadline, under the new index.
+    gw.outputs.pulse_due(1, until, &mut gw.fx);
+    gw.apply_effects();
     assert_eq!(pin(d, 27), Some(Level::Low));
     // Commands reach the reopened backend.
     gw.on_command(

@@ -564,8 +564,8 @@ impl Config {
                 format!(
                     "{:?} is not a loopback or ipc endpoint, and the link is not encrypted: \
                      set backend.server_public_key and backend.secret_key_file (CURVE, see \
-                     docs/security.md), or set backend.insecure = true to accept a plaintext \
-                     link",
+                     /usr/share/doc/zgate/security.md), or set backend.insecure = true to \
+                     accept a plaintext link",
                     b.endpoint
                 ),
             ));

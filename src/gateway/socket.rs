@@ -47,7 +47,7 @@ pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, G
         log::warn!(
             "INSECURE: backend.insecure = true: the link to {} is plaintext and \
              unauthenticated; anyone on the network path can read and forge readings and \
-             commands (see docs/security.md)",
+             commands (see /usr/share/doc/zgate/security.md)",
             b.endpoint
         );
     }

@@ -192,9 +192,8 @@ pub fn scan(data: &[u8]) -> Scan {
             Err(e) => {
                 // The next position where a whole record decodes; none: the rest is a torn
                 // tail (if it decodes as incomplete) or corrupt.
-                let next = (off + 1..data.len()).find(|&at| {
-                    data[at..].starts_with(&MAGIC) && decode(&data[at..]).is_ok()
-                });
+                let next = (off + 1..data.len())
+                    .find(|&at| data[at..].starts_with(&MAGIC) && decode(&data[at..]).is_ok());
                 match next {
                     Some(at) => {
                         s.corrupt_bytes += at - off;
@@ -415,7 +414,9 @@ impl CommandLog {
     pub fn append(&mut self, id: &str, entry: &CachedReply) -> Result<bool, io::Error> {
         self.buf.clear();
         if encode(id, entry, &mut self.buf) {
-            self.file.write_all(&self.buf).inspect_err(|_| self.errors += 1)?;
+            self.file
+                .write_all(&self.buf)
+                .inspect_err(|_| self.errors += 1)?;
             self.records += 1;
             self.dirty = true;
         }

@@ -45,14 +45,16 @@ fn entries_come_back_in_order_after_reopen() {
         body: BodyDigest::Unparsed(7),
         ..entry(r#"{"id":"b","ok":false,"error":"bad"}"#, 0)
     };
-    log.append("a", &entry(r#"{"id":"a","ok":true}"#, 1)).unwrap();
+    log.append("a", &entry(r#"{"id":"a","ok":true}"#, 1))
+        .unwrap();
     log.append("b", &unparsed).unwrap();
     let pending = CachedReply {
         reply: None,
         body: BodyDigest::Command(3),
     };
     log.append("in-progress", &pending).unwrap();
-    log.append("c", &entry(r#"{"id":"c","ok":true}"#, 2)).unwrap();
+    log.append("c", &entry(r#"{"id":"c","ok":true}"#, 2))
+        .unwrap();
     assert_eq!(log.records(), 3, "an entry without a reply is not written");
     log.flush();
     drop(log);
@@ -115,7 +117,10 @@ fn corrupt_record_is_skipped() {
     fs::write(&path, &data).unwrap();
     let mut commands = Commands::new(100, Instant::now());
     let _log = CommandLog::open_into(dir.path(), &mut commands).unwrap();
-    let got: Vec<_> = commands.remembered().map(|(id, _)| id.to_string()).collect();
+    let got: Vec<_> = commands
+        .remembered()
+        .map(|(id, _)| id.to_string())
+        .collect();
     assert_eq!(got, vec!["k-0", "k-2", "k-3"]);
     let s = scan(&fs::read(&path).unwrap());
     assert_eq!(s.corrupt_bytes, 0, "rewritten at open");
@@ -196,7 +201,9 @@ fn compaction_bounds_the_file() {
     let mut again = Commands::new(100, t0);
     let _log = CommandLog::open_into(dir.path(), &mut again).unwrap();
     let got: Vec<_> = again.remembered().map(|(id, _)| id.to_string()).collect();
-    let want: Vec<_> = (total - REPLY_CACHE..total).map(|i| format!("x-{i}")).collect();
+    let want: Vec<_> = (total - REPLY_CACHE..total)
+        .map(|i| format!("x-{i}"))
+        .collect();
     assert_eq!(got, want);
 }
 
@@ -235,7 +242,11 @@ fn restart_keeps_replies_and_digests() {
     assert!(c.on_command(other, t0, &mut fx).is_none(), "not run");
     let r = apply(&mut fx, &mut log, &c);
     assert!(r[0].contains("reused with a different command"), "{r:?}");
-    assert_eq!((c.ok, c.failed), (0, 1), "counters are this run's: retries are not counted");
+    assert_eq!(
+        (c.ok, c.failed),
+        (0, 1),
+        "counters are this run's: retries are not counted"
+    );
 }
 
 /// A compaction that never reached its rename (a crash) leaves a temp file: it is removed at
@@ -244,7 +255,8 @@ fn restart_keeps_replies_and_digests() {
 fn leftover_temp_file_is_removed() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = CommandLog::open(dir.path()).unwrap();
-    log.append("a", &entry(r#"{"id":"a","ok":true}"#, 1)).unwrap();
+    log.append("a", &entry(r#"{"id":"a","ok":true}"#, 1))
+        .unwrap();
     drop(log);
     let tmp = dir.path().join(format!("{FILE_NAME}.tmp"));
     fs::write(&tmp, b"half a compaction").unwrap();

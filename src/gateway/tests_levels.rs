@@ -28,7 +28,11 @@ fn readings(gw: &Gateway) -> Vec<(u64, String, serde_json::Value)> {
             .map(|m| {
                 let v: serde_json::Value = serde_json::from_str(&m.body).unwrap();
                 let seq = v["seq"].as_u64().unwrap();
-                (seq, v["source"].as_str().unwrap().to_string(), v["values"].clone())
+                (
+                    seq,
+                    v["source"].as_str().unwrap().to_string(),
+                    v["values"].clone(),
+                )
             })
             .collect()
     })
@@ -64,8 +68,14 @@ fn outputs_report_start_commands_and_pulse_ends() {
         ]
     );
     let now = Instant::now();
-    gw.on_command(br#"{"id":"c-1","target":"relay1","action":"set","value":1}"#, now);
-    gw.on_command(br#"{"id":"c-2","target":"relay1","action":"set","value":0}"#, now);
+    gw.on_command(
+        br#"{"id":"c-1","target":"relay1","action":"set","value":1}"#,
+        now,
+    );
+    gw.on_command(
+        br#"{"id":"c-2","target":"relay1","action":"set","value":0}"#,
+        now,
+    );
     gw.on_command(
         br#"{"id":"c-3","target":"relay2","action":"pulse","value":{"ms":5000}}"#,
         now,
@@ -82,7 +92,10 @@ fn outputs_report_start_commands_and_pulse_ends() {
     );
     gw.begin_shutdown();
     assert_eq!(read_pin_file(dir.path(), 22).unwrap(), Some(Level::High));
-    assert_eq!(readings(&gw)[4], (5, "relay2".into(), level(1, "pulse_end")));
+    assert_eq!(
+        readings(&gw)[4],
+        (5, "relay2".into(), level(1, "pulse_end"))
+    );
     gw.finish();
     drop(gw);
     let (mut spool, _) = Spool::open(&dir.path().join("spool"), Default::default()).unwrap();

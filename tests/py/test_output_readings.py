@@ -4,7 +4,7 @@ GPIO files."""
 
 import time
 
-from conftest import check_reading, make_config, read_pin
+from conftest import check_reading, make_config, read_pin, wait_until
 
 # make_config's defaults: relay1 on pin 27 (initial 0), relay2 on pin 22 (initial 1).
 
@@ -81,7 +81,7 @@ def test_command_ids_survive_a_restart(tmp_path, gateways, peers):
     assert read_pin(tmp_path, 27) == "1\n"
     peer.command({"id": "p-1", "target": "relay2", "action": "pulse", "value": {"ms": 200}})
     assert peer.reply("p-1") == {"id": "p-1", "ok": True}
-    peer.expect("reading", lambda b: b["values"] == lv(1, "pulse_end"), timeout=3)
+    wait_until(lambda: read_pin(tmp_path, 22) == "1\n", 3, "the pulse to end")
     bad = {"id": "b-1", "target": "relay1", "action": "set", "value": 7}
     peer.command(bad)
     refusal = peer.reply("b-1")
@@ -89,7 +89,8 @@ def test_command_ids_survive_a_restart(tmp_path, gateways, peers):
 
     assert gw.term() == 0
     # Not acked: readings up to here are sent again after the restart.
-    last_seq = max(seq for seq, _, _ in output_readings(peer))
+    peer.recv_until(lambda: False, timeout=0.3)
+    last_seq = max((b["seq"] for b in peer.of_kind("reading")), default=0)
     # relay1 has initial = 0: the restart drives it back to 0, so a toggle run again shows.
     gw.start()
     peer.expect("hello", lambda b: b["levels"]["relay1"] == 0)
@@ -97,6 +98,7 @@ def test_command_ids_survive_a_restart(tmp_path, gateways, peers):
 
     peer.command({"id": "d-1", "target": "relay1", "action": "toggle"})
     assert peer.reply("d-1") == first, "the original reply"
+    assert read_pin(tmp_path, 27) == "0\n", "d-1 not toggled again"
     peer.command({"action": "pulse", "value": {"ms": 200}, "target": "relay2", "id": "p-1"})
     assert peer.reply("p-1") == {"id": "p-1", "ok": True}
     peer.command(bad)

@@ -96,14 +96,37 @@ fn outputs_report_start_commands_and_pulse_ends() {
         readings(&gw)[4],
         (5, "relay2".into(), level(1, "pulse_end"))
     );
+    // A pulse started during the flush ends on the way out, its reading stored before exit.
+    gw.on_command(
+        br#"{"id":"c-4","target":"relay1","action":"pulse","value":{"ms":5000}}"#,
+        now,
+    );
+    gw.apply_effects();
+    assert_eq!(readings(&gw)[5], (6, "relay1".into(), level(1, "command")));
     gw.finish();
     drop(gw);
     let (mut spool, _) = Spool::open(&dir.path().join("spool"), Default::default()).unwrap();
     let mut batch = Vec::new();
     spool.read_from(5, 10, &mut batch).unwrap();
-    assert_eq!(batch.len(), 1);
-    let v: serde_json::Value = serde_json::from_slice(&batch[0].1).unwrap();
-    assert_eq!(v["values"], level(1, "pulse_end"));
+    let got: Vec<_> = batch
+        .iter()
+        .map(|(seq, body)| {
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            (
+                *seq,
+                v["source"].as_str().unwrap().to_string(),
+                v["values"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (5, "relay2".into(), level(1, "pulse_end")),
+            (6, "relay1".into(), level(1, "command")),
+            (7, "relay1".into(), level(0, "pulse_end")),
+        ]
+    );
 }
 
 /// A command answered before a restart is answered the same way after it and not executed

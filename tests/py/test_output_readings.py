@@ -4,6 +4,8 @@ GPIO files."""
 
 import time
 
+import pytest
+
 from conftest import check_reading, make_config, read_pin, wait_until
 
 # make_config's defaults: relay1 on pin 27 (initial 0), relay2 on pin 22 (initial 1).
@@ -71,7 +73,9 @@ def test_level_readings_start_command_pulse_end(tmp_path, gateways, peers):
     peer.expect("stats", lambda b: b["counters"]["acked"] == 4, timeout=5)
 
 
-def test_command_ids_survive_a_restart(tmp_path, gateways, peers):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_command_ids_survive_a_restart(tmp_path, gateways, peers, stop):
+    """SIGKILL too: the entry was written (page cache) before the reply left."""
     peer = peers(handover=True)
     gw = gateways(make_config(tmp_path, peer.endpoint))
     peer.expect("hello")
@@ -87,7 +91,10 @@ def test_command_ids_survive_a_restart(tmp_path, gateways, peers):
     refusal = peer.reply("b-1")
     assert refusal["ok"] is False, refusal
 
-    assert gw.term() == 0
+    if stop == "SIGTERM":
+        assert gw.term() == 0
+    else:
+        gw.kill9()
     # Not acked: readings up to here are sent again after the restart.
     peer.recv_until(lambda: False, timeout=0.3)
     last_seq = max((b["seq"] for b in peer.of_kind("reading")), default=0)

@@ -2,7 +2,7 @@
 //! `<data_dir>/commands.log`, so a backend that retries a command across a gateway restart
 //! gets the original reply and the command does not run twice.
 //!
-//! [`Commands`](super::commands::Commands) decides; this module only stores. The file is an
+//! [`Commands`] decides; this module only stores. The file is an
 //! 8-byte header followed by records (little-endian):
 //!
 //! ```text

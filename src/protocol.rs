@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 mod command;
 pub use command::{
     check_write_value, command_id, parse_ack, parse_command, Action, Command, CommandError,
-    MAX_ID_LEN,
+    StableDigest, MAX_ID_LEN,
 };
 
 /// The protocol version a gateway announces in `hello`.
@@ -173,6 +173,22 @@ impl Values {
         push_json_str(&mut out, key);
         out.push(':');
         out.push_str(&value.to_string());
+        out.push('}');
+        Values(out)
+    }
+
+    /// `{"<key>":<value>, ...}` with the entries in the order given (keys must differ).
+    pub fn pairs(entries: &[(&str, &Value)]) -> Values {
+        let mut out = String::with_capacity(2 + entries.len() * 16);
+        out.push('{');
+        for (n, (key, value)) in entries.iter().enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            push_json_str(&mut out, key);
+            out.push(':');
+            out.push_str(&value.to_string());
+        }
         out.push('}');
         Values(out)
     }

@@ -9,10 +9,14 @@
 //! retry (answered as before, never executed twice); the same id with a different command is
 //! refused, so a backend that reuses ids (after a restart, say) learns of it instead of
 //! getting someone else's `ok: true` for a command that never ran.
+//!
+//! Every answer that is remembered is also handed out as an [`Effect::RememberReply`], which
+//! the interpreter appends to the command log on disk (`command_log`); at start the log's
+//! entries come back through [`Commands::restore`], so ids and replies survive a restart.
 
 use super::effect::{Effect, Effects};
 use crate::limit::{LogLimits, RateLimiter, Verdict};
-use crate::protocol::{self, Command, Message};
+use crate::protocol::{self, Command, Message, StableDigest};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -31,17 +35,16 @@ pub enum BodyDigest {
 }
 
 impl BodyDigest {
-    /// The digest of a refused body's bytes.
+    /// The digest of a refused body's bytes (a [`StableDigest`], so it can be kept on disk).
     pub fn of_bytes(body: &[u8]) -> BodyDigest {
-        use std::hash::Hasher;
-        let mut h = std::hash::DefaultHasher::new();
-        h.write(body);
+        let mut h = StableDigest::new();
+        h.bytes(body);
         BodyDigest::Unparsed(h.finish())
     }
 }
 
 /// What is remembered of one command id.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedReply {
     /// The reply sent, or `None` while the command is in progress.
     pub reply: Option<Message>,
@@ -73,6 +76,13 @@ impl ReplyCache {
                 }
             }
         }
+    }
+
+    /// Every remembered id and its entry, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &CachedReply)> {
+        self.order
+            .iter()
+            .filter_map(|id| self.map.get(id).map(|e| (id.as_str(), e)))
     }
 
     /// How many ids are remembered.
@@ -126,6 +136,19 @@ impl Commands {
             failed: 0,
             bad_messages: 0,
         }
+    }
+
+    /// Remembers the answered commands of an earlier run (the command log, oldest first), as
+    /// if they had been answered in this one; the counters do not change.
+    pub fn restore(&mut self, entries: impl IntoIterator<Item = (String, CachedReply)>) {
+        for (id, entry) in entries {
+            self.replies.insert(&id, entry);
+        }
+    }
+
+    /// Every remembered id that has its reply, oldest first (what the command log keeps).
+    pub fn remembered(&self) -> impl Iterator<Item = (&str, &CachedReply)> {
+        self.replies.iter().filter(|(_, e)| e.reply.is_some())
     }
 
     /// A `command` body. Returns the command to execute; `None` when it was answered here:
@@ -248,15 +271,21 @@ impl Commands {
         self.answer(id, body, reply, fx);
     }
 
-    /// Sends `reply` and remembers it with the command's digest (`None`: a command that
-    /// did not come through [`Commands::on_command`]; answered, not remembered).
+    /// Sends `reply` and remembers it with the command's digest, in memory and in the
+    /// command log (`None`: a command that did not come through [`Commands::on_command`];
+    /// answered, not remembered). The log entry goes first, so a reply that left was
+    /// handed to the disk before.
     fn answer(&mut self, id: &str, body: Option<BodyDigest>, reply: Message, fx: &mut Effects) {
         if let Some(body) = body {
             let entry = CachedReply {
                 reply: Some(reply.clone()),
                 body,
             };
-            self.replies.insert(id, entry);
+            self.replies.insert(id, entry.clone());
+            fx.push(Effect::RememberReply {
+                id: id.to_string(),
+                entry,
+            });
         }
         fx.push(Effect::Send(reply));
     }
@@ -358,14 +387,29 @@ mod tests {
         assert_eq!(c.len(), REPLY_CACHE);
     }
 
+    /// The replies sent; every remembered answer must have gone to the log first.
     fn sent(fx: &mut Effects) -> Vec<String> {
-        fx.drain()
-            .into_iter()
-            .map(|e| match e {
-                Effect::Send(m) => m.body,
+        let mut logged: Option<String> = None;
+        let mut out = Vec::new();
+        for e in fx.drain() {
+            match e {
+                Effect::RememberReply { id, entry } => {
+                    assert!(logged.is_none(), "two log entries for one reply");
+                    assert_eq!(entry.reply.as_ref().map(|m| m.kind), Some("reply"));
+                    logged = Some(entry.reply.unwrap().body);
+                    assert!(logged.as_ref().unwrap().contains(&format!("{id:?}")));
+                }
+                Effect::Send(m) => {
+                    if let Some(body) = logged.take() {
+                        assert_eq!(body, m.body, "the logged reply is the one sent");
+                    }
+                    out.push(m.body)
+                }
                 other => panic!("unexpected {other:?}"),
-            })
-            .collect()
+            }
+        }
+        assert!(logged.is_none(), "logged but not sent");
+        out
     }
 
     /// A repeated id is answered with the first reply and neither executed nor counted again,

@@ -4,6 +4,8 @@
 //! an [`Effects`] queue that the interpreter drains in order. The queue is kept and reused, so
 //! the steady state allocates nothing for it.
 
+use super::commands::CachedReply;
+use super::outputs::LevelCause;
 use crate::hw::Level;
 use crate::protocol::Message;
 use std::collections::VecDeque;
@@ -66,6 +68,24 @@ pub enum Effect {
         input: usize,
         /// Its new level.
         level: Level,
+    },
+    /// Output number `output` is at `level` because of `cause`: store and send a reading
+    /// from it.
+    OutputLevel {
+        /// The output's index.
+        output: usize,
+        /// Its level.
+        level: Level,
+        /// Why it is reported.
+        cause: LevelCause,
+    },
+    /// Command `id` was answered: append `entry` to the command log so a retry after a
+    /// restart is answered the same way.
+    RememberReply {
+        /// The command id.
+        id: String,
+        /// Its digest and reply.
+        entry: CachedReply,
     },
 }
 

@@ -1,5 +1,6 @@
 //! Errors that stop the gateway, each with its cause.
 
+use super::command_log::CommandLogError;
 use crate::hw::HwError;
 use crate::spool::SpoolError;
 
@@ -42,6 +43,9 @@ pub enum GatewayError {
     /// The spool could not be opened.
     #[error("spool: {0}")]
     Spool(#[from] SpoolError),
+    /// The command log could not be opened.
+    #[error(transparent)]
+    CommandLog(#[from] CommandLogError),
     /// The link security settings are unusable.
     #[error("link security: {0}")]
     Security(String),

@@ -41,7 +41,8 @@ impl Gateway {
                     return;
                 };
                 let result = self.gpio.write(pin, level).map_err(|e| e.to_string());
-                self.outputs.pulse_ended(output, level, result);
+                self.outputs
+                    .pulse_ended(output, level, result, &mut self.fx);
             }
             Effect::ReadInput(i) => {
                 let Some(pin) = self.inputs.get(i).map(|x| x.pin) else {
@@ -58,6 +59,19 @@ impl Gateway {
                 };
                 self.emit_reading(&name, &Values::single("level", &json!(level)), now);
             }
+            Effect::OutputLevel {
+                output,
+                level,
+                cause,
+            } => {
+                let Some(name) = self.outputs.get(output).map(|x| x.name.clone()) else {
+                    return;
+                };
+                let values =
+                    Values::pairs(&[("level", &json!(level)), ("cause", &json!(cause.as_str()))]);
+                self.emit_reading(&name, &values, now);
+            }
+            Effect::RememberReply { id, entry } => self.remember_reply(&id, &entry, now),
         }
     }
 
@@ -89,6 +103,11 @@ impl Gateway {
                 self.delivery.on_replay_timer(view, room, now, &mut self.fx);
             }
             TimerId::SpoolTick => {
+                if let Err(e) = self.command_log.tick() {
+                    if self.logs.allow("command log sync failed", now) {
+                        log::error!("{e}");
+                    }
+                }
                 if let Err(e) = self.spool.tick() {
                     self.counters.spool_errors += 1;
                     if self.logs.allow("spool tick failed", now) {
@@ -104,6 +123,25 @@ impl Gateway {
             TimerId::Debounce(i) => self.inputs.debounce_due(i, &mut self.fx),
         }
         self.apply_effects();
+    }
+
+    /// Appends a command's answer to the command log (a buffered write; synced at the
+    /// spool's interval tick), compacting it when it has grown.
+    fn remember_reply(&mut self, id: &str, entry: &commands::CachedReply, now: Instant) {
+        match self.command_log.append(id, entry) {
+            Ok(true) => self.command_log.compact(self.commands.remembered()),
+            Ok(false) => {}
+            Err(e) => {
+                if self.logs.allow("command log append failed", now) {
+                    log::error!(
+                        "command log append failed path={} error=\"{e}\": id={id} is \
+                         remembered until the gateway stops",
+                        self.command_log.path().display()
+                    );
+                }
+            }
+        }
+        self.arm_spool_tick(now);
     }
 
     /// Schedules one spool tick (interval fsync, ack persistence) if none is pending.

@@ -12,6 +12,7 @@
 //! (levels, pulses), [`inputs`] (debounce). [`Gateway`] is the interpreter: the only part that
 //! touches the `LoopHandle`, the socket, the spool and the hardware.
 
+pub mod command_log;
 pub mod commands;
 pub mod delivery;
 pub mod effect;
@@ -32,11 +33,12 @@ use self::error::{chain, ierr, lerr};
 pub use self::socket::backend_socket;
 pub use self::stats::Counters;
 
+use self::command_log::CommandLog;
 use self::commands::Commands;
 use self::delivery::{Delivery, SpoolView};
 use self::inputs::Inputs;
 use self::link::Link;
-use self::outputs::Outputs;
+use self::outputs::{LevelCause, Outputs};
 use self::ports::PortState;
 use crate::config::Config;
 use crate::hw::GpioBackend;
@@ -78,6 +80,7 @@ pub struct Gateway {
     link: Link,
     delivery: Delivery,
     commands: Commands,
+    command_log: CommandLog,
     outputs: Outputs,
     inputs: Inputs,
     ports: BTreeMap<String, PortState>,
@@ -183,10 +186,14 @@ impl Gateway {
             first_unacked: spool.first_unacked(),
             next_seq: spool.next_seq(),
         };
+        // The ids answered before a restart (see `command_log`).
+        let mut commands = Commands::new(cfg.commands.max_per_s, now);
+        let command_log = CommandLog::open_into(&cfg.gateway.data_dir, &mut commands)?;
         let mut gw = Gateway {
             link: Link::new(&cfg.backend.endpoint, cfg.backend.curve()),
             delivery: Delivery::new(&cfg.spool, view, now),
-            commands: Commands::new(cfg.commands.max_per_s, now),
+            commands,
+            command_log,
             outputs: Outputs::new(&cfg.gpio.output),
             inputs: Inputs::new(&cfg.gpio.input),
             cfg,
@@ -217,6 +224,7 @@ impl Gateway {
                 gw.outputs.set_level(i, level);
             }
         }
+        gw.outputs.report_all(LevelCause::Start, &mut gw.fx);
         // Until the first handshake is reported.
         gw.link.start(now, &mut gw.fx);
         gw.apply_effects();
@@ -365,6 +373,7 @@ impl Gateway {
         if let Err(e) = self.spool.flush() {
             log::error!("spool flush at shutdown failed: {e}");
         }
+        self.command_log.flush();
         let left = self.outbox.len();
         if left > 0 {
             log::warn!("shutdown: messages not delivered count={left}");
@@ -435,3 +444,5 @@ impl Gateway {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_levels;

@@ -13,12 +13,44 @@
 //! - `toggle` ends the pulse as if it had run out, then inverts the level it would have
 //!   restored: the output keeps its pulsed level, now without a timer. So "pulse, then
 //!   toggle" ends at the same level whether the toggle comes during or after the pulse.
+//!
+//! Every level an output takes is reported as a reading from the output
+//! ([`Effect::OutputLevel`], `{"level": 0|1, "cause": ...}`, see [`LevelCause`]): its level at
+//! start, each change a command made, each pulse end. A command that leaves the level as it
+//! was (a `set` to the current level, a `pulse` extending a pulse, a `toggle` during a pulse)
+//! reports nothing: its reply confirms it, and a reading would be a state the actuator was
+//! already in.
 
 use super::effect::{Effect, Effects, TimerId};
 use crate::config::OutputConfig;
 use crate::hw::{Initial, Level};
 use crate::protocol::Action;
 use std::time::{Duration, Instant};
+
+/// Why an output reports its level (the `cause` of its reading).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelCause {
+    /// The level read after the gateway opened the output.
+    Start,
+    /// A `set`, `toggle` or `pulse` command changed the level.
+    Command,
+    /// A pulse ended and the output was driven back.
+    PulseEnd,
+    /// The output was (re)configured by a configuration reload.
+    Reload,
+}
+
+impl LevelCause {
+    /// The name in a reading's `values.cause`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LevelCause::Start => "start",
+            LevelCause::Command => "command",
+            LevelCause::PulseEnd => "pulse_end",
+            LevelCause::Reload => "reload",
+        }
+    }
+}
 
 /// A running pulse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +121,27 @@ impl Outputs {
         }
     }
 
+    /// Asks for a reading of output `i`'s current level with `cause` (for [`LevelCause::Reload`]:
+    /// call it once the output is (re)configured and its level known, after
+    /// [`Outputs::set_level`]).
+    pub fn report_level(&self, i: usize, cause: LevelCause, fx: &mut Effects) {
+        if let Some(out) = self.outputs.get(i) {
+            fx.push(Effect::OutputLevel {
+                output: i,
+                level: out.level,
+                cause,
+            });
+        }
+    }
+
+    /// Asks for a reading of every output's current level with `cause` (at start:
+    /// [`LevelCause::Start`], once the levels read after open are set).
+    pub fn report_all(&self, cause: LevelCause, fx: &mut Effects) {
+        for i in 0..self.outputs.len() {
+            self.report_level(i, cause, fx);
+        }
+    }
+
     /// The index of the output called `name`.
     pub fn find(&self, name: &str) -> Option<usize> {
         self.outputs.iter().position(|o| o.name == name)
@@ -137,11 +190,19 @@ impl Outputs {
 
     /// The write planned for `action` succeeded at `now`. A `pulse` starts or extends the
     /// pulse (keeping the level from before the first pulse to restore) and arms its timer
-    /// at `now + ms`; `set` and `toggle` end a running pulse and cancel its timer.
+    /// at `now + ms`; `set` and `toggle` end a running pulse and cancel its timer. A changed
+    /// level is reported ([`LevelCause::Command`]).
     pub fn applied(&mut self, w: PinWrite, action: &Action, now: Instant, fx: &mut Effects) {
         let out = &mut self.outputs[w.output];
         let old = out.level;
         out.level = w.level;
+        if old != w.level {
+            fx.push(Effect::OutputLevel {
+                output: w.output,
+                level: w.level,
+                cause: LevelCause::Command,
+            });
+        }
         let running = out.pulse.take();
         let restore = running.map_or(old, |p| p.restore);
         if let Action::Pulse(ms) = *action {
@@ -195,8 +256,15 @@ impl Outputs {
         }
     }
 
-    /// The restore write of output `i` to `level` ended with `result`.
-    pub fn pulse_ended(&mut self, i: usize, level: Level, result: Result<(), String>) {
+    /// The restore write of output `i` to `level` ended with `result`; a restore that
+    /// succeeded is reported ([`LevelCause::PulseEnd`]).
+    pub fn pulse_ended(
+        &mut self,
+        i: usize,
+        level: Level,
+        result: Result<(), String>,
+        fx: &mut Effects,
+    ) {
         let Some(out) = self.outputs.get_mut(i) else {
             return;
         };
@@ -205,6 +273,11 @@ impl Outputs {
             Ok(()) => {
                 out.level = level;
                 log::info!("pulse ended target={} level={level}", out.name);
+                fx.push(Effect::OutputLevel {
+                    output: i,
+                    level,
+                    cause: LevelCause::PulseEnd,
+                });
             }
             Err(e) => log::error!("pulse end failed target={} error=\"{e}\"", out.name),
         }
@@ -221,231 +294,5 @@ impl Outputs {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn outputs() -> Outputs {
-        Outputs::new(&[OutputConfig {
-            name: "relay1".into(),
-            pin: 27,
-            initial: Initial::Drive(Level::Low),
-            max_pulse_ms: 5000,
-        }])
-    }
-
-    /// Plans and applies `action` as the interpreter does after a successful pin write.
-    fn run(o: &mut Outputs, action: Action, now: Instant, fx: &mut Effects) -> PinWrite {
-        let w = o.plan(0, &action).unwrap();
-        o.applied(w, &action, now, fx);
-        w
-    }
-
-    #[test]
-    fn set_and_toggle_drive_the_pin() {
-        let t0 = Instant::now();
-        let mut o = outputs();
-        let mut fx = Effects::default();
-        assert_eq!(o.find("relay1"), Some(0));
-        assert_eq!(o.find("nope"), None);
-        assert_eq!(run(&mut o, Action::Toggle, t0, &mut fx).level, Level::High);
-        assert_eq!(run(&mut o, Action::Set(1), t0, &mut fx).level, Level::High);
-        assert_eq!(run(&mut o, Action::Toggle, t0, &mut fx).level, Level::Low);
-        assert!(fx.is_empty(), "no pulse: no timer");
-        assert!(o
-            .plan(0, &Action::Write("x".into()))
-            .unwrap_err()
-            .contains("GPIO output"));
-    }
-
-    #[test]
-    fn pulse_arms_a_deadline_and_restores() {
-        let t0 = Instant::now();
-        let mut o = outputs();
-        let mut fx = Effects::default();
-        let w = run(&mut o, Action::Pulse(200), t0, &mut fx);
-        assert_eq!((w.pin, w.level), (27, Level::High));
-        let until = t0 + Duration::from_millis(200);
-        assert_eq!(fx.drain(), vec![Effect::Arm(TimerId::Pulse(0), until)]);
-        assert_eq!(
-            o.get(0).unwrap().pulse,
-            Some(Pulse {
-                restore: Level::Low,
-                until
-            })
-        );
-        o.pulse_due(0, until, &mut fx);
-        assert_eq!(
-            fx.drain(),
-            vec![Effect::EndPulse {
-                output: 0,
-                level: Level::Low
-            }]
-        );
-        o.pulse_ended(0, Level::Low, Ok(()));
-        assert_eq!(o.get(0).unwrap().level, Level::Low);
-        assert_eq!(o.get(0).unwrap().pulse, None);
-        // A late timer after the end does nothing.
-        o.pulse_due(0, until, &mut fx);
-        assert!(fx.is_empty());
-    }
-
-    #[test]
-    fn pulse_over_the_limit_is_refused() {
-        let o = outputs();
-        let e = o.plan(0, &Action::Pulse(5001)).unwrap_err();
-        assert!(e.contains("exceeds max_pulse_ms=5000 for relay1"), "{e}");
-    }
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    /// A pulse during a pulse keeps the pulsed level, restarts the timer with the new `ms`
-    /// (longer or shorter) and keeps the level from before the first pulse to restore.
-    #[test]
-    fn pulse_during_a_pulse_extends_it() {
-        let t0 = Instant::now();
-        let mut o = outputs();
-        let mut fx = Effects::default();
-        run(&mut o, Action::Pulse(200), t0, &mut fx);
-        assert_eq!(
-            fx.drain(),
-            vec![Effect::Arm(TimerId::Pulse(0), t0 + ms(200))]
-        );
-        let w = run(&mut o, Action::Pulse(500), t0 + ms(100), &mut fx);
-        assert_eq!(w.level, Level::High, "stays active");
-        let until = t0 + ms(600);
-        assert_eq!(fx.drain(), vec![Effect::Arm(TimerId::Pulse(0), until)]);
-        let restore = Level::Low;
-        assert_eq!(o.get(0).unwrap().pulse, Some(Pulse { restore, until }));
-        // The first deadline passes: a timer firing then only re-arms for the new one.
-        o.pulse_due(0, t0 + ms(200), &mut fx);
-        assert_eq!(fx.drain(), vec![Effect::Arm(TimerId::Pulse(0), until)]);
-        assert_eq!(o.get(0).unwrap().level, Level::High);
-        o.pulse_due(0, until, &mut fx);
-        let end = || Effect::EndPulse {
-            output: 0,
-            level: Level::Low,
-        };
-        assert_eq!(fx.drain(), vec![end()]);
-        o.pulse_ended(0, Level::Low, Ok(()));
-        assert_eq!(o.get(0).unwrap().level, Level::Low);
-
-        // A shorter pulse during a pulse ends it earlier: the timer restarts with its ms.
-        run(&mut o, Action::Pulse(1000), t0, &mut fx);
-        run(&mut o, Action::Pulse(50), t0 + ms(10), &mut fx);
-        let until = t0 + ms(60);
-        assert_eq!(
-            fx.drain().last(),
-            Some(&Effect::Arm(TimerId::Pulse(0), until))
-        );
-        o.pulse_due(0, until, &mut fx);
-        assert_eq!(fx.drain(), vec![end()]);
-    }
-
-    /// From a high output a pulse goes low; a pulse during it stays low and restores high.
-    #[test]
-    fn pulse_during_a_pulse_from_high_stays_low() {
-        let t0 = Instant::now();
-        let mut o = outputs();
-        let mut fx = Effects::default();
-        run(&mut o, Action::Set(1), t0, &mut fx);
-        assert_eq!(
-            run(&mut o, Action::Pulse(100), t0, &mut fx).level,
-            Level::Low
-        );
-        assert_eq!(
-            run(&mut o, Action::Pulse(100), t0, &mut fx).level,
-            Level::Low
-        );
-        assert_eq!(o.get(0).unwrap().pulse.unwrap().restore, Level::High);
-    }
-
-    /// `set` during a pulse drives its value and nothing is restored afterwards, whichever
-    /// value it sets.
-    #[test]
-    fn set_during_a_pulse_ends_it() {
-        let t0 = Instant::now();
-        let mut o = outputs();
-        let mut fx = Effects::default();
-        for v in [0, 1] {
-            run(&mut o, Action::Pulse(200), t0, &mut fx);
-            fx.drain();
-            let w = run(&mut o, Action::Set(v), t0 + ms(50), &mut fx);
-            assert_eq!(w.level, Level::try_from(v).unwrap());
-            assert_eq!(fx.drain(), vec![Effect::Cancel(TimerId::Pulse(0))]);
-            assert_eq!(o.get(0).unwrap().pulse, None);
-            // A timer that fired anyway (already queued) restores nothing.
-            o.pulse_due(0, t0 + ms(200), &mut fx);
-            assert!(fx.is_empty());
-            assert_eq!(o.get(0).unwrap().level, w.level);
-        }
-    }
-
-    /// `toggle` during a pulse ends it as if it had run out, then inverts the restored
-    /// level: the output keeps its pulsed level, without a timer.
-    #[test]
-    fn toggle_during_a_pulse_inverts_the_restored_level() {
-        let t0 = Instant::now();
-        let mut o = outputs();
-        let mut fx = Effects::default();
-        run(&mut o, Action::Pulse(200), t0, &mut fx);
-        fx.drain();
-        let w = run(&mut o, Action::Toggle, t0 + ms(50), &mut fx);
-        assert_eq!(w.level, Level::High);
-        assert_eq!(fx.drain(), vec![Effect::Cancel(TimerId::Pulse(0))]);
-        assert_eq!(o.get(0).unwrap().pulse, None);
-        o.pulse_due(0, t0 + ms(200), &mut fx);
-        assert!(fx.is_empty());
-        assert_eq!(
-            run(&mut o, Action::Toggle, t0 + ms(300), &mut fx).level,
-            Level::Low
-        );
-    }
-
-    /// Shutdown: every running pulse is restored (timer cancelled, restore write asked for);
-    /// outputs without a pulse are left alone.
-    #[test]
-    fn end_pulses_restores_every_running_pulse() {
-        let t0 = Instant::now();
-        let cfg = |name: &str, pin, level| OutputConfig {
-            name: name.into(),
-            pin,
-            initial: Initial::Drive(level),
-            max_pulse_ms: 60_000,
-        };
-        let mut o = Outputs::new(&[
-            cfg("a", 1, Level::Low),
-            cfg("b", 2, Level::Low),
-            cfg("c", 3, Level::High),
-        ]);
-        let mut fx = Effects::default();
-        for (i, action) in [(0, Action::Pulse(30_000)), (2, Action::Pulse(30_000))] {
-            let w = o.plan(i, &action).unwrap();
-            o.applied(w, &action, t0, &mut fx);
-        }
-        fx.drain();
-        assert_eq!(o.end_pulses(&mut fx), 2);
-        let want = vec![
-            Effect::Cancel(TimerId::Pulse(0)),
-            Effect::EndPulse {
-                output: 0,
-                level: Level::Low,
-            },
-            Effect::Cancel(TimerId::Pulse(2)),
-            Effect::EndPulse {
-                output: 2,
-                level: Level::High,
-            },
-        ];
-        assert_eq!(fx.drain(), want);
-        o.pulse_ended(0, Level::Low, Ok(()));
-        o.pulse_ended(2, Level::High, Ok(()));
-        let levels: Vec<_> = o.iter().map(|x| (x.level, x.pulse)).collect();
-        assert_eq!(
-            levels,
-            vec![(Level::Low, None), (Level::Low, None), (Level::High, None)]
-        );
-        assert_eq!(o.end_pulses(&mut fx), 0);
-        assert!(fx.is_empty());
-    }
-}
+#[path = "outputs_tests.rs"]
+mod tests;

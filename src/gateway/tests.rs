@@ -116,6 +116,7 @@ fn readings_reach_the_outbox_and_rewind_from_the_spool() {
     let dir = tempfile::tempdir().unwrap();
     let (_ev, mut gw) = test_gateway(dir.path());
     let now = Instant::now();
+    // seq 1 is relay1's start reading.
     for i in 0..4 {
         gw.emit_reading("s", &Values::single("n", &json!(i)), now);
     }
@@ -127,14 +128,14 @@ fn readings_reach_the_outbox_and_rewind_from_the_spool() {
                 .collect()
         })
     };
-    assert_eq!(readings(&gw).len(), 4);
-    assert_eq!(gw.delivery.next_send(), 5);
-    gw.on_ack(2, now);
+    assert_eq!(readings(&gw).len(), 5);
+    assert_eq!(gw.delivery.next_send(), 6);
+    gw.on_ack(3, now);
     gw.on_zmq(ZmqEvent::Connected);
     let r = readings(&gw);
     assert_eq!(r.len(), 2, "{r:?}");
     assert!(
-        r[0].contains("\"seq\":3") && r[1].contains("\"seq\":4"),
+        r[0].contains("\"seq\":4") && r[1].contains("\"seq\":5"),
         "{r:?}"
     );
     let first = gw.outbox.peek(|o| o.iter().next().map(|m| m.kind));

@@ -255,26 +255,58 @@ pub struct Command {
 impl Command {
     /// A digest of what the command does: its target and its parsed action (so `"value": 1`
     /// and `"value": true` of a `set` are the same command); the id is not part of it. Two
-    /// commands with equal digests do the same thing. Stable within one process run only
-    /// (std's SipHash with fixed keys, whose algorithm may change between Rust releases):
-    /// keep it in memory, never on disk or on the wire.
+    /// commands with equal digests do the same thing. A [`StableDigest`] of fixed byte
+    /// encodings, so it is the same in every run and every build: the gateway keeps it on
+    /// disk with the command's reply.
     pub fn digest(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        // Length-prefixed fields: ("ab", "c") and ("a", "bc") hash differently.
-        h.write_usize(self.target.len());
-        h.write(self.target.as_bytes());
-        h.write(self.action.name().as_bytes());
+        let mut h = StableDigest::new();
+        // Length-prefixed fields: ("ab", "c") and ("a", "bc") digest differently.
+        h.field(self.target.as_bytes());
+        h.field(self.action.name().as_bytes());
         match &self.action {
-            Action::Set(level) => level.hash(&mut h),
+            Action::Set(level) => h.field(&[*level]),
             Action::Toggle => {}
-            Action::Pulse(ms) => ms.hash(&mut h),
-            Action::Write(text) => {
-                h.write_usize(text.len());
-                h.write(text.as_bytes());
-            }
+            Action::Pulse(ms) => h.field(&ms.to_le_bytes()),
+            Action::Write(text) => h.field(text.as_bytes()),
         }
         h.finish()
+    }
+}
+
+/// A 64-bit FNV-1a digest: the same for the same bytes in every run, on every build (unlike
+/// std's `DefaultHasher`, whose algorithm may change between Rust releases), so it may be
+/// kept on disk. Not a cryptographic hash.
+#[derive(Debug, Clone, Copy)]
+pub struct StableDigest(u64);
+
+impl StableDigest {
+    /// An empty digest.
+    pub fn new() -> StableDigest {
+        StableDigest(0xcbf2_9ce4_8422_2325)
+    }
+
+    /// Adds `bytes` as they are.
+    pub fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// Adds `bytes` with their length in front (so field boundaries count).
+    pub fn field(&mut self, bytes: &[u8]) {
+        self.bytes(&(bytes.len() as u64).to_le_bytes());
+        self.bytes(bytes);
+    }
+
+    /// The digest.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for StableDigest {
+    fn default() -> StableDigest {
+        StableDigest::new()
     }
 }
 

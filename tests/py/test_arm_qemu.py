@@ -59,7 +59,9 @@ def test_arm_binary_reads_commands_and_stops_cleanly(arch, tmp_path, gateways, p
     sensor.line(b"temperature=21.5 humidity=40,ok=true")
     reading = peer.expect("reading", lambda m: m["source"] == "weather", timeout=30)
     assert reading["values"] == {"temperature": 21.5, "humidity": 40, "ok": True}
-    assert reading["seq"] == 1
+    assert reading["seq"] == 2, "seq 1 is relay1's start reading"
+    start = peer.expect("reading", lambda m: m["source"] == "relay1", timeout=30)
+    assert (start["seq"], start["values"]) == (1, {"level": 0, "cause": "start"})
 
     # A GPIO edge through the sim file (inotify under qemu).
     set_input(tmp_path, 17, 0)

@@ -26,7 +26,8 @@ def test_serial_replugged_reconnects(tmp_path, gateways, peers, pty_factory):
     peer = peers()
     sensor = pty_factory("weather")
     gw = gateways(make_config(tmp_path, peer.endpoint, serial=[("weather", sensor.path, "kv",
-                                                               "\n")], stats_interval_s=1))
+                                                               "\n")], stats_interval_s=1,
+                              outputs=()))
     gw.wait_serial_open("weather")
     peer.expect("hello")
     sensor.line(b"a=1")
@@ -69,14 +70,15 @@ def test_backend_restart_gets_hello_and_queued_readings(tmp_path, gateways, peer
     peer = peers(endpoint)
     sensor = pty_factory("weather")
     gw = gateways(make_config(tmp_path, endpoint, serial=[("weather", sensor.path, "kv", "\n")],
-                              stats_interval_s=1))
+                              stats_interval_s=1, outputs=(("relay1", 27, 0, 2000),)))
     gw.wait_serial_open("weather")
     hello = peer.expect("hello")
     assert hello["resume_seq"] == 1
+    check_reading(peer.reading(), 1, "relay1", {"level": 0, "cause": "start"})
     sensor.line(b"a=1")
-    check_reading(peer.reading(), 1, "weather", {"a": 1})
-    peer.ack(1)
-    peer.expect("stats", lambda b: b["counters"]["acked"] == 1)
+    check_reading(peer.reading(), 2, "weather", {"a": 1})
+    peer.ack(2)
+    peer.expect("stats", lambda b: b["counters"]["acked"] == 2)
 
     peer.close()
     gw.wait_log("backend disconnected", timeout=5)
@@ -86,17 +88,18 @@ def test_backend_restart_gets_hello_and_queued_readings(tmp_path, gateways, peer
     time.sleep(0.1)
     peer2 = bind_peer(peers, endpoint)
     hello = peer2.expect("hello", timeout=10)
-    assert hello["resume_seq"] == 2, hello
+    assert hello["resume_seq"] == 3, hello
     assert peer2.history[0][0] == "hello", f"hello first after reconnect: {peer2.history[:3]}"
-    check_reading(peer2.reading(), 2, "weather", {"a": 2})
-    check_reading(peer2.reading(), 3, "weather", {"a": 3})
+    check_reading(peer2.reading(), 3, "weather", {"a": 2})
+    check_reading(peer2.reading(), 4, "weather", {"a": 3})
     sensor.line(b"a=4")
-    check_reading(peer2.reading(), 4, "weather", {"a": 4})
+    check_reading(peer2.reading(), 5, "weather", {"a": 4})
     peer2.command({"id": "c-1", "target": "relay1", "action": "toggle"})
     assert peer2.reply("c-1") == {"id": "c-1", "ok": True}
-    stats = peer2.expect("stats", lambda b: b["counters"]["readings"] == 4)
+    check_reading(peer2.reading(), 6, "relay1", {"level": 1, "cause": "command"})
+    stats = peer2.expect("stats", lambda b: b["counters"]["readings"] == 6)
     assert stats["counters"]["reconnects"] == 1
-    assert stats["counters"]["acked"] == 1
+    assert stats["counters"]["acked"] == 2
     assert stats["counters"]["dropped"] == 0
     assert gw.log().count("backend connected") == 2
     gw.assert_alive()
@@ -106,7 +109,7 @@ def test_sigterm_without_backend_exits_0_after_flush_time(tmp_path, gateways, pt
     sensor = pty_factory("weather")
     endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"  # nobody listens
     gw = gateways(make_config(tmp_path, endpoint, serial=[("weather", sensor.path, "kv", "\n")],
-                              shutdown_flush_ms=500))
+                              shutdown_flush_ms=500, outputs=()))
     gw.wait_serial_open("weather")
     sensor.line(b"a=1")
     time.sleep(0.2)  # let the reading reach the outbox (checked in the log below)
@@ -126,7 +129,8 @@ def test_sigterm_with_backend_flushes_and_exits_quickly(tmp_path, gateways, peer
     peer = peers()
     sensor = pty_factory("weather")
     gw = gateways(make_config(tmp_path, peer.endpoint, serial=[("weather", sensor.path, "kv",
-                                                               "\n")], shutdown_flush_ms=5000))
+                                                               "\n")], shutdown_flush_ms=5000,
+                              outputs=()))
     gw.wait_serial_open("weather")
     peer.expect("hello")
     sensor.write(b"".join(b"n=%d\n" % i for i in range(3000)))
@@ -207,7 +211,7 @@ def test_sigterm_delivers_what_libzmq_still_holds(tmp_path, short_dir, gateways,
         sensor = pty_factory("weather")
         gw = gateways(make_config(tmp_path, proxy.endpoint,
                                   serial=[("weather", sensor.path, "kv", "\n")],
-                                  shutdown_flush_ms=4000, outbox_max=10000))
+                                  shutdown_flush_ms=4000, outbox_max=10000, outputs=()))
         gw.wait_serial_open("weather")
         peer.expect("hello")
         sensor.write(b"".join(b"n=%d\n" % i for i in range(5000)))

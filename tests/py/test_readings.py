@@ -3,7 +3,10 @@
 from conftest import GW_ID, check_reading, make_config, wait_until
 
 
-def start(tmp_path, gateways, peers, pty_factory, **cfg):
+def start(tmp_path, gateways, peers, pty_factory, start_levels=(0, 1), **cfg):
+    """The gateway and its peer after the hello and the outputs' start readings (one per
+    output, seqs 1.., with ``start_levels``): the next reading's seq is
+    ``len(start_levels) + 1``."""
     peer = peers()
     sensors = {
         "weather": pty_factory("weather"),
@@ -16,6 +19,9 @@ def start(tmp_path, gateways, peers, pty_factory, **cfg):
     for n in sensors:
         gw.wait_serial_open(n)
     hello = peer.expect("hello")
+    outputs = [o[0] for o in cfg.get("outputs", (("relay1",), ("relay2",)))]
+    for seq, (name, level) in enumerate(zip(outputs, start_levels, strict=True), start=1):
+        check_reading(peer.reading(), seq, name, {"level": level, "cause": "start"})
     return gw, peer, sensors, hello
 
 
@@ -40,20 +46,22 @@ def test_hello_then_readings_in_order_with_exact_envelope(tmp_path, gateways, pe
         ("console", "température 21°C".encode(), {"line": "température 21°C"}),
         ("meter", b'{"nested": {"a": {"b": 1}}}', {"nested": {"a": {"b": 1}}}),
     ]
-    # One at a time: seq order across ports is then the order of the writes.
-    for i, (port, line, values) in enumerate(expected, start=1):
+    # One at a time: seq order across ports is then the order of the writes (after the two
+    # start readings).
+    for i, (port, line, values) in enumerate(expected, start=3):
         s[port].line(line)
         check_reading(peer.reading(), i, port, values)
 
     # A burst on one port keeps its order and consecutive seqs.
     s["weather"].write(b"".join(b"n=%d\n" % i for i in range(200)))
     for i in range(200):
-        check_reading(peer.reading(), len(expected) + 1 + i, "weather", {"n": i})
+        check_reading(peer.reading(), len(expected) + 3 + i, "weather", {"n": i})
     gw.assert_alive()
 
 
 def test_bad_lines_are_counted_and_consume_no_seq(tmp_path, gateways, peers, pty_factory):
-    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, stats_interval_s=1)
+    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, stats_interval_s=1,
+                           outputs=(), start_levels=())
     s["weather"].line(b"a=1")
     check_reading(peer.reading(), 1, "weather", {"a": 1})
 
@@ -94,7 +102,8 @@ def test_bad_lines_are_counted_and_consume_no_seq(tmp_path, gateways, peers, pty
 
 
 def test_input_edges_become_readings(tmp_path, gateways, peers, pty_factory):
-    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory)
+    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, outputs=(),
+                           start_levels=())
     sim = tmp_path / "sim"
     assert wait_until(lambda: (sim / "gpio17").exists(), 2, "gpio17")
     assert (sim / "gpio17").read_text() == "1\n", "pull-up input starts at 1"
@@ -108,17 +117,19 @@ def test_input_edges_become_readings(tmp_path, gateways, peers, pty_factory):
 
 def test_levels_at_start_are_read_not_assumed(tmp_path, gateways, peers, pty_factory):
     """A pull-up door contact already closed (0) at start keeps its 0, so its first opening is
-    a reading; an output with initial = "keep" is not written at start."""
+    a reading; an output with initial = "keep" is not written at start, and its start reading
+    has the level it was left at."""
     sim = tmp_path / "sim"
     sim.mkdir()
     (sim / "gpio17").write_text("0\n")
     (sim / "gpio27").write_text("1")  # no newline: any write at start would show
     outputs = [("relay1", 27, "keep", 1000)]
-    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, outputs=outputs)
+    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, outputs=outputs,
+                           start_levels=(1,))
     assert (sim / "gpio17").read_text() == "0\n"
     assert (sim / "gpio27").read_text() == "1"
     tmp = sim / ".door.tmp"
     tmp.write_text("1\n")
     tmp.rename(sim / "gpio17")
-    check_reading(peer.reading(), 1, "door", {"level": 1})
+    check_reading(peer.reading(), 2, "door", {"level": 1})
     gw.assert_alive()

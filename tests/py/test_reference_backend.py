@@ -16,11 +16,16 @@ def test_readings_commands_and_acks(tmp_path, gateways, backends, pty_factory):
     hello, keys = be.expect("hello", timeout=10)
     assert keys[0] == "kind"
     assert hello["gateway"] == GW_ID and hello["protocol"] == 1 and hello["resume_seq"] == 1
+    # seqs 1 and 2: the outputs' start readings.
+    for seq, name, level in ((1, "relay1", 0), (2, "relay2", 1)):
+        r, _ = be.expect("reading")
+        assert (r["seq"], r["source"], r["values"]) == (seq, name,
+                                                        {"level": level, "cause": "start"})
 
     sensor.line(b"temperature=21.5 humidity=40,ok=true name=abc")
     r, keys = be.expect("reading")
     assert keys == ["kind", "gateway", "seq", "source", "time", "values"], keys
-    assert r["seq"] == 1 and r["source"] == "weather" and r["gateway"] == GW_ID
+    assert r["seq"] == 3 and r["source"] == "weather" and r["gateway"] == GW_ID
     assert TIME_RE.match(r["time"])
     assert r["values"] == {"temperature": 21.5, "humidity": 40, "ok": True, "name": "abc"}
     assert type(r["values"]["humidity"]) is int and type(r["values"]["temperature"]) is float
@@ -28,7 +33,7 @@ def test_readings_commands_and_acks(tmp_path, gateways, backends, pty_factory):
         sensor.line(b"n=%d" % i)
     for i in range(2, 22):
         r, _ = be.expect("reading")
-        assert (r["seq"], r["values"]) == (i, {"n": i})
+        assert (r["seq"], r["values"]) == (i + 2, {"n": i})
 
     be.command(GW_ID, {"id": "c-1", "target": "relay1", "action": "toggle"})
     reply, keys = be.expect("reply")
@@ -56,12 +61,13 @@ def test_readings_commands_and_acks(tmp_path, gateways, backends, pty_factory):
     err, _ = be.expect("error")
     assert "not JSON" in err["error"]
 
-    # The backend acks cumulatively: the gateway counts all 21 readings as acked.
-    stats, _ = be.expect("stats", lambda s: s["counters"]["acked"] == 21, timeout=5)
-    assert stats["counters"]["readings"] == 21
+    # The backend acks cumulatively: the gateway counts all 25 readings as acked (2 start,
+    # 21 serial, 2 level changes by c-1 and the set to 0).
+    stats, _ = be.expect("stats", lambda s: s["counters"]["acked"] == 25, timeout=5)
+    assert stats["counters"]["readings"] == 25
     assert stats["counters"]["commands_ok"] == 3
     assert stats["counters"]["commands_failed"] == 1
-    assert stats["resume_seq"] == 22
+    assert stats["resume_seq"] == 26
     gw.assert_alive()
 
 
@@ -70,7 +76,7 @@ def test_backend_restart(tmp_path, gateways, backends, pty_factory):
     be = backends(endpoint)
     sensor = pty_factory("weather")
     gw = gateways(make_config(tmp_path, endpoint, serial=[("weather", sensor.path, "kv", "\n")],
-                              stats_interval_s=1))
+                              stats_interval_s=1, outputs=()))
     gw.wait_serial_open("weather")
     be.expect("hello", timeout=10)
     sensor.line(b"a=1")

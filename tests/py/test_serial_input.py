@@ -10,7 +10,7 @@ def start(tmp_path, gateways, peers, pty_factory, fmt="kv", extra=""):
     peer = peers()
     sensor = pty_factory("weather")
     cfg = make_config(tmp_path, peer.endpoint, serial=[("weather", sensor.path, fmt, "\r\n")],
-                      stats_interval_s=1) + extra
+                      stats_interval_s=1, outputs=()) + extra
     gw = gateways(cfg)
     gw.wait_serial_open("weather")
     peer.expect("hello")

@@ -11,7 +11,7 @@ use super::ReloadPlan;
 use crate::config::{Config, GpioConfig, Initial, SerialConfig};
 use crate::gateway::error::ierr;
 use crate::gateway::inputs::Inputs;
-use crate::gateway::outputs::Outputs;
+use crate::gateway::outputs::{LevelCause, Outputs};
 use crate::gateway::ports::PortState;
 use crate::gateway::{Effect, Gateway, GatewayError, TimerId};
 use crate::hw::{GpioBackend, HwError, Level};
@@ -247,8 +247,11 @@ impl Gateway {
                 continue;
             };
             let result = self.gpio.write(pin, p.restore).map_err(|e| e.to_string());
-            self.outputs.pulse_ended(oi, p.restore, result);
+            self.outputs
+                .pulse_ended(oi, p.restore, result, &mut self.fx);
         }
+        // Now, while the effects' output indices still name the running outputs.
+        self.apply_effects();
         // Pulse and debounce timers are keyed by index, and indices change.
         let stale: Vec<TimerId> = self
             .timers
@@ -351,6 +354,8 @@ impl Gateway {
         }
         self.outputs = outputs;
         self.inputs = inputs;
+        // GPIO was reopened: a reading of every output's level, as `hello` is not sent again.
+        self.outputs.report_all(LevelCause::Reload, &mut self.fx);
         applied
     }
 }

@@ -124,8 +124,10 @@ def test_levels_at_start_are_read_not_assumed(tmp_path, gateways, peers, pty_fac
     (sim / "gpio17").write_text("0\n")
     (sim / "gpio27").write_text("1")  # no newline: any write at start would show
     outputs = [("relay1", 27, "keep", 1000)]
-    gw, peer, s, _ = start(tmp_path, gateways, peers, pty_factory, outputs=outputs,
-                           start_levels=(1,))
+    gw, peer, s, hello = start(tmp_path, gateways, peers, pty_factory, outputs=outputs,
+                               start_levels=(1,))
+    # hello carries the level of every input and output as read, not as configured.
+    assert hello["levels"] == {"door": 0, "relay1": 1}, hello
     assert (sim / "gpio17").read_text() == "0\n"
     assert (sim / "gpio27").read_text() == "1"
     tmp = sim / ".door.tmp"

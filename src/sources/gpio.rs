@@ -4,7 +4,8 @@
 //!
 //! This module depends on [`crate::hw`] and [`crate::config`]; `hw` depends on neither.
 
-use crate::config::{GpioBackendKind, GpioConfig};
+use crate::config::{GpioBackendKind, GpioConfig, LineKind};
+use crate::hw::cdev::{resolve_names, CdevEvents, CdevGpio};
 use crate::hw::rppal::RppalGpio;
 use crate::hw::sim::{SimGpio, SimWatcher};
 use crate::hw::{GpioBackend, HwError, InputChange, InputLine, Level, OutputLine};
@@ -24,10 +25,50 @@ pub struct OpenGpio {
     pub levels: BTreeMap<u8, Level>,
 }
 
+/// Looks up the inputs and outputs given by `line = "NAME"` on the configured chip (`cdev`
+/// only) and sets their `pin` to the offset found. Two entries on the same line are refused.
+/// Without named lines nothing is opened. Run it before [`open`] and before the
+/// configuration's pins are used anywhere else.
+pub fn resolve_lines(cfg: &mut GpioConfig) -> Result<(), HwError> {
+    if cfg.lines.is_empty() || cfg.backend != GpioBackendKind::Cdev {
+        return Ok(());
+    }
+    let names: Vec<&str> = cfg.lines.iter().map(|l| l.name.as_str()).collect();
+    let offsets = resolve_names(&cfg.chip, &names)?;
+    for (named, offset) in cfg.lines.iter_mut().zip(offsets) {
+        named.resolved = Some(offset);
+        match named.kind {
+            LineKind::Input => cfg.input[named.index].pin = offset,
+            LineKind::Output => cfg.output[named.index].pin = offset,
+        }
+    }
+    let mut seen: BTreeMap<u8, &str> = BTreeMap::new();
+    let entries = cfg
+        .input
+        .iter()
+        .map(|i| (i.pin, i.name.as_str()))
+        .chain(cfg.output.iter().map(|o| (o.pin, o.name.as_str())));
+    for (pin, name) in entries {
+        if let Some(other) = seen.insert(pin, name) {
+            return Err(HwError::LineTwice {
+                pin,
+                first: other.to_string(),
+                second: name.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Opens the configured backend: inputs with their bias, outputs at their `initial` level (or
 /// kept), then reads every configured pin. Input changes after the read arrive through
-/// [`OpenGpio::events`].
+/// [`OpenGpio::events`]. Entries given by `line` must have been resolved ([`resolve_lines`]).
 pub fn open(cfg: &GpioConfig) -> Result<OpenGpio, HwError> {
+    if let Some(named) = cfg.lines.iter().find(|l| l.resolved.is_none()) {
+        return Err(HwError::LineNotResolved {
+            name: named.name.clone(),
+        });
+    }
     let inputs: Vec<InputLine> = cfg
         .input
         .iter()
@@ -49,6 +90,10 @@ pub fn open(cfg: &GpioConfig) -> Result<OpenGpio, HwError> {
         GpioBackendKind::Sim => {
             let (gpio, watcher) = SimGpio::open(&cfg.sim_dir, &inputs, &outputs)?;
             (Box::new(gpio), GpioEvents::Sim(watcher))
+        }
+        GpioBackendKind::Cdev => {
+            let (gpio, events) = CdevGpio::open(&cfg.chip, &inputs, &outputs)?;
+            (Box::new(gpio), GpioEvents::Cdev(events))
         }
         GpioBackendKind::Rppal => {
             let (gpio, channel) = RppalGpio::open(&inputs, &outputs)?;
@@ -76,6 +121,8 @@ pub enum GpioEvents {
     Sim(SimWatcher),
     /// Changes sent by rppal's interrupt thread.
     Channel(Channel<InputChange>),
+    /// The kernel's line requests, one fd per input.
+    Cdev(CdevEvents),
 }
 
 impl EventSource for GpioEvents {
@@ -95,6 +142,7 @@ impl EventSource for GpioEvents {
     {
         match self {
             GpioEvents::Sim(w) => w.process_events(readiness, token, callback),
+            GpioEvents::Cdev(c) => c.process_events(readiness, token, callback),
             GpioEvents::Channel(c) => c
                 .process_events(readiness, token, |event, m| {
                     if let Event::Msg(change) = event {
@@ -108,18 +156,21 @@ impl EventSource for GpioEvents {
     fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
         match self {
             GpioEvents::Sim(w) => w.register(poll, factory),
+            GpioEvents::Cdev(c) => c.register(poll, factory),
             GpioEvents::Channel(c) => c.register(poll, factory),
         }
     }
     fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
         match self {
             GpioEvents::Sim(w) => w.reregister(poll, factory),
+            GpioEvents::Cdev(c) => c.reregister(poll, factory),
             GpioEvents::Channel(c) => c.reregister(poll, factory),
         }
     }
     fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
         match self {
             GpioEvents::Sim(w) => w.unregister(poll),
+            GpioEvents::Cdev(c) => c.unregister(poll),
             GpioEvents::Channel(c) => c.unregister(poll),
         }
     }

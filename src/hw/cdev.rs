@@ -1,0 +1,607 @@
+//! GPIO through the kernel's GPIO character device (`/dev/gpiochipN`, uAPI v2) with the
+//! `gpiocdev` crate.
+//!
+//! Every configured line is its own line request, and every request is a file descriptor:
+//! the input requests are calloop [`Generic`] sources inside [`CdevEvents`], drained on every
+//! wake. No thread, no polling.
+//!
+//! - **Chip.** [`ChipSelect::Auto`] finds the chip of the Raspberry Pi's 40-pin header by its
+//!   label ([`HEADER_CHIP_LABELS`]), never by its number (the Pi 5's RP1 chip moved from
+//!   gpiochip4 to gpiochip0 in Linux 6.6.45). [`ChipSelect::Path`] names a chip explicitly.
+//! - **Lines.** A line is its offset on the chip (the BCM number on a Pi), or a name looked up
+//!   on the chip ([`resolve_names`], e.g. `GPIO17`).
+//! - **Inputs** are requested with their bias and edge detection on both edges (the gateway
+//!   tracks the level, so it must see every change; its `edge` setting picks which changes
+//!   become readings). A debounce period is handed to the kernel (`with_debounce_period`); a
+//!   kernel that refuses it leaves the gateway's own debounce alone. The level at open is read
+//!   from the kernel.
+//! - **Outputs** are driven to their initial level, or with [`Initial::Keep`] requested as
+//!   they are, read, and then driven at the level they had, so the line does not jump.
+//! - **Busy lines.** A line held by another consumer fails the open with
+//!   [`HwError::LineHeld`], naming the consumer from the kernel's line info.
+//!
+//! Requirements: Linux 5.10 or later (uAPI v2) and read/write access to the chip's device file
+//! (group `gpio`; see the [`hw`](super) module docs). Nothing else: it works on every Pi
+//! (Raspberry Pi OS or Debian's kernel) and on any other Linux board.
+
+use super::{GpioBackend, HwError, Initial, InputChange, InputLine, Level, OutputLine, Pull};
+use calloop::generic::Generic;
+use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
+use gpiocdev::line::{Bias, EdgeDetection, EdgeKind, Value};
+use gpiocdev::{Chip, Request};
+use serde::{Deserialize, Deserializer};
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Labels of the chips that carry a Raspberry Pi's 40-pin header: Pi 1–3 and Zero, Pi 4 and
+/// Pi 400, Pi 5. On all of them line offset N is BCM GPIO N.
+pub const HEADER_CHIP_LABELS: [&str; 3] = ["pinctrl-bcm2835", "pinctrl-bcm2711", "pinctrl-rp1"];
+
+/// The consumer name zgate's line requests carry (what `gpioinfo` shows).
+pub const CONSUMER: &str = "zgate";
+
+/// Which GPIO chip to use (`[gpio] chip`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ChipSelect {
+    /// The chip of the 40-pin header, found by its label (`"auto"`).
+    #[default]
+    Auto,
+    /// This chip device, e.g. `/dev/gpiochip0`.
+    Path(PathBuf),
+}
+
+impl fmt::Display for ChipSelect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChipSelect::Auto => f.write_str("auto"),
+            ChipSelect::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ChipSelect {
+    /// `"auto"` or a path; whether the path is usable is checked by the config validation.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ChipSelect, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "auto" => ChipSelect::Auto,
+            _ => ChipSelect::Path(PathBuf::from(s)),
+        })
+    }
+}
+
+/// What probing one chip device gave: its label and line count, or the errno of the failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChipProbe {
+    /// The device file.
+    pub path: PathBuf,
+    /// `(label, number of lines)`, or the errno that opening or asking it gave.
+    pub info: Result<(String, u32), i32>,
+}
+
+/// Picks the chip of the 40-pin header among `chips`: the one whose label is in
+/// [`HEADER_CHIP_LABELS`]. None → [`HwError::NoHeaderChip`] (or [`HwError::PermissionDenied`]
+/// when a chip could not be opened for lack of permission, since that one may be it); more
+/// than one → [`HwError::AmbiguousHeaderChip`].
+pub fn select_header_chip(chips: &[ChipProbe]) -> Result<&ChipProbe, HwError> {
+    let matching: Vec<&ChipProbe> = chips
+        .iter()
+        .filter(|c| matches!(&c.info, Ok((label, _)) if HEADER_CHIP_LABELS.contains(&label.as_str())))
+        .collect();
+    let list = |chips: &mut dyn Iterator<Item = &ChipProbe>| -> String {
+        let items: Vec<String> = chips
+            .map(|c| match &c.info {
+                Ok((label, n)) => format!("{} [{label}] ({n} lines)", c.path.display()),
+                Err(errno) => format!(
+                    "{} (cannot open: {})",
+                    c.path.display(),
+                    io::Error::from_raw_os_error(*errno)
+                ),
+            })
+            .collect();
+        if items.is_empty() {
+            "none".into()
+        } else {
+            items.join(", ")
+        }
+    };
+    match matching.as_slice() {
+        [one] => Ok(one),
+        [] => {
+            let denied = chips
+                .iter()
+                .find(|c| matches!(c.info, Err(e) if e == libc::EACCES || e == libc::EPERM));
+            match denied {
+                Some(c) => Err(HwError::PermissionDenied {
+                    path: c.path.display().to_string(),
+                }),
+                None => Err(HwError::NoHeaderChip {
+                    chips: list(&mut chips.iter()),
+                }),
+            }
+        }
+        many => Err(HwError::AmbiguousHeaderChip {
+            chips: list(&mut many.iter().copied()),
+        }),
+    }
+}
+
+/// What the kernel says about one line of a chip (the part zgate uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineSummary {
+    /// Offset on the chip.
+    pub offset: u32,
+    /// The line's name (from the device tree), empty when it has none.
+    pub name: String,
+    /// Who holds the line, empty when nobody or unnamed.
+    pub consumer: String,
+    /// Whether the line is held (requested by a program or claimed by a kernel driver).
+    pub used: bool,
+}
+
+impl From<gpiocdev::line::Info> for LineSummary {
+    fn from(i: gpiocdev::line::Info) -> LineSummary {
+        LineSummary {
+            offset: i.offset,
+            name: i.name,
+            consumer: i.consumer,
+            used: i.used,
+        }
+    }
+}
+
+/// The offset of the line called `name` among `lines` (exact, case-sensitive match), which
+/// must be unique and fit a `u8`.
+pub fn find_line(lines: &[LineSummary], name: &str, chip: &Path) -> Result<u8, HwError> {
+    let mut found = lines.iter().filter(|l| l.name == name);
+    let chip_s = chip.display().to_string();
+    let Some(first) = found.next() else {
+        return Err(HwError::NoSuchLine {
+            name: name.into(),
+            chip: chip_s,
+        });
+    };
+    if let Some(second) = found.next() {
+        return Err(HwError::LineNameNotUnique {
+            name: name.into(),
+            chip: chip_s,
+            offsets: format!("{} and {}", first.offset, second.offset),
+        });
+    }
+    u8::try_from(first.offset).map_err(|_| HwError::NoSuchLine {
+        name: format!("{name} (offset {} is above 255)", first.offset),
+        chip: chip_s,
+    })
+}
+
+/// The error for a request of `pin` that the kernel refused with EBUSY, naming the holder
+/// from the line's info (`line`, when it could be read).
+pub fn busy_error(chip: &Path, pin: u8, line: Option<&LineSummary>) -> HwError {
+    let (name, consumer) = match line {
+        Some(l) => (l.name.clone(), l.consumer.clone()),
+        None => (String::new(), String::new()),
+    };
+    HwError::LineHeld {
+        pin,
+        name: if name.is_empty() {
+            "unnamed".into()
+        } else {
+            name
+        },
+        chip: chip.display().to_string(),
+        consumer: if consumer.is_empty() {
+            "unknown (no consumer name)".into()
+        } else {
+            consumer
+        },
+    }
+}
+
+/// The errno inside a gpiocdev error, if it carries one.
+pub fn errno_of(e: &gpiocdev::Error) -> Option<i32> {
+    match e {
+        gpiocdev::Error::Os(gpiocdev_uapi::Errno(n)) => Some(*n),
+        gpiocdev::Error::Uapi(_, gpiocdev_uapi::Error::Os(gpiocdev_uapi::Errno(n))) => Some(*n),
+        _ => None,
+    }
+}
+
+fn chip_error(path: &Path, e: &gpiocdev::Error) -> HwError {
+    match errno_of(e) {
+        Some(libc::EACCES) | Some(libc::EPERM) => HwError::PermissionDenied {
+            path: path.display().to_string(),
+        },
+        _ => HwError::ChipUnavailable {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn probe(path: &Path) -> ChipProbe {
+    let info = Chip::from_path(path)
+        .and_then(|c| c.info())
+        .map(|i| (i.label, i.num_lines))
+        .map_err(|e| errno_of(&e).unwrap_or(libc::EIO));
+    ChipProbe {
+        path: path.to_path_buf(),
+        info,
+    }
+}
+
+/// Opens the chip `select` names and returns it with its label.
+fn open_chip(select: &ChipSelect) -> Result<(Chip, String), HwError> {
+    let path = match select {
+        ChipSelect::Path(p) => p.clone(),
+        ChipSelect::Auto => {
+            let paths = gpiocdev::chip::chips().map_err(|e| chip_error(Path::new("/dev"), &e))?;
+            let probes: Vec<ChipProbe> = paths.iter().map(|p| probe(p)).collect();
+            select_header_chip(&probes)?.path.clone()
+        }
+    };
+    let chip = Chip::from_path(&path).map_err(|e| chip_error(&path, &e))?;
+    let info = chip.info().map_err(|e| chip_error(&path, &e))?;
+    Ok((chip, info.label))
+}
+
+fn line_summaries(chip: &Chip) -> Result<Vec<LineSummary>, HwError> {
+    let iter = chip.line_info_iter().map_err(|e| chip_error(chip.path(), &e))?;
+    iter.map(|r| r.map(LineSummary::from))
+        .collect::<Result<_, _>>()
+        .map_err(|e| chip_error(chip.path(), &e))
+}
+
+/// Looks up `names` on the chip `select` names: their offsets, in order.
+pub fn resolve_names(select: &ChipSelect, names: &[&str]) -> Result<Vec<u8>, HwError> {
+    let (chip, _) = open_chip(select)?;
+    let lines = line_summaries(&chip)?;
+    names
+        .iter()
+        .map(|n| find_line(&lines, n, chip.path()))
+        .collect()
+}
+
+fn value(level: Level) -> Value {
+    match level {
+        Level::Low => Value::Inactive,
+        Level::High => Value::Active,
+    }
+}
+
+fn level(value: Value) -> Level {
+    Level::from(value == Value::Active)
+}
+
+/// One line request, shared by the backend (reads, writes) and the event source (edges).
+struct Line {
+    request: Request,
+    offset: u32,
+}
+
+/// The request's fd, for calloop; the request itself stays shared.
+struct LineFd(Rc<Line>);
+
+impl AsFd for LineFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.request.as_fd()
+    }
+}
+
+/// The open chip's configured lines.
+pub struct CdevGpio {
+    chip: PathBuf,
+    inputs: HashMap<u8, Rc<Line>>,
+    outputs: HashMap<u8, Rc<Line>>,
+}
+
+/// Requests `pin` with `cfg`; EBUSY becomes [`HwError::LineHeld`] with the holder's name.
+fn request(
+    chip: &Chip,
+    pin: u8,
+    cfg: &gpiocdev::request::Config,
+) -> Result<Request, HwError> {
+    let offset = u32::from(pin);
+    Request::from_config(cfg.clone())
+        .with_consumer(CONSUMER)
+        .request()
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::EBUSY) => {
+                // Ask again: the holder may have changed since the lines were listed.
+                let now = chip.line_info(offset).ok().map(LineSummary::from);
+                busy_error(chip.path(), pin, now.as_ref())
+            }
+            Some(errno) => HwError::from_io(
+                "cdev",
+                pin,
+                &chip.path().display().to_string(),
+                "line request",
+                io::Error::from_raw_os_error(errno),
+            ),
+            None => HwError::Io {
+                pin,
+                op: "line request",
+                source: io::Error::other(e.to_string()),
+            },
+        })
+}
+
+fn io_err(pin: u8, op: &'static str, e: gpiocdev::Error) -> HwError {
+    let source = match errno_of(&e) {
+        Some(n) => io::Error::from_raw_os_error(n),
+        None => io::Error::other(e.to_string()),
+    };
+    HwError::Io { pin, op, source }
+}
+
+/// Edges are drained until EAGAIN, so the request's fd must not block.
+fn set_nonblocking(pin: u8, request: &Request) -> Result<(), HwError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fd = request.as_raw_fd();
+    let err = |e: nix::Error| HwError::Io {
+        pin,
+        op: "make the line request non-blocking",
+        source: io::Error::from(e),
+    };
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).map_err(err)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(err)?;
+    Ok(())
+}
+
+fn check_offset(lines: &[LineSummary], pin: u8) -> Result<(), HwError> {
+    if lines.iter().any(|l| l.offset == u32::from(pin)) {
+        Ok(())
+    } else {
+        Err(HwError::NoSuchPin { pin })
+    }
+}
+
+impl CdevGpio {
+    /// Opens the chip `select` names and requests the configured lines: inputs with bias,
+    /// edge detection and kernel debounce, outputs at their initial level (or kept). Returns
+    /// the event source of input changes. With no lines configured no chip is opened.
+    pub fn open(
+        select: &ChipSelect,
+        inputs: &[InputLine],
+        outputs: &[OutputLine],
+    ) -> Result<(CdevGpio, CdevEvents), HwError> {
+        if inputs.is_empty() && outputs.is_empty() {
+            let gpio = CdevGpio {
+                chip: PathBuf::new(),
+                inputs: HashMap::new(),
+                outputs: HashMap::new(),
+            };
+            return Ok((gpio, CdevEvents { lines: Vec::new() }));
+        }
+        let (chip, label) = open_chip(select)?;
+        let lines = line_summaries(&chip)?;
+        log::info!(
+            "gpio chip path={} label={label} lines={}",
+            chip.path().display(),
+            lines.len()
+        );
+        let mut gpio = CdevGpio {
+            chip: chip.path().to_path_buf(),
+            inputs: HashMap::new(),
+            outputs: HashMap::new(),
+        };
+        let mut events = Vec::new();
+        for i in inputs {
+            let line = open_input(&chip, &lines, i)?;
+            set_nonblocking(i.pin, &line.request)?;
+            let line = Rc::new(line);
+            events.push(InputSource {
+                pin: i.pin,
+                source: Generic::new(LineFd(line.clone()), Interest::READ, Mode::Level),
+                line_seqno: None,
+            });
+            gpio.inputs.insert(i.pin, line);
+        }
+        for o in outputs {
+            let line = open_output(&chip, &lines, o)?;
+            gpio.outputs.insert(o.pin, Rc::new(line));
+        }
+        Ok((gpio, CdevEvents { lines: events }))
+    }
+}
+
+fn open_input(chip: &Chip, lines: &[LineSummary], i: &InputLine) -> Result<Line, HwError> {
+    check_offset(lines, i.pin)?;
+    let offset = u32::from(i.pin);
+    let mut cfg = gpiocdev::request::Config::default();
+    cfg.on_chip(chip.path())
+        .with_line(offset)
+        .as_input()
+        .with_bias(match i.pull {
+            Pull::Up => Bias::PullUp,
+            Pull::Down => Bias::PullDown,
+            Pull::None => Bias::Disabled,
+        })
+        .with_edge_detection(EdgeDetection::BothEdges);
+    let request = if i.debounce.is_zero() {
+        request(chip, i.pin, &cfg)?
+    } else {
+        let mut with_debounce = cfg.clone();
+        with_debounce.with_debounce_period(i.debounce);
+        match request(chip, i.pin, &with_debounce) {
+            Ok(r) => r,
+            // The offset exists (checked above), so EINVAL or another I/O error here is the
+            // kernel refusing the debounce attribute: the gateway's own debounce still
+            // filters the changes.
+            Err(HwError::NoSuchPin { .. }) | Err(HwError::Io { .. }) => {
+                log::info!(
+                    "gpio kernel debounce unavailable pin={} chip={}: using the gateway's debounce only",
+                    i.pin,
+                    chip.path().display()
+                );
+                request(chip, i.pin, &cfg)?
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(Line { request, offset })
+}
+
+fn open_output(chip: &Chip, lines: &[LineSummary], o: &OutputLine) -> Result<Line, HwError> {
+    check_offset(lines, o.pin)?;
+    let offset = u32::from(o.pin);
+    let mut cfg = gpiocdev::request::Config::default();
+    cfg.on_chip(chip.path()).with_line(offset);
+    let request = match o.initial {
+        Initial::Drive(l) => {
+            cfg.as_output(value(l));
+            request(chip, o.pin, &cfg)?
+        }
+        Initial::Keep => {
+            // As it is: direction and level untouched, so the level can be read; then driven
+            // at that level (no change on the line).
+            cfg.as_is();
+            let request = request(chip, o.pin, &cfg)?;
+            let now = request
+                .value(offset)
+                .map_err(|e| io_err(o.pin, "read", e))?;
+            let mut out = request.config();
+            out.with_line(offset).as_output(now);
+            request
+                .reconfigure(&out)
+                .map_err(|e| io_err(o.pin, "drive the kept level", e))?;
+            request
+        }
+    };
+    Ok(Line { request, offset })
+}
+
+impl GpioBackend for CdevGpio {
+    fn write(&mut self, pin: u8, level: Level) -> Result<(), HwError> {
+        let line = self.outputs.get(&pin).ok_or(HwError::NotConfigured {
+            pin,
+            expected: "an output",
+        })?;
+        line.request
+            .set_value(line.offset, value(level))
+            .map_err(|e| io_err(pin, "write", e))
+    }
+
+    fn read(&mut self, pin: u8) -> Result<Level, HwError> {
+        let line = self
+            .inputs
+            .get(&pin)
+            .or_else(|| self.outputs.get(&pin))
+            .ok_or(HwError::NotConfigured {
+                pin,
+                expected: "an input or output",
+            })?;
+        line.request
+            .value(line.offset)
+            .map(level)
+            .map_err(|e| io_err(pin, "read", e))
+    }
+}
+
+impl CdevGpio {
+    /// The chip the lines were requested on (empty when no line is configured).
+    pub fn chip(&self) -> &Path {
+        &self.chip
+    }
+}
+
+/// One input request as a calloop source.
+struct InputSource {
+    pin: u8,
+    source: Generic<LineFd>,
+    /// The kernel's per-line sequence number of the last edge read.
+    line_seqno: Option<u32>,
+}
+
+/// The input line requests as one event source of [`InputChange`]s.
+pub struct CdevEvents {
+    lines: Vec<InputSource>,
+}
+
+/// Reads every queued edge of `line` (its fd is non-blocking), calling `emit` per edge. When
+/// the kernel's sequence numbers show that edges were lost (its queue overflowed), the level
+/// is read once more so the last change reported is the line's real level.
+fn drain(
+    pin: u8,
+    line: &Line,
+    last_seqno: &mut Option<u32>,
+    emit: &mut dyn FnMut(InputChange),
+) -> io::Result<()> {
+    let mut last = None;
+    let mut lost = false;
+    loop {
+        match line.request.read_edge_event() {
+            Ok(ev) => {
+                if let Some(prev) = *last_seqno {
+                    lost |= ev.line_seqno != prev.wrapping_add(1);
+                }
+                *last_seqno = Some(ev.line_seqno);
+                let l = Level::from(ev.kind == EdgeKind::Rising);
+                last = Some(l);
+                emit(InputChange { pin, level: l });
+            }
+            Err(e) if errno_of(&e) == Some(libc::EAGAIN) => break,
+            Err(e) => return Err(io::Error::other(format!("GPIO{pin}: reading edges: {e}"))),
+        }
+    }
+    if lost {
+        if let Ok(v) = line.request.value(line.offset) {
+            let now = level(v);
+            log::warn!("gpio edges lost pin={pin}: kernel queue overflowed; level re-read={now}");
+            if last != Some(now) {
+                emit(InputChange { pin, level: now });
+            }
+        }
+    }
+    Ok(())
+}
+
+impl EventSource for CdevEvents {
+    type Event = InputChange;
+    type Metadata = ();
+    type Ret = ();
+    type Error = io::Error;
+
+    fn process_events<F>(
+        &mut self,
+        readiness: Readiness,
+        token: Token,
+        mut callback: F,
+    ) -> Result<PostAction, Self::Error>
+    where
+        F: FnMut(Self::Event, &mut Self::Metadata) -> Self::Ret,
+    {
+        for input in &mut self.lines {
+            let pin = input.pin;
+            let seqno = &mut input.line_seqno;
+            input.source.process_events(readiness, token, |_, fd| {
+                drain(pin, &fd.0, seqno, &mut |c| callback(c, &mut ()))?;
+                Ok(PostAction::Continue)
+            })?;
+        }
+        Ok(PostAction::Continue)
+    }
+
+    fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.lines
+            .iter_mut()
+            .try_for_each(|l| l.source.register(poll, factory))
+    }
+    fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
+        self.lines
+            .iter_mut()
+            .try_for_each(|l| l.source.reregister(poll, factory))
+    }
+    fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
+        self.lines
+            .iter_mut()
+            .try_for_each(|l| l.source.unregister(poll))
+    }
+}
+
+#[cfg(test)]
+mod tests;

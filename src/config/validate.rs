@@ -243,8 +243,7 @@ impl Config {
                     kind.section(),
                     Some(i),
                     "line",
-                    "give either pin (the line offset) or line (the line's name), not both"
-                        .into(),
+                    "give either pin (the line offset) or line (the line's name), not both".into(),
                 )
             } else {
                 err(

@@ -90,7 +90,9 @@ pub struct ChipProbe {
 pub fn select_header_chip(chips: &[ChipProbe]) -> Result<&ChipProbe, HwError> {
     let matching: Vec<&ChipProbe> = chips
         .iter()
-        .filter(|c| matches!(&c.info, Ok((label, _)) if HEADER_CHIP_LABELS.contains(&label.as_str())))
+        .filter(
+            |c| matches!(&c.info, Ok((label, _)) if HEADER_CHIP_LABELS.contains(&label.as_str())),
+        )
         .collect();
     let list = |chips: &mut dyn Iterator<Item = &ChipProbe>| -> String {
         let items: Vec<String> = chips
@@ -249,7 +251,9 @@ fn open_chip(select: &ChipSelect) -> Result<(Chip, String), HwError> {
 }
 
 fn line_summaries(chip: &Chip) -> Result<Vec<LineSummary>, HwError> {
-    let iter = chip.line_info_iter().map_err(|e| chip_error(chip.path(), &e))?;
+    let iter = chip
+        .line_info_iter()
+        .map_err(|e| chip_error(chip.path(), &e))?;
     iter.map(|r| r.map(LineSummary::from))
         .collect::<Result<_, _>>()
         .map_err(|e| chip_error(chip.path(), &e))
@@ -299,11 +303,7 @@ pub struct CdevGpio {
 }
 
 /// Requests `pin` with `cfg`; EBUSY becomes [`HwError::LineHeld`] with the holder's name.
-fn request(
-    chip: &Chip,
-    pin: u8,
-    cfg: &gpiocdev::request::Config,
-) -> Result<Request, HwError> {
+fn request(chip: &Chip, pin: u8, cfg: &gpiocdev::request::Config) -> Result<Request, HwError> {
     let offset = u32::from(pin);
     Request::from_config(cfg.clone())
         .with_consumer(CONSUMER)

@@ -35,7 +35,13 @@ pub fn resolve_lines(cfg: &mut GpioConfig) -> Result<(), HwError> {
     }
     let names: Vec<&str> = cfg.lines.iter().map(|l| l.name.as_str()).collect();
     let offsets = resolve_names(&cfg.chip, &names)?;
-    for (named, offset) in cfg.lines.iter_mut().zip(offsets) {
+    apply_offsets(cfg, &offsets)
+}
+
+/// Sets the `pin` of each named entry to its offset (`offsets` in the order of
+/// [`GpioConfig::lines`]) and refuses two entries on the same line.
+pub fn apply_offsets(cfg: &mut GpioConfig, offsets: &[u8]) -> Result<(), HwError> {
+    for (named, &offset) in cfg.lines.iter_mut().zip(offsets) {
         named.resolved = Some(offset);
         match named.kind {
             LineKind::Input => cfg.input[named.index].pin = offset,
@@ -192,6 +198,84 @@ mod tests {
             dir.display()
         );
         Config::parse(&text, "t.toml").unwrap()
+    }
+
+    fn cdev_config(gpio: &str) -> Config {
+        let text = format!("[gateway]\nid = \"gw-t\"\n[gpio]\nbackend = \"cdev\"\n{gpio}");
+        Config::parse(&text, "t.toml").unwrap()
+    }
+
+    /// Named entries get the offsets found on the chip; two entries on one line are refused
+    /// with both names.
+    #[test]
+    fn offsets_of_named_lines_are_applied_and_must_be_unique() {
+        let text = "[[gpio.input]]\nname = \"door\"\nline = \"GPIO17\"\n\
+                    [[gpio.output]]\nname = \"relay\"\npin = 27\n\
+                    [[gpio.output]]\nname = \"lamp\"\nline = \"GPIO22\"\n";
+        let mut gpio = cdev_config(text).gpio;
+        apply_offsets(&mut gpio, &[17, 22]).unwrap();
+        assert_eq!(
+            (gpio.input[0].pin, gpio.output[0].pin, gpio.output[1].pin),
+            (17, 27, 22)
+        );
+        assert!(gpio.lines.iter().all(|l| l.resolved.is_some()));
+
+        let mut gpio = cdev_config(text).gpio;
+        let e = apply_offsets(&mut gpio, &[17, 27]).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, HwError::LineTwice { pin: 27, .. }), "{msg}");
+        assert!(
+            msg.contains("\"relay\"") && msg.contains("\"lamp\""),
+            "{msg}"
+        );
+    }
+
+    /// Opening with a name not yet looked up is refused (its `pin` is a placeholder), before
+    /// any chip is touched.
+    #[test]
+    fn open_refuses_unresolved_line_names() {
+        let cfg = cdev_config("[[gpio.input]]\nname = \"door\"\nline = \"GPIO17\"\n");
+        let e = open(&cfg.gpio).err().expect("must fail");
+        assert!(
+            matches!(e, HwError::LineNotResolved { ref name } if name == "GPIO17"),
+            "{e}"
+        );
+    }
+
+    /// Without lines, the cdev backend opens no chip (a serial-only gateway runs anywhere),
+    /// and resolving is a no-op for other backends.
+    #[test]
+    fn cdev_without_lines_opens_nothing() {
+        let mut cfg = cdev_config("chip = \"/nonexistent/gpiochip9\"\n");
+        resolve_lines(&mut cfg.gpio).unwrap();
+        let gpio = open(&cfg.gpio).unwrap();
+        assert!(gpio.levels.is_empty());
+    }
+
+    /// A chip path that does not exist fails start-up with an error naming the path and the
+    /// way to list chips, for pins and for line names alike.
+    #[test]
+    fn missing_chip_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let chip = dir.path().join("gpiochip0");
+        let cfg = cdev_config(&format!(
+            "chip = \"{}\"\n[[gpio.output]]\nname = \"relay\"\npin = 27\n",
+            chip.display()
+        ));
+        let e = open(&cfg.gpio).err().expect("must fail");
+        let msg = e.to_string();
+        assert!(matches!(e, HwError::ChipUnavailable { .. }), "{msg}");
+        assert!(
+            msg.contains(&chip.display().to_string()) && msg.contains("gpiodetect"),
+            "{msg}"
+        );
+
+        let mut cfg = cdev_config(&format!(
+            "chip = \"{}\"\n[[gpio.input]]\nname = \"door\"\nline = \"GPIO17\"\n",
+            chip.display()
+        ));
+        let e = resolve_lines(&mut cfg.gpio).unwrap_err();
+        assert!(matches!(e, HwError::ChipUnavailable { .. }), "{e}");
     }
 
     /// The levels at open are read from the backend: a pull-up input whose file holds 0 is

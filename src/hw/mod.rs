@@ -1,9 +1,12 @@
 //! GPIO hardware: the [`GpioBackend`] trait, the types it speaks ([`Level`], [`Pull`],
 //! [`Initial`], [`InputChange`]) and one module per backend.
 //!
+//! - [`cdev`] — the kernel's GPIO character device (`/dev/gpiochipN`, uAPI v2) via the
+//!   `gpiocdev` crate: one line request per line, each request's fd a source in the loop. Any
+//!   Pi under any kernel from Linux 5.10, and any other Linux board. The default.
 //! - [`rppal`] — a Raspberry Pi's GPIO via the `rppal` crate: registers through
-//!   `/dev/gpiomem`, edge interrupts through `/dev/gpiochipN` on rppal's own thread, forwarded
-//!   into a bounded `calloop::channel`.
+//!   `/dev/gpiomem` (Raspberry Pi OS kernels only), edge interrupts through `/dev/gpiochipN` on
+//!   rppal's own thread, forwarded into a bounded `calloop::channel`.
 //! - [`sim`] — simulated pins as files `gpio<N>` in a directory (`0`/`1` and a newline),
 //!   watched with inotify. Any program can drive inputs (`echo 1 > gpio17`) and observe
 //!   outputs (`cat gpio27`).
@@ -24,11 +27,13 @@
 //! The user running zgate (the `zgate` service user of the `.deb`) needs read and write access
 //! to the GPIO device files:
 //!
-//! - `/dev/gpiomem` — rppal maps the GPIO registers through it. Raspberry Pi OS gives it to the
-//!   group `gpio` (mode 0660); Debian's stock kernel has no `/dev/gpiomem` at all, so rppal
-//!   cannot work there.
-//! - `/dev/gpiochip0` … `/dev/gpiochip4` — the kernel's GPIO character devices; rppal requests
-//!   input lines with edge detection through them. Raspberry Pi OS gives them to group `gpio`.
+//! - `/dev/gpiochipN` — the kernel's GPIO character devices: the `cdev` backend uses nothing
+//!   else, and rppal requests input lines with edge detection through them. Raspberry Pi OS
+//!   gives them to group `gpio`; Debian's kernel creates them `root:root 0600`, and the zgate
+//!   package installs the udev rule below as `/usr/lib/udev/rules.d/60-zgate-gpio.rules`.
+//! - `/dev/gpiomem` — rppal only: it maps the GPIO registers through it. Raspberry Pi OS gives
+//!   it to the group `gpio` (mode 0660); Debian's stock kernel has no `/dev/gpiomem` at all, so
+//!   rppal cannot work there.
 //!
 //! Add the user to the group and restart the service (group membership is read at login):
 //!
@@ -53,7 +58,14 @@
 //! Each failure is one [`HwError`] variant whose message names the cause and the fix:
 //!
 //! - [`HwError::PermissionDenied`]: see *Permissions* above; the message names the file.
-//! - [`HwError::LineBusy`]: another program or kernel driver holds the line. `gpioinfo`
+//! - [`HwError::LineHeld`] (cdev): another program or kernel driver holds the line; the
+//!   message names the consumer the kernel reports and the fix.
+//! - [`HwError::ChipUnavailable`], [`HwError::NoHeaderChip`], [`HwError::AmbiguousHeaderChip`]
+//!   (cdev): the chip named by `chip` cannot be opened, or `chip = "auto"` found no (or more
+//!   than one) chip labelled like a Pi's 40-pin header; the message lists the chips.
+//! - [`HwError::NoSuchLine`], [`HwError::LineNameNotUnique`], [`HwError::LineTwice`] (cdev): a
+//!   `line` name is not on the chip, is on it twice, or lands on a line another entry uses.
+//! - [`HwError::LineBusy`] (rppal): another program or kernel driver holds the line. `gpioinfo`
 //!   (package `gpiod`) shows each line's consumer. Common holders: a second zgate, `gpiomon`,
 //!   `pigpiod`, and device-tree overlays that claim pins (SPI0 on GPIO7–11, I2C1 on GPIO2–3,
 //!   1-Wire on GPIO4, the UART on GPIO14–15). Stop the holder or disable the overlay in

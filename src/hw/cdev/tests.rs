@@ -3,6 +3,8 @@
 //! a real chip when one is named (ignored by default).
 
 use super::*;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 fn chip(path: &str, label: &str, lines: u32) -> ChipProbe {

@@ -170,6 +170,8 @@ impl CdevGpio {
             events.push(InputSource {
                 pin: i.pin,
                 source: Generic::new(LineFd(line.clone()), Interest::READ, Mode::Level),
+                buf: vec![0; EDGES_PER_READ * line.request.edge_event_u64_size()],
+                line: line.clone(),
                 line_seqno: None,
             });
             gpio.inputs.insert(i.pin, line);
@@ -286,8 +288,11 @@ impl CdevGpio {
 struct InputSource {
     pin: u8,
     source: Generic<LineFd>,
+    line: Rc<Line>,
     /// The kernel's per-line sequence number of the last edge read.
     line_seqno: Option<u32>,
+    /// Room for [`EDGES_PER_READ`] raw events, allocated once.
+    buf: Vec<u64>,
 }
 
 /// The input line requests as one event source of [`InputChange`]s.
@@ -295,30 +300,45 @@ pub struct CdevEvents {
     lines: Vec<InputSource>,
 }
 
-/// Reads every queued edge of `line` (its fd is non-blocking), calling `emit` per edge. When
-/// the kernel's sequence numbers show that edges were lost (its queue overflowed), the level
-/// is read once more so the last change reported is the line's real level.
+/// Edges read with one `read`: the kernel copies as many queued events as fit.
+const EDGES_PER_READ: usize = 16;
+
+/// Whether edges were lost between the edge numbered `prev` and the next one, `seqno` (the
+/// kernel numbers each line's edges; a gap means its queue overflowed).
+pub fn edges_lost(prev: Option<u32>, seqno: u32) -> bool {
+    prev.is_some_and(|p| seqno != p.wrapping_add(1))
+}
+
+/// Reads every queued edge of `line` (its fd is non-blocking) into `buf`, calling `emit` per
+/// edge. When edges were lost ([`edges_lost`]), the level is read once more so the last change
+/// reported is the line's real level.
+///
+/// Not `Request::read_edge_event`: in a uAPI-v2-only build it reads into a buffer of eight
+/// events and returns only the first, dropping the others.
 fn drain(
-    pin: u8,
+    input: &mut InputSource,
     line: &Line,
-    last_seqno: &mut Option<u32>,
     emit: &mut dyn FnMut(InputChange),
 ) -> io::Result<()> {
+    let pin = input.pin;
+    let words = line.request.edge_event_u64_size();
+    let err = |e: gpiocdev::Error| io::Error::other(format!("GPIO{pin}: reading edges: {e}"));
     let mut last = None;
     let mut lost = false;
     loop {
-        match line.request.read_edge_event() {
-            Ok(ev) => {
-                if let Some(prev) = *last_seqno {
-                    lost |= ev.line_seqno != prev.wrapping_add(1);
-                }
-                *last_seqno = Some(ev.line_seqno);
-                let l = Level::from(ev.kind == EdgeKind::Rising);
-                last = Some(l);
-                emit(InputChange { pin, level: l });
-            }
+        let n = match line.request.read_edge_events_into_slice(&mut input.buf) {
+            Ok(0) => break,
+            Ok(n) => n,
             Err(e) if errno_of(&e) == Some(libc::EAGAIN) => break,
-            Err(e) => return Err(io::Error::other(format!("GPIO{pin}: reading edges: {e}"))),
+            Err(e) => return Err(err(e)),
+        };
+        for raw in input.buf[..n].chunks_exact(words) {
+            let ev = line.request.edge_event_from_slice(raw).map_err(err)?;
+            lost |= edges_lost(input.line_seqno, ev.line_seqno);
+            input.line_seqno = Some(ev.line_seqno);
+            let level = Level::from(ev.kind == EdgeKind::Rising);
+            last = Some(level);
+            emit(InputChange { pin, level });
         }
     }
     if lost {
@@ -349,12 +369,16 @@ impl EventSource for CdevEvents {
         F: FnMut(Self::Event, &mut Self::Metadata) -> Self::Ret,
     {
         for input in &mut self.lines {
-            let pin = input.pin;
-            let seqno = &mut input.line_seqno;
-            input.source.process_events(readiness, token, |_, fd| {
-                drain(pin, &fd.0, seqno, &mut |c| callback(c, &mut ()))?;
+            // The fd's line is shared; a clone of the Rc lets `drain` borrow the input too.
+            let line = input.line.clone();
+            let mut wake = false;
+            input.source.process_events(readiness, token, |_, _| {
+                wake = true;
                 Ok(PostAction::Continue)
             })?;
+            if wake {
+                drain(input, &line, &mut |c| callback(c, &mut ()))?;
+            }
         }
         Ok(PostAction::Continue)
     }

@@ -298,3 +298,14 @@ fn driven_output_reads_back() {
     gpio.write(pin, Level::Low).unwrap();
     assert_eq!(gpio.read(pin).unwrap(), Level::Low);
 }
+
+/// A gap in the kernel's per-line edge numbers (including across wrap-around) means lost
+/// edges; the first edge seen and consecutive ones do not.
+#[test]
+fn lost_edges_are_seen_in_sequence_numbers() {
+    assert!(!edges_lost(None, 7));
+    assert!(!edges_lost(Some(1), 2));
+    assert!(!edges_lost(Some(u32::MAX), 0));
+    assert!(edges_lost(Some(1), 3));
+    assert!(edges_lost(Some(5), 5));
+}

@@ -75,7 +75,8 @@ pub struct CdevGpio {
     outputs: HashMap<u8, Rc<Line>>,
 }
 
-/// Requests `pin` with `cfg`; EBUSY becomes [`HwError::LineHeld`] with the holder's name.
+/// Requests `pin` with `cfg`; EBUSY becomes [`HwError::LineHeld`] with the holder's name,
+/// any other refusal of the kernel [`HwError::Io`] (the offset was checked before).
 fn request(chip: &Chip, pin: u8, cfg: &gpiocdev::request::Config) -> Result<Request, HwError> {
     let offset = u32::from(pin);
     Request::from_config(cfg.clone())
@@ -87,13 +88,22 @@ fn request(chip: &Chip, pin: u8, cfg: &gpiocdev::request::Config) -> Result<Requ
                 let now = chip.line_info(offset).ok().map(LineSummary::from);
                 busy_error(chip.path(), pin, now.as_ref())
             }
-            Some(errno) => HwError::from_io(
-                "cdev",
+            Some(libc::EACCES) | Some(libc::EPERM) => HwError::PermissionDenied {
+                path: chip.path().display().to_string(),
+            },
+            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                HwError::ChipUnavailable {
+                    path: chip.path().display().to_string(),
+                    reason: e.to_string(),
+                }
+            }
+            // The offset was checked against the chip's lines: EINVAL and the rest are the
+            // kernel refusing the request's settings.
+            Some(errno) => HwError::Io {
                 pin,
-                &chip.path().display().to_string(),
-                "line request",
-                io::Error::from_raw_os_error(errno),
-            ),
+                op: "line request",
+                source: io::Error::from_raw_os_error(errno),
+            },
             None => HwError::Io {
                 pin,
                 op: "line request",
@@ -207,7 +217,7 @@ fn open_input(chip: &Chip, lines: &[LineSummary], i: &InputLine) -> Result<Line,
             // The offset exists (checked above), so EINVAL or another I/O error here is the
             // kernel refusing the debounce attribute: the gateway's own debounce still
             // filters the changes.
-            Err(HwError::NoSuchPin { .. }) | Err(HwError::Io { .. }) => {
+            Err(HwError::Io { .. }) => {
                 log::info!(
                     "gpio kernel debounce unavailable pin={} chip={}: using the gateway's debounce only",
                     i.pin,

@@ -153,43 +153,193 @@ impl Default for CommandsConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum GpioBackendKind {
-    /// The Raspberry Pi's GPIO through rppal (`"rppal"`, the default).
+    /// The kernel's GPIO character device (`"cdev"`, the default): any Pi, any kernel from
+    /// Linux 5.10, any other Linux board. See [`crate::hw::cdev`].
     #[default]
+    Cdev,
+    /// The Raspberry Pi's GPIO through rppal (`"rppal"`): needs `/dev/gpiomem`, which only
+    /// Raspberry Pi OS kernels provide.
     Rppal,
     /// Simulated pins (`"sim"`): one file per pin in `sim_dir`, watched with inotify.
     Sim,
 }
 
+/// Which list of `[gpio]` an entry is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    /// `[[gpio.input]]`.
+    Input,
+    /// `[[gpio.output]]`.
+    Output,
+}
+
+impl LineKind {
+    /// The dotted section name, as in config errors.
+    pub fn section(self) -> &'static str {
+        match self {
+            LineKind::Input => "gpio.input",
+            LineKind::Output => "gpio.output",
+        }
+    }
+}
+
+/// An input or output given by `line = "NAME"` instead of `pin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedLine {
+    /// Input or output.
+    pub kind: LineKind,
+    /// Its index in `[[gpio.input]]` or `[[gpio.output]]`.
+    pub index: usize,
+    /// The line name to look up on the chip, e.g. `GPIO17`.
+    pub name: String,
+    /// The offset found on the chip, once [`crate::sources::gpio::resolve_lines`] has run;
+    /// the entry's `pin` then holds it too.
+    pub resolved: Option<u8>,
+}
+
 /// `[gpio]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawGpioConfig")]
 pub struct GpioConfig {
     /// Which GPIO implementation to open.
-    #[serde(default)]
     pub backend: GpioBackendKind,
+    /// For the `cdev` backend: `"auto"` (the chip of a Raspberry Pi's 40-pin header, found by
+    /// its label) or a chip device such as `/dev/gpiochip0`.
+    pub chip: ChipSelect,
     /// For the `sim` backend: the directory of pin files `gpio<N>` holding `0` or `1`
     /// (default `/run/zgate-sim`).
-    #[serde(default = "default_sim_dir")]
     pub sim_dir: PathBuf,
     /// `[[gpio.input]]`: pins read; each reported change is a reading.
-    #[serde(default)]
     pub input: Vec<InputConfig>,
     /// `[[gpio.output]]`: pins driven by `set` / `toggle` / `pulse` commands.
-    #[serde(default)]
     pub output: Vec<OutputConfig>,
+    /// The inputs and outputs given by `line` instead of `pin` (`cdev` only). Their `pin` is
+    /// 0 until [`crate::sources::gpio::resolve_lines`] looks the names up on the chip.
+    pub lines: Vec<NamedLine>,
+    /// Entries with both `pin` and `line` (true) or neither (false), for the validation.
+    pin_or_line: Vec<(LineKind, usize, bool)>,
 }
 
 impl Default for GpioConfig {
     fn default() -> Self {
         GpioConfig {
             backend: GpioBackendKind::default(),
+            chip: ChipSelect::default(),
             sim_dir: default_sim_dir(),
             input: Vec::new(),
             output: Vec::new(),
+            lines: Vec::new(),
+            pin_or_line: Vec::new(),
         }
     }
 }
 
+impl GpioConfig {
+    /// Whether entry `index` of `kind` is given by `line` (its `pin` is then resolved later).
+    pub fn named(&self, kind: LineKind, index: usize) -> Option<&NamedLine> {
+        self.lines
+            .iter()
+            .find(|l| l.kind == kind && l.index == index)
+    }
+}
+
+/// `[gpio]` as written: `pin` and `line` both optional (exactly one is required, checked by
+/// the validation so the error names the line).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpioConfig {
+    #[serde(default)]
+    backend: GpioBackendKind,
+    #[serde(default)]
+    chip: ChipSelect,
+    #[serde(default = "default_sim_dir")]
+    sim_dir: PathBuf,
+    #[serde(default)]
+    input: Vec<RawInput>,
+    #[serde(default)]
+    output: Vec<RawOutput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    name: String,
+    pin: Option<u8>,
+    line: Option<String>,
+    #[serde(default)]
+    pull: Pull,
+    #[serde(default)]
+    edge: Edge,
+    #[serde(default = "default_debounce_ms")]
+    debounce_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    name: String,
+    pin: Option<u8>,
+    line: Option<String>,
+    #[serde(default)]
+    initial: Initial,
+    #[serde(default = "default_max_pulse_ms")]
+    max_pulse_ms: u64,
+}
+
+impl From<RawGpioConfig> for GpioConfig {
+    fn from(raw: RawGpioConfig) -> GpioConfig {
+        let mut lines = Vec::new();
+        let mut pin_or_line = Vec::new();
+        let mut note = |kind, index, pin: Option<u8>, line: Option<String>| {
+            match (&pin, line) {
+                (None, Some(name)) => lines.push(NamedLine {
+                    kind,
+                    index,
+                    name,
+                    resolved: None,
+                }),
+                (Some(_), Some(_)) => pin_or_line.push((kind, index, true)),
+                (None, None) => pin_or_line.push((kind, index, false)),
+                (Some(_), None) => {}
+            }
+            pin.unwrap_or(0)
+        };
+        let input = raw
+            .input
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| InputConfig {
+                pin: note(LineKind::Input, i, r.pin, r.line),
+                name: r.name,
+                pull: r.pull,
+                edge: r.edge,
+                debounce_ms: r.debounce_ms,
+            })
+            .collect();
+        let output = raw
+            .output
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| OutputConfig {
+                pin: note(LineKind::Output, i, r.pin, r.line),
+                name: r.name,
+                initial: r.initial,
+                max_pulse_ms: r.max_pulse_ms,
+            })
+            .collect();
+        GpioConfig {
+            backend: raw.backend,
+            chip: raw.chip,
+            sim_dir: raw.sim_dir,
+            input,
+            output,
+            lines,
+            pin_or_line,
+        }
+    }
+}
+
+pub use crate::hw::cdev::ChipSelect;
 pub use crate::hw::{Initial, Level, Pull};
 
 /// The `edge` setting of an input: which changes become readings. (A change itself is a
@@ -218,37 +368,33 @@ impl Edge {
 }
 
 /// One `[[gpio.input]]` pin.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InputConfig {
     /// The readings' `source` name; unique among inputs, outputs and serial ports.
     pub name: String,
-    /// BCM pin number, 0 to [`MAX_BCM_PIN`] (not the header pin number); used once.
+    /// The line offset: the BCM pin number on a Pi, 0 to [`MAX_BCM_PIN`] (not the header pin
+    /// number); used once. For an input given by `line` (see [`GpioConfig::lines`]), the
+    /// offset the name was found at.
     pub pin: u8,
     /// Internal bias resistor (default none). The level at start is read, not assumed.
-    #[serde(default)]
     pub pull: Pull,
     /// Which changes become readings (default both).
-    #[serde(default)]
     pub edge: Edge,
     /// A change must hold this long (ms, at most 10,000) before it is reported (default 20).
-    #[serde(default = "default_debounce_ms")]
     pub debounce_ms: u64,
 }
 
 /// One `[[gpio.output]]` pin.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutputConfig {
     /// The command `target` name; unique among inputs, outputs and serial ports.
     pub name: String,
-    /// BCM pin number, 0 to [`MAX_BCM_PIN`]; used once.
+    /// The line offset (BCM number on a Pi), 0 to [`MAX_BCM_PIN`]; used once. For an output
+    /// given by `line`, the offset the name was found at.
     pub pin: u8,
     /// `0`, `1` or `"keep"` (drive nothing at start; the level the pin has is read).
-    #[serde(default)]
     pub initial: Initial,
     /// Longest `pulse` a command may ask for, in ms, 1 to 86,400,000 (default 10,000).
-    #[serde(default = "default_max_pulse_ms")]
     pub max_pulse_ms: u64,
 }
 

@@ -88,7 +88,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Run { config } => {
-            let cfg = Config::load(&config).map_err(anyhow::Error::new)?;
+            let mut cfg = Config::load(&config).map_err(anyhow::Error::new)?;
+            zgate::sources::gpio::resolve_lines(&mut cfg.gpio).context("gateway failed")?;
             zgate::Gateway::run_with_config_file(cfg, config).context("gateway failed")?;
             Ok(ExitCode::SUCCESS)
         }

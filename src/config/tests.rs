@@ -267,3 +267,112 @@ fn locate_finds_nth_table() {
     assert_eq!(locate(t, "a", Some(1), "z"), 3);
     assert_eq!(locate(t, "b", None, "z"), 0);
 }
+
+fn cdev(gpio: &str) -> String {
+    GOOD.replace("backend = \"sim\"", "backend = \"cdev\"")
+        .replace("pin = 17", gpio)
+}
+
+/// `cdev` is the default backend, `chip` defaults to "auto", and a path picks a chip.
+#[test]
+fn gpio_backend_and_chip_defaults() {
+    let c = Config::parse("[gateway]\nid = \"gw\"\n", "t.toml").unwrap();
+    assert_eq!(c.gpio.backend, GpioBackendKind::Cdev);
+    assert_eq!(c.gpio.chip, ChipSelect::Auto);
+    let c = Config::parse(
+        &GOOD.replace(
+            "backend = \"sim\"",
+            "backend = \"cdev\"\nchip = \"/dev/gpiochip4\"",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.gpio.chip,
+        ChipSelect::Path(PathBuf::from("/dev/gpiochip4"))
+    );
+    let e = Config::parse(
+        &GOOD.replace(
+            "backend = \"sim\"",
+            "backend = \"cdev\"\nchip = \"gpiochip4\"",
+        ),
+        "z.toml",
+    )
+    .unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (11, "gpio.chip"), "{e}");
+    assert!(
+        e.message.contains("\"auto\"") && e.message.contains("/dev/gpiochip0"),
+        "{e}"
+    );
+}
+
+/// An input or output may give `line` instead of `pin`: it is listed in `lines`, unresolved,
+/// and skipped by the pin checks until it is looked up on the chip.
+#[test]
+fn line_instead_of_pin() {
+    let text = cdev("line = \"GPIO17\"").replace("pin = 27", "line = \"GPIO27\"");
+    let c = Config::parse(&text, "z.toml").unwrap();
+    assert_eq!(
+        c.gpio.lines,
+        vec![
+            NamedLine {
+                kind: LineKind::Input,
+                index: 0,
+                name: "GPIO17".into(),
+                resolved: None
+            },
+            NamedLine {
+                kind: LineKind::Output,
+                index: 0,
+                name: "GPIO27".into(),
+                resolved: None
+            },
+        ]
+    );
+    assert!(c.gpio.named(LineKind::Output, 0).is_some());
+    assert!(c.gpio.named(LineKind::Output, 1).is_none());
+    // A pin entry next to a named one keeps its pin.
+    let c = Config::parse(&cdev("line = \"GPIO17\""), "z.toml").unwrap();
+    assert_eq!(c.gpio.output[0].pin, 27);
+    assert_eq!(c.gpio.lines.len(), 1);
+}
+
+/// Exactly one of `pin` and `line`; `line` only with cdev; errors name file, line and key.
+#[test]
+fn pin_or_line_errors_name_file_line_key() {
+    let e = Config::parse(&cdev("pin = 17\nline = \"GPIO17\""), "z.toml").unwrap_err();
+    assert_eq!(
+        (e.file.as_str(), e.line, e.key.as_str()),
+        ("z.toml", 16, "gpio.input.line"),
+        "{e}"
+    );
+    assert!(e.message.contains("not both"), "{e}");
+
+    let e = Config::parse(&cdev("edge = \"rising\""), "z.toml").unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (13, "gpio.input.pin"), "{e}");
+    assert!(e.message.contains("line (the line's name"), "{e}");
+
+    let sim = GOOD.replace("pin = 27", "line = \"GPIO27\"");
+    let e = Config::parse(&sim, "z.toml").unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (20, "gpio.output.line"), "{e}");
+    assert!(
+        e.message.contains("backend = \"cdev\"") && e.message.contains("\"sim\""),
+        "{e}"
+    );
+
+    let e = Config::parse(&cdev("line = \"\""), "z.toml").unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (15, "gpio.input.line"), "{e}");
+}
+
+/// Offsets above the Pi header's BCM range are accepted only on a chip named by path.
+#[test]
+fn offsets_beyond_bcm_need_a_chip_path() {
+    let e = Config::parse(&cdev("pin = 40"), "z.toml").unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (15, "gpio.input.pin"), "{e}");
+    let text = cdev("pin = 40").replace(
+        "backend = \"cdev\"",
+        "backend = \"cdev\"\nchip = \"/dev/gpiochip1\"",
+    );
+    let c = Config::parse(&text, "z.toml").unwrap();
+    assert_eq!(c.gpio.input[0].pin, 40);
+}

@@ -120,23 +120,39 @@ impl Config {
         for (i, serial) in self.serial.iter().enumerate() {
             check_name("serial", i, &serial.name)?;
         }
+        self.validate_lines(&err)?;
+        // On a chip named by path the offsets are that chip's; otherwise they are BCM numbers
+        // of a Pi's header.
+        let any_offset = self.gpio.backend == GpioBackendKind::Cdev
+            && matches!(self.gpio.chip, ChipSelect::Path(_));
         let pin_list = self
             .gpio
             .input
             .iter()
-            .map(|p| ("gpio.input", p.pin))
-            .chain(self.gpio.output.iter().map(|p| ("gpio.output", p.pin)));
-        let mut counters = [0usize; 2];
-        for (section, pin) in pin_list {
-            let idx = if section == "gpio.input" { 0 } else { 1 };
-            let i = counters[idx];
-            counters[idx] += 1;
-            if pin > MAX_BCM_PIN {
+            .enumerate()
+            .map(|(i, p)| (LineKind::Input, i, p.pin))
+            .chain(
+                self.gpio
+                    .output
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (LineKind::Output, i, p.pin)),
+            );
+        for (kind, i, pin) in pin_list {
+            // A named line's offset is known once it is looked up on the chip.
+            if self.gpio.named(kind, i).is_some() {
+                continue;
+            }
+            let section = kind.section();
+            if pin > MAX_BCM_PIN && !any_offset {
                 return Err(err(
                     section,
                     Some(i),
                     "pin",
-                    format!("BCM pin {pin} does not exist (0..={MAX_BCM_PIN})"),
+                    format!(
+                        "BCM pin {pin} does not exist (0..={MAX_BCM_PIN}; with backend = \"cdev\" \
+                         and chip set to a device path, any offset of that chip)"
+                    ),
                 ));
             }
             if !pins.insert(pin) {
@@ -197,6 +213,69 @@ impl Config {
                     Some(i),
                     "write_timeout_ms",
                     "must be between 10 and 600000 (ten minutes)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[gpio]`: exactly one of `pin` and `line` per entry, `line` only with the `cdev`
+    /// backend, and `chip` either "auto" or an absolute device path.
+    fn validate_lines(&self, err: &ErrAt) -> Result<(), ConfigError> {
+        let g = &self.gpio;
+        if let ChipSelect::Path(p) = &g.chip {
+            if !p.is_absolute() {
+                return Err(err(
+                    "gpio",
+                    None,
+                    "chip",
+                    format!(
+                        "{:?} is neither \"auto\" nor an absolute device path such as \
+                         \"/dev/gpiochip0\"",
+                        p.display().to_string()
+                    ),
+                ));
+            }
+        }
+        if let Some(&(kind, i, both)) = g.pin_or_line.first() {
+            return Err(if both {
+                err(
+                    kind.section(),
+                    Some(i),
+                    "line",
+                    "give either pin (the line offset) or line (the line's name), not both".into(),
+                )
+            } else {
+                err(
+                    kind.section(),
+                    Some(i),
+                    "pin",
+                    "missing: give pin (the line offset, the BCM number on a Raspberry Pi) or \
+                     line (the line's name on the chip, e.g. \"GPIO17\", with backend = \"cdev\")"
+                        .into(),
+                )
+            });
+        }
+        for named in &g.lines {
+            let section = named.kind.section();
+            if g.backend != GpioBackendKind::Cdev {
+                return Err(err(
+                    section,
+                    Some(named.index),
+                    "line",
+                    format!(
+                        "line names are looked up on a GPIO chip, which needs backend = \"cdev\" \
+                         (this is {:?}): give pin instead",
+                        format!("{:?}", g.backend).to_lowercase()
+                    ),
+                ));
+            }
+            if named.name.is_empty() || named.name.len() > 31 {
+                return Err(err(
+                    section,
+                    Some(named.index),
+                    "line",
+                    "must be 1 to 31 characters (the kernel's limit for line names)".into(),
                 ));
             }
         }

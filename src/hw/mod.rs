@@ -1,9 +1,12 @@
 //! GPIO hardware: the [`GpioBackend`] trait, the types it speaks ([`Level`], [`Pull`],
 //! [`Initial`], [`InputChange`]) and one module per backend.
 //!
+//! - [`cdev`] — the kernel's GPIO character device (`/dev/gpiochipN`, uAPI v2) via the
+//!   `gpiocdev` crate: one line request per line, each request's fd a source in the loop. Any
+//!   Pi under any kernel from Linux 5.10, and any other Linux board. The default.
 //! - [`rppal`] — a Raspberry Pi's GPIO via the `rppal` crate: registers through
-//!   `/dev/gpiomem`, edge interrupts through `/dev/gpiochipN` on rppal's own thread, forwarded
-//!   into a bounded `calloop::channel`.
+//!   `/dev/gpiomem` (Raspberry Pi OS kernels only), edge interrupts through `/dev/gpiochipN` on
+//!   rppal's own thread, forwarded into a bounded `calloop::channel`.
 //! - [`sim`] — simulated pins as files `gpio<N>` in a directory (`0`/`1` and a newline),
 //!   watched with inotify. Any program can drive inputs (`echo 1 > gpio17`) and observe
 //!   outputs (`cat gpio27`).
@@ -24,11 +27,13 @@
 //! The user running zgate (the `zgate` service user of the `.deb`) needs read and write access
 //! to the GPIO device files:
 //!
-//! - `/dev/gpiomem` — rppal maps the GPIO registers through it. Raspberry Pi OS gives it to the
-//!   group `gpio` (mode 0660); Debian's stock kernel has no `/dev/gpiomem` at all, so rppal
-//!   cannot work there.
-//! - `/dev/gpiochip0` … `/dev/gpiochip4` — the kernel's GPIO character devices; rppal requests
-//!   input lines with edge detection through them. Raspberry Pi OS gives them to group `gpio`.
+//! - `/dev/gpiochipN` — the kernel's GPIO character devices: the `cdev` backend uses nothing
+//!   else, and rppal requests input lines with edge detection through them. Raspberry Pi OS
+//!   gives them to group `gpio`; Debian's kernel creates them `root:root 0600`, and the zgate
+//!   package installs the udev rule below as `/usr/lib/udev/rules.d/60-zgate-gpio.rules`.
+//! - `/dev/gpiomem` — rppal only: it maps the GPIO registers through it. Raspberry Pi OS gives
+//!   it to the group `gpio` (mode 0660); Debian's stock kernel has no `/dev/gpiomem` at all, so
+//!   rppal cannot work there.
 //!
 //! Add the user to the group and restart the service (group membership is read at login):
 //!
@@ -53,7 +58,14 @@
 //! Each failure is one [`HwError`] variant whose message names the cause and the fix:
 //!
 //! - [`HwError::PermissionDenied`]: see *Permissions* above; the message names the file.
-//! - [`HwError::LineBusy`]: another program or kernel driver holds the line. `gpioinfo`
+//! - [`HwError::LineHeld`] (cdev): another program or kernel driver holds the line; the
+//!   message names the consumer the kernel reports and the fix.
+//! - [`HwError::ChipUnavailable`], [`HwError::NoHeaderChip`], [`HwError::AmbiguousHeaderChip`]
+//!   (cdev): the chip named by `chip` cannot be opened, or `chip = "auto"` found no (or more
+//!   than one) chip labelled like a Pi's 40-pin header; the message lists the chips.
+//! - [`HwError::NoSuchLine`], [`HwError::LineNameNotUnique`], [`HwError::LineTwice`] (cdev): a
+//!   `line` name is not on the chip, is on it twice, or lands on a line another entry uses.
+//! - [`HwError::LineBusy`] (rppal): another program or kernel driver holds the line. `gpioinfo`
 //!   (package `gpiod`) shows each line's consumer. Common holders: a second zgate, `gpiomon`,
 //!   `pigpiod`, and device-tree overlays that claim pins (SPI0 on GPIO7–11, I2C1 on GPIO2–3,
 //!   1-Wire on GPIO4, the UART on GPIO14–15). Stop the holder or disable the overlay in
@@ -66,6 +78,7 @@
 //! - [`HwError::SimDir`], [`HwError::SimPin`], [`HwError::Inotify`]: the simulated backend's
 //!   directory or files cannot be used; the message names the path.
 
+pub mod cdev;
 pub mod rppal;
 pub mod sim;
 
@@ -352,6 +365,107 @@ pub enum HwError {
         /// The cause.
         #[source]
         source: nix::Error,
+    },
+    /// The GPIO chip device cannot be opened or asked for its lines.
+    #[error(
+        "cannot use the GPIO chip {path}: {reason}. `ls /dev/gpiochip*` or `gpiodetect` \
+         (package gpiod) lists the chips; set [gpio] chip to one of them or to \"auto\" (the \
+         Raspberry Pi's header chip); the kernel needs the GPIO character device (Linux 5.10 \
+         or later); to test without hardware set [gpio] backend = \"sim\""
+    )]
+    ChipUnavailable {
+        /// The chip device (or `/dev` when the chips could not be listed).
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+    /// `chip = "auto"` found no chip with the label of a Raspberry Pi's 40-pin header.
+    #[error(
+        "no GPIO chip of a Raspberry Pi's 40-pin header found (a chip labelled \
+         pinctrl-bcm2835 on a Pi 1-3 or Zero, pinctrl-bcm2711 on a Pi 4, pinctrl-rp1 on a \
+         Pi 5); chips here: {chips}. On another board set [gpio] chip = \"/dev/gpiochipN\" \
+         (`gpiodetect` lists chips and labels); to test without hardware set [gpio] \
+         backend = \"sim\""
+    )]
+    NoHeaderChip {
+        /// The chips seen, with label and line count.
+        chips: String,
+    },
+    /// `chip = "auto"` found more than one chip with a header label.
+    #[error(
+        "more than one GPIO chip looks like the 40-pin header: {chips}; set [gpio] chip to \
+         the one to use, e.g. chip = \"/dev/gpiochip0\""
+    )]
+    AmbiguousHeaderChip {
+        /// The matching chips.
+        chips: String,
+    },
+    /// No line of the chip has the configured `line` name.
+    #[error(
+        "no GPIO line named {name:?} on {chip}: `gpioinfo` (package gpiod) lists each line's \
+         name (names are case-sensitive, e.g. \"GPIO17\"); fix `line` in the [gpio] section \
+         or give the line's offset with `pin` instead"
+    )]
+    NoSuchLine {
+        /// The name looked up.
+        name: String,
+        /// The chip searched.
+        chip: String,
+    },
+    /// More than one line of the chip has the configured `line` name.
+    #[error(
+        "GPIO line name {name:?} is not unique on {chip} (offsets {offsets}): give the \
+         offset with `pin` instead of `line`"
+    )]
+    LineNameNotUnique {
+        /// The name looked up.
+        name: String,
+        /// The chip searched.
+        chip: String,
+        /// Offsets carrying that name.
+        offsets: String,
+    },
+    /// The kernel refused the line request because the line is held (EBUSY).
+    #[error(
+        "GPIO line {pin} ({name}) of {chip} is held by consumer {consumer:?}. Stop the program \
+         that holds it (a second zgate, gpiomon, gpioset, pigpiod), or, if it is a kernel \
+         driver, turn off the overlay that claims the pin in /boot/firmware/config.txt (SPI0 \
+         chip selects on GPIO7-8 and SPI0 on GPIO9-11: dtparam=spi=off; I2C1 on GPIO2-3; \
+         1-Wire on GPIO4; the UART on GPIO14-15) and reboot, or use another pin"
+    )]
+    LineHeld {
+        /// Offset of the line (the BCM number on a Pi).
+        pin: u8,
+        /// The line's name, "unnamed" when it has none.
+        name: String,
+        /// The chip device.
+        chip: String,
+        /// The consumer holding it, from the kernel's line info.
+        consumer: String,
+    },
+    /// Two configured entries are the same line (a `line` name found at an offset that
+    /// another entry uses).
+    #[error(
+        "GPIO line {pin} is configured twice: by {first:?} and by {second:?} (a `line` name \
+         resolves to an offset another entry uses); each line may be used once: fix `pin` or \
+         `line` in the [gpio] section"
+    )]
+    LineTwice {
+        /// The offset.
+        pin: u8,
+        /// Name of the first entry on it.
+        first: String,
+        /// Name of the second entry on it.
+        second: String,
+    },
+    /// An entry given by `line` was opened before its name was looked up on the chip.
+    #[error(
+        "GPIO line {name:?} was not looked up on the chip before the GPIO was opened \
+         (a program error: call sources::gpio::resolve_lines first)"
+    )]
+    LineNotResolved {
+        /// The line name.
+        name: String,
     },
     /// A pin was used that is not configured as the kind of line the call needs.
     #[error("GPIO{pin} is not configured as {expected}")]

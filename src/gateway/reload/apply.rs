@@ -130,7 +130,12 @@ impl Gateway {
             return;
         };
         match Config::load(&path) {
-            Ok(new) => {
+            Ok(mut new) => {
+                // Named lines (`line = "GPIO17"`) become offsets, as at start.
+                if let Err(e) = crate::sources::gpio::resolve_lines(&mut new.gpio) {
+                    log::error!("reload failed: {e}; the running configuration is kept");
+                    return;
+                }
                 let plan = ReloadPlan::new(&self.cfg, new);
                 self.apply_reload(plan);
             }

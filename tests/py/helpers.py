@@ -20,6 +20,7 @@ Everything here drives the real binary (``ZGATE_BIN``, default ``target/debug/zg
 Waiting is always "poll until a deadline"; a fixed sleep is never a pass condition.
 """
 
+import ctypes
 import errno
 import json
 import os
@@ -44,6 +45,15 @@ ZGATE_BIN = os.environ.get("ZGATE_BIN") or str(REPO / "target" / "debug" / "zgat
 GW_ID = "gw-01"
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 READING_KEYS = {"gateway", "seq", "source", "time", "values"}
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent():
+    """``preexec_fn``: the child gets SIGKILL when the test process dies, so a test run that
+    crashes leaves no gateway behind dialling out as ``gw-01`` to ports later tests reuse."""
+    _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def free_port():
@@ -374,6 +384,7 @@ class Gateway:
                 stdout=log,
                 stderr=log,
                 env=zgate_env(),
+                preexec_fn=die_with_parent,
             )
         self.starts += 1
         return self
@@ -477,6 +488,9 @@ class Peer:
         self.acking = auto_ack
         self._ack_now = threading.Event()
         self._stop = threading.Event()
+        # A zmq socket is not thread-safe: with a background thread, the test's sends are
+        # handed to it.
+        self._outq = queue.SimpleQueue()
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._run, daemon=True)
@@ -549,7 +563,16 @@ class Peer:
 
     def _run(self):
         while not self._stop.is_set():
-            events = dict(self.poller.poll(20))
+            events = dict(self.poller.poll(2))
+            while True:
+                try:
+                    frames = self._outq.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    self.sock.send_multipart(frames)
+                except zmq.ZMQError:
+                    pass
             got_reading = False
             while self.sock in events:
                 try:
@@ -632,10 +655,14 @@ class Peer:
 
     def send(self, kind, body):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.sock.send_multipart([self.gateway_id, kind.encode(), data])
+        self.send_frames([kind.encode(), data])
 
     def send_frames(self, frames):
-        self.sock.send_multipart([self.gateway_id] + list(frames))
+        frames = [self.gateway_id] + list(frames)
+        if self._thread is not None:
+            self._outq.put(frames)
+        else:
+            self.sock.send_multipart(frames)
 
     def command(self, cmd):
         self.send("command", cmd)

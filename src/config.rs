@@ -79,6 +79,10 @@ pub struct BackendConfig {
     /// ZMQ_MAXMSGSIZE: libzmq drops a peer that sends a larger frame.
     #[serde(default = "default_max_msg_size")]
     pub max_msg_size: i64,
+    /// Seconds to wait, after each connection's `hello`, for any message from the backend
+    /// before the connection is treated as not working and made again.
+    #[serde(default = "default_hello_timeout_s")]
+    pub hello_timeout_s: u64,
 }
 
 impl Default for BackendConfig {
@@ -91,6 +95,7 @@ impl Default for BackendConfig {
             secret_key_file: None,
             insecure: false,
             max_msg_size: default_max_msg_size(),
+            hello_timeout_s: default_hello_timeout_s(),
         }
     }
 }
@@ -273,6 +278,9 @@ fn default_shutdown_flush_ms() -> u64 {
 }
 fn default_max_msg_size() -> i64 {
     64 * 1024
+}
+fn default_hello_timeout_s() -> u64 {
+    10
 }
 fn default_max_per_s() -> u32 {
     20
@@ -578,6 +586,14 @@ impl Config {
                 "must be between 1024 and 16777216 bytes".into(),
             ));
         }
+        if !(1..=3600).contains(&b.hello_timeout_s) {
+            return Err(err(
+                "backend",
+                None,
+                "hello_timeout_s",
+                "must be between 1 and 3600 seconds".into(),
+            ));
+        }
         if !(1..=10_000).contains(&self.commands.max_per_s) {
             return Err(err(
                 "commands",
@@ -880,6 +896,38 @@ path = "/dev/ttyUSB0"
     }
 
     #[test]
+    fn hello_timeout_s_is_checked_with_its_line() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "endpoint = \"tcp://127.0.0.1:5555\"",
+                &format!("endpoint = \"tcp://127.0.0.1:5555\"\nhello_timeout_s = {v}"),
+            )
+        };
+        assert_eq!(
+            Config::parse(&with("2"), "z.toml")
+                .unwrap()
+                .backend
+                .hello_timeout_s,
+            2
+        );
+        for bad in ["0", "3601"] {
+            let e = Config::parse(&with(bad), "z.toml").unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (8, "backend.hello_timeout_s"),
+                "{e}"
+            );
+            assert!(
+                e.to_string()
+                    .starts_with("z.toml:8: key backend.hello_timeout_s:"),
+                "{e}"
+            );
+        }
+        let e = Config::parse(&with("-1"), "z.toml").unwrap_err();
+        assert!(e.key.ends_with("hello_timeout_s"), "{e}");
+    }
+
+    #[test]
     fn range_checks() {
         for (from, to, key) in [
             ("pin = 27", "pin = 40", "gpio.output.pin"),
@@ -927,6 +975,7 @@ path = "/dev/ttyUSB0"
         assert!(!c.backend.curve());
         assert!(!c.backend.insecure_link());
         assert_eq!(c.backend.max_msg_size, 65536);
+        assert_eq!(c.backend.hello_timeout_s, 10);
         assert_eq!(c.commands.max_per_s, 20);
         assert!(!c.serial[0].allow_binary);
         let text = GOOD.replace(

@@ -187,7 +187,11 @@ impl Gateway {
             next_seq: spool.next_seq(),
         };
         let mut gw = Gateway {
-            link: Link::new(&cfg.backend.endpoint, cfg.backend.curve()),
+            link: Link::new(
+                &cfg.backend.endpoint,
+                cfg.backend.curve(),
+                Duration::from_secs(cfg.backend.hello_timeout_s),
+            ),
             delivery: Delivery::new(&cfg.spool, view, now),
             commands: Commands::new(cfg.commands.max_per_s, now),
             outputs: Outputs::new(&cfg.gpio.output),

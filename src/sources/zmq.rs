@@ -26,7 +26,8 @@
 //! backend was away would reach the new connection ahead of the `hello` (and ahead of the
 //! gateway's rewind, which may have dropped or reordered them).
 
-use crate::protocol::{Message, KIND_HELLO};
+use crate::gateway::delivery::reading_seq;
+use crate::protocol::{Message, KIND_HELLO, KIND_READING};
 use calloop::generic::Generic;
 use calloop::ping::{make_ping, Ping, PingSource};
 use calloop::{EventSource, Interest, Mode, Poll, PostAction, Readiness, Token, TokenFactory};
@@ -88,6 +89,8 @@ pub struct Outbox {
     max: usize,
     /// Messages handed to libzmq.
     pub sent: u64,
+    /// The highest reading seq handed to libzmq on the current connection (0: none).
+    highest_reading_sent: u64,
 }
 
 impl Outbox {
@@ -96,6 +99,7 @@ impl Outbox {
             queue: VecDeque::new(),
             max: max.max(1),
             sent: 0,
+            highest_reading_sent: 0,
         }
     }
     pub fn len(&self) -> usize {
@@ -153,8 +157,18 @@ impl Outbox {
         self.queue.front()
     }
     fn pop_front(&mut self) {
-        self.queue.pop_front();
+        if let Some(m) = self.queue.pop_front() {
+            self.note_sent(&m);
+        }
+    }
+    /// Counts a message handed to libzmq, and a reading's seq.
+    fn note_sent(&mut self, m: &Message) {
         self.sent += 1;
+        if m.kind == KIND_READING {
+            if let Some(seq) = reading_seq(&m.body) {
+                self.highest_reading_sent = self.highest_reading_sent.max(seq);
+            }
+        }
     }
 }
 
@@ -168,9 +182,24 @@ pub struct OutboxHandle {
     ping: Ping,
     close_linger_ms: Rc<Cell<i32>>,
     check_requested: Rc<Cell<bool>>,
+    reconnect_requested: Rc<Cell<bool>>,
 }
 
 impl OutboxHandle {
+    /// Asks the source to drop the current connection and dial the endpoint again on its
+    /// next dispatch (a connection on which the backend is not heard). The source reports
+    /// [`ZmqEvent::Disconnected`] at once, sends nothing until the new connection is
+    /// reported, and the outbox keeps its messages.
+    pub fn request_reconnect(&self) {
+        self.reconnect_requested.set(true);
+        self.ping.ping();
+    }
+
+    /// The highest reading seq handed to libzmq on the current connection (0: none yet).
+    pub fn highest_reading_sent(&self) -> u64 {
+        self.outbox.borrow().highest_reading_sent
+    }
+
     /// Asks the source to check the connection on its next dispatch. Call it from a timer
     /// while no connection is reported (after `Disconnected`, and from the start):
     /// * reconnects if libzmq gave up on the connection: after a protocol error (e.g. a frame
@@ -215,7 +244,7 @@ impl OutboxHandle {
                 if let Err(e) = self.socket.send(body, zmq::DONTWAIT) {
                     log::error!("zmq send of a message's last frame failed: {e}");
                 }
-                outbox.sent += 1;
+                outbox.note_sent(&m);
                 drop(outbox);
                 match self.socket.get_events() {
                     Ok(ev) if !ev.contains(zmq::POLLIN) => {}
@@ -332,6 +361,8 @@ pub struct ZmqSource {
     direct: Rc<Cell<bool>>,
     /// A connection check is due on the next dispatch (see `request_connection_check`).
     check_requested: Rc<Cell<bool>>,
+    /// A forced reconnect is due on the next dispatch (see `request_reconnect`).
+    reconnect_requested: Rc<Cell<bool>>,
     /// Endpoint to reconnect to when libzmq gave up (see `request_connection_check`).
     endpoint: Option<String>,
     /// A DISCONNECTED was seen and no reconnect attempt since.
@@ -374,6 +405,7 @@ impl ZmqSource {
             connected: Rc::new(Cell::new(false)),
             direct: Rc::new(Cell::new(false)),
             check_requested: Rc::new(Cell::new(false)),
+            reconnect_requested: Rc::new(Cell::new(false)),
             endpoint: None,
             awaiting_retry: false,
             check_monitor: true,
@@ -394,6 +426,31 @@ impl ZmqSource {
             ping: self.ping.clone(),
             close_linger_ms: self.close_linger_ms.clone(),
             check_requested: self.check_requested.clone(),
+            reconnect_requested: self.reconnect_requested.clone(),
+        }
+    }
+
+    /// When a forced reconnect was requested (`request_reconnect`): drops the connection,
+    /// dials again and reports the drop. libzmq's monitor reports no DISCONNECTED for a
+    /// connection the socket closed itself, so the source does, and closes the gate: nothing
+    /// goes out before the new connection's `Connected` (and hello).
+    fn forced_reconnect<F>(&mut self, callback: &mut F)
+    where
+        F: FnMut(ZmqEvent, &mut ()),
+    {
+        if !self.reconnect_requested.replace(false) {
+            return;
+        }
+        let Some(ep) = self.endpoint.clone() else {
+            return;
+        };
+        self.awaiting_retry = false;
+        let _ = self.socket.disconnect(&ep);
+        if let Err(e) = self.socket.connect(&ep) {
+            log::error!("reconnecting to {ep} failed: {e}");
+        }
+        if self.connected.replace(false) {
+            callback(ZmqEvent::Disconnected, &mut ());
         }
     }
 
@@ -422,6 +479,7 @@ impl ZmqSource {
                     self.endpoint.as_deref().unwrap_or("the backend")
                 );
                 self.connected.set(true);
+                self.outbox.borrow_mut().highest_reading_sent = 0;
                 callback(ZmqEvent::Connected, &mut ());
             }
             Ok(_) => {}
@@ -474,6 +532,7 @@ impl ZmqSource {
                 E::HANDSHAKE_SUCCEEDED => {
                     self.awaiting_retry = false;
                     self.connected.set(true);
+                    self.outbox.borrow_mut().highest_reading_sent = 0;
                     callback(ZmqEvent::Connected, &mut ());
                 }
                 E::DISCONNECTED => {
@@ -692,6 +751,7 @@ impl EventSource for ZmqSource {
         if fired {
             self.drain_monitor(&mut callback)?;
         }
+        self.forced_reconnect(&mut callback);
         self.check_connection(&mut callback);
         self.pump(&mut callback)?;
         Ok(PostAction::Continue)

@@ -7,7 +7,7 @@ impl Gateway {
     pub(super) fn on_retransmit_timer(&mut self) {
         let (view, now) = (self.view(), Instant::now());
         self.delivery.on_retransmit_timer(view, now, &mut self.fx);
-        let waiting = view.next_seq - view.resume_seq();
+        let waiting = view.next_seq.saturating_sub(view.resume_seq());
         self.link.check_unheard(waiting, now);
         self.apply_effects();
     }

@@ -43,7 +43,7 @@ def test_unheard_connection_is_made_again(tmp_path, gateways, peers, pty_factory
     assert [peer.reading()["seq"] for _ in range(3)] == [1, 2, 3]
     second = peer.expect("hello", timeout=10)
     waited = time.monotonic() - t_first
-    assert 0.8 <= waited <= 5, f"second hello {waited:.2f} s after the first"
+    assert 0.8 <= waited <= 8, f"second hello {waited:.2f} s after the first"
     assert first["resume_seq"] == second["resume_seq"] == 1
     # Nothing was acked: the same readings follow the new hello, in order.
     assert [peer.reading()["seq"] for _ in range(3)] == [1, 2, 3]

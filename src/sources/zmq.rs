@@ -1257,6 +1257,9 @@ mod tests {
 }
 
 #[cfg(test)]
+mod reconnect_tests;
+
+#[cfg(test)]
 mod stress {
     use super::*;
     use calloop::EventLoop;

@@ -71,6 +71,8 @@ impl Noise {
     }
 }
 
+/// Runs the demo (see the module documentation) until Ctrl-C, SIGTERM or, with `seconds`,
+/// that many seconds; then stops the gateway (with its flush) and the backend.
 pub fn run(seconds: Option<u64>) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("zgate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

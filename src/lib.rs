@@ -14,6 +14,8 @@
 //! - [`backend`]: the reference backend (`zgate backend`).
 //! - [`demo`]: `zgate demo`, the embedded default with simulated hardware.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod config;
 pub mod demo;

@@ -4,9 +4,14 @@
 //! write) is the interpreter's job; it reports the outcome with [`Commands::finish`] or, for
 //! serial writes that complete later, [`Commands::write_queued`] and
 //! [`Commands::write_finished`]. Every answer leaves as an [`Effect::Send`] of a `reply`.
+//!
+//! Each remembered id keeps a digest of its command: the same id with the same command is a
+//! retry (answered as before, never executed twice); the same id with a different command is
+//! refused, so a backend that reuses ids (after a restart, say) learns of it instead of
+//! getting someone else's `ok: true` for a command that never ran.
 
 use super::effect::{Effect, Effects};
-use crate::limit::{LogLimits, RateLimiter};
+use crate::limit::{LogLimits, RateLimiter, Verdict};
 use crate::protocol::{self, Command, Message};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
@@ -15,11 +20,33 @@ use std::time::Instant;
 /// How many recent command ids are remembered for duplicate detection.
 pub const REPLY_CACHE: usize = 1024;
 
+/// What a remembered command id was sent with, to tell a retry from a reused id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyDigest {
+    /// A body that parsed: [`Command::digest`] (target and action, so retries that differ
+    /// only in JSON spelling, such as `"value": 1` and `"value": true`, still match).
+    Command(u64),
+    /// A body that was refused as unparsable: a digest of its bytes.
+    Unparsed(u64),
+}
+
+impl BodyDigest {
+    /// The digest of a refused body's bytes.
+    pub fn of_bytes(body: &[u8]) -> BodyDigest {
+        use std::hash::Hasher;
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(body);
+        BodyDigest::Unparsed(h.finish())
+    }
+}
+
 /// What is remembered of one command id.
 #[derive(Debug, Clone)]
 pub struct CachedReply {
     /// The reply sent, or `None` while the command is in progress.
     pub reply: Option<Message>,
+    /// What the command was.
+    pub body: BodyDigest,
 }
 
 /// Replies to the last [`REPLY_CACHE`] command ids.
@@ -35,7 +62,8 @@ impl ReplyCache {
         self.map.get(id)
     }
 
-    /// Remembers `entry` for `id`; the oldest id is forgotten beyond [`REPLY_CACHE`].
+    /// Remembers `entry` for `id` (replacing what was remembered, without renewing its place
+    /// in line); the oldest id is forgotten beyond [`REPLY_CACHE`].
     pub fn insert(&mut self, id: &str, entry: CachedReply) {
         if self.map.insert(id.to_string(), entry).is_none() {
             self.order.push_back(id.to_string());
@@ -58,14 +86,22 @@ impl ReplyCache {
     }
 }
 
+/// The error of a command whose id is remembered with a different command.
+pub fn reused_id_error(id: &str) -> String {
+    format!(
+        "id {id:?} was reused with a different command: not executed (command ids must be \
+         unique; the gateway remembers the last {REPLY_CACHE})"
+    )
+}
+
 /// The command state machine (see the module doc).
 #[derive(Debug)]
 pub struct Commands {
     replies: ReplyCache,
     rate: RateLimiter,
     max_per_s: u32,
-    /// Serial writes in progress: write token → command id.
-    pending_writes: HashMap<u64, String>,
+    /// Serial writes in progress: write token → command id and digest.
+    pending_writes: HashMap<u64, (String, Option<BodyDigest>)>,
     next_write_token: u64,
     logs: LogLimits,
     /// Commands answered `ok: true`.
@@ -93,19 +129,31 @@ impl Commands {
     }
 
     /// A `command` body. Returns the command to execute; `None` when it was answered here:
-    /// a duplicate id (answered as before, never executed twice), the rate limit, or a body
-    /// that does not parse.
+    /// a duplicate id (answered as before, never executed twice), an id reused with a
+    /// different command, the rate limit, or a body that does not parse. A command returned
+    /// is remembered as in progress until [`Commands::finish`] (or
+    /// [`Commands::write_finished`]) answers it.
     pub fn on_command(&mut self, body: &[u8], now: Instant, fx: &mut Effects) -> Option<Command> {
         // Size and nesting limits are checked before serde_json sees the body.
         let parsed = protocol::parse_command(body);
-        let id = match &parsed {
-            Ok(c) => Some(c.id.as_str()),
-            Err(e) => e.id.as_deref(),
+        let (id, digest) = match &parsed {
+            Ok(c) => (Some(c.id.as_str()), BodyDigest::Command(c.digest())),
+            Err(e) => (e.id.as_deref(), BodyDigest::of_bytes(body)),
         };
         if let Some(id) = id {
             if let Some(prev) = self.replies.get(id) {
-                log::info!("duplicate command id={id}: not executed again");
-                if let Some(reply) = prev.reply.clone() {
+                if prev.body != digest {
+                    self.failed += 1;
+                    let msg = reused_id_error(id);
+                    if self.logs.allow("command id reused", now) {
+                        log::warn!("command refused id={id} error=\"{msg}\"");
+                    }
+                    fx.push(Effect::Send(protocol::reply_err(id, &msg)));
+                    return None;
+                }
+                let reply = prev.reply.clone();
+                self.log_duplicate(id, reply.is_some(), now);
+                if let Some(reply) = reply {
                     fx.push(Effect::Send(reply));
                 }
                 return None;
@@ -125,7 +173,14 @@ impl Commands {
             return None;
         }
         match parsed {
-            Ok(cmd) => Some(cmd),
+            Ok(cmd) => {
+                let pending = CachedReply {
+                    reply: None,
+                    body: digest,
+                };
+                self.replies.insert(&cmd.id, pending);
+                Some(cmd)
+            }
             Err(e) => {
                 self.failed += 1;
                 if self.logs.allow("bad command", now) {
@@ -136,15 +191,47 @@ impl Commands {
                     );
                 }
                 if let Some(id) = e.id {
-                    self.answer(&id, protocol::reply_err(&id, &e.message), fx);
+                    self.answer(&id, Some(digest), protocol::reply_err(&id, &e.message), fx);
                 }
                 None
             }
         }
     }
 
-    /// The outcome of command `id`: answered and remembered.
+    /// The INFO line of a retried id, limited like every other repeated line (a backend that
+    /// retries in a tight loop must not flood the log); its summary is at INFO too.
+    fn log_duplicate(&mut self, id: &str, answered: bool, now: Instant) {
+        const KIND: &str = "duplicate command";
+        let what = if answered {
+            "not executed again, answered as before"
+        } else {
+            "still in progress, answered when done"
+        };
+        match self.logs.check(KIND, now) {
+            Verdict::Log => log::info!("{KIND} id={id}: {what}"),
+            Verdict::LogAfter(n) => {
+                log::info!("{KIND}: suppressed={n} similar messages in the last minute");
+                log::info!("{KIND} id={id}: {what}");
+            }
+            Verdict::Suppress => {}
+        }
+    }
+
+    /// The outcome of command `id` (returned by [`Commands::on_command`]): answered and
+    /// remembered.
     pub fn finish(&mut self, id: &str, result: Result<(), String>, now: Instant, fx: &mut Effects) {
+        let body = self.replies.get(id).map(|e| e.body);
+        self.finish_as(id, body, result, now, fx);
+    }
+
+    fn finish_as(
+        &mut self,
+        id: &str,
+        body: Option<BodyDigest>,
+        result: Result<(), String>,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
         let reply = match result {
             Ok(()) => {
                 self.ok += 1;
@@ -158,16 +245,19 @@ impl Commands {
                 protocol::reply_err(id, &e)
             }
         };
-        self.answer(id, reply, fx);
+        self.answer(id, body, reply, fx);
     }
 
-    fn answer(&mut self, id: &str, reply: Message, fx: &mut Effects) {
-        self.replies.insert(
-            id,
-            CachedReply {
+    /// Sends `reply` and remembers it with the command's digest (`None`: a command that
+    /// did not come through [`Commands::on_command`]; answered, not remembered).
+    fn answer(&mut self, id: &str, body: Option<BodyDigest>, reply: Message, fx: &mut Effects) {
+        if let Some(body) = body {
+            let entry = CachedReply {
                 reply: Some(reply.clone()),
-            },
-        );
+                body,
+            };
+            self.replies.insert(id, entry);
+        }
         fx.push(Effect::Send(reply));
     }
 
@@ -181,8 +271,10 @@ impl Commands {
     /// Command `id` queued a serial write with `token`: its reply follows
     /// [`Commands::write_finished`]; a retry meanwhile is neither executed nor answered.
     pub fn write_queued(&mut self, token: u64, id: &str) {
-        self.pending_writes.insert(token, id.to_string());
-        self.replies.insert(id, CachedReply { reply: None });
+        // The entry was made by on_command just before; the digest travels with the token
+        // in case 1024 newer ids push it out of the cache before the write ends.
+        let body = self.replies.get(id).map(|e| e.body);
+        self.pending_writes.insert(token, (id.to_string(), body));
     }
 
     /// The serial write `token` ended. Returns the command id, if the token was known.
@@ -193,8 +285,8 @@ impl Commands {
         now: Instant,
         fx: &mut Effects,
     ) -> Option<String> {
-        let id = self.pending_writes.remove(&token)?;
-        self.finish(&id, result, now, fx);
+        let (id, body) = self.pending_writes.remove(&token)?;
+        self.finish_as(&id, body, result, now, fx);
         Some(id)
     }
 
@@ -248,7 +340,11 @@ mod tests {
     fn reply_cache_evicts_oldest() {
         let mut c = ReplyCache::default();
         for i in 0..(REPLY_CACHE + 5) {
-            c.insert(&format!("c{i}"), CachedReply { reply: None });
+            let entry = CachedReply {
+                reply: None,
+                body: BodyDigest::Unparsed(i as u64),
+            };
+            c.insert(&format!("c{i}"), entry);
         }
         assert!(c.get("c0").is_none());
         assert!(c.get("c4").is_none());
@@ -289,6 +385,110 @@ mod tests {
         assert_eq!(r[0], r[1]);
         assert_eq!(r[2], r[3]);
         assert!(r[2].contains("\"ok\":false"), "{}", r[2]);
+    }
+
+    /// The same id with a different command is refused and nothing runs; the id keeps its
+    /// first command (a retry of it is still answered from the cache, a third body refused).
+    /// A retry that spells the same command differently (`1` and `true`) is a retry.
+    #[test]
+    fn reused_id_with_a_different_command_is_refused() {
+        let t0 = Instant::now();
+        let mut c = Commands::new(100, t0);
+        let mut fx = Effects::default();
+        let set1 = br#"{"id":"c-1","target":"relay1","action":"set","value":1}"#;
+        let cmd = c.on_command(set1, t0, &mut fx).expect("first: executed");
+        c.finish(&cmd.id, Ok(()), t0, &mut fx);
+        let first = sent(&mut fx);
+        assert_eq!(first, vec![r#"{"id":"c-1","ok":true}"#.to_string()]);
+
+        let reused = [
+            &br#"{"id":"c-1","target":"relay1","action":"set","value":0}"#[..],
+            br#"{"id":"c-1","target":"relay2","action":"set","value":1}"#,
+            br#"{"id":"c-1","target":"relay1","action":"pulse","value":{"ms":100}}"#,
+            br#"{"id":"c-1","target":"relay1","action":"set","value":1e400}"#,
+        ];
+        for body in reused {
+            assert!(c.on_command(body, t0, &mut fx).is_none(), "not executed");
+            let r = sent(&mut fx);
+            assert_eq!(r.len(), 1, "{r:?}");
+            let v: Value = serde_json::from_str(&r[0]).unwrap();
+            assert_eq!(v["ok"], false, "{v}");
+            let err = v["error"].as_str().unwrap();
+            assert!(err.contains("reused with a different command"), "{err}");
+        }
+        assert_eq!((c.ok, c.failed), (1, reused.len() as u64));
+
+        let same = br#"{"value":true,"action":"set","target":"relay1","id":"c-1"}"#;
+        assert!(
+            c.on_command(same, t0, &mut fx).is_none(),
+            "a retry: not executed"
+        );
+        assert_eq!(sent(&mut fx), first, "answered as before");
+        assert_eq!((c.ok, c.failed), (1, reused.len() as u64));
+    }
+
+    /// A refused body is remembered by its bytes: the same bytes get the same refusal, a
+    /// different (even valid) command under its id is refused as a reused id.
+    #[test]
+    fn reused_id_of_a_refused_command_is_refused() {
+        let t0 = Instant::now();
+        let mut c = Commands::new(100, t0);
+        let mut fx = Effects::default();
+        let bad = br#"{"id":"b-1","target":"relay1","action":"set","value":7}"#;
+        assert!(c.on_command(bad, t0, &mut fx).is_none());
+        let r1 = sent(&mut fx);
+        assert!(c.on_command(bad, t0, &mut fx).is_none());
+        assert_eq!(sent(&mut fx), r1);
+        let good = br#"{"id":"b-1","target":"relay1","action":"set","value":1}"#;
+        assert!(c.on_command(good, t0, &mut fx).is_none(), "not executed");
+        let r = sent(&mut fx);
+        assert!(r[0].contains("reused with a different command"), "{r:?}");
+    }
+
+    /// A different command under the id of a write in progress is refused at once; the
+    /// write's own reply still comes when it ends, and is what a true retry gets later.
+    #[test]
+    fn reused_id_of_a_pending_write_is_refused() {
+        let t0 = Instant::now();
+        let mut c = Commands::new(100, t0);
+        let mut fx = Effects::default();
+        let body = br#"{"id":"w-1","target":"port1","action":"write","value":"hi"}"#;
+        let other = br#"{"id":"w-1","target":"port1","action":"write","value":"RESET"}"#;
+        let cmd = c.on_command(body, t0, &mut fx).unwrap();
+        let token = c.next_write_token();
+        c.write_queued(token, &cmd.id);
+        assert!(c.on_command(other, t0, &mut fx).is_none());
+        let r = sent(&mut fx);
+        assert!(r[0].contains("reused with a different command"), "{r:?}");
+        c.write_finished(token, Ok(()), t0, &mut fx);
+        assert!(c.on_command(body, t0, &mut fx).is_none());
+        let r = sent(&mut fx);
+        assert_eq!(r, vec![r#"{"id":"w-1","ok":true}"#.to_string(); 2]);
+    }
+
+    /// A write whose id left the cache while it ran (1024 newer ids) is still answered and
+    /// remembered with its own command.
+    #[test]
+    fn pending_write_keeps_its_digest_past_eviction() {
+        let t0 = Instant::now();
+        let mut c = Commands::new(u32::MAX, t0);
+        let mut fx = Effects::default();
+        let body = br#"{"id":"w-1","target":"port1","action":"write","value":"hi"}"#;
+        let cmd = c.on_command(body, t0, &mut fx).unwrap();
+        let token = c.next_write_token();
+        c.write_queued(token, &cmd.id);
+        for i in 0..REPLY_CACHE {
+            let b = format!(r#"{{"id":"x-{i}","target":"relay1","action":"toggle"}}"#);
+            let x = c.on_command(b.as_bytes(), t0, &mut fx).unwrap();
+            c.finish(&x.id, Ok(()), t0, &mut fx);
+        }
+        assert!(c.replies.get("w-1").is_none(), "pushed out");
+        fx.drain();
+        c.write_finished(token, Ok(()), t0, &mut fx);
+        assert_eq!(sent(&mut fx).len(), 1);
+        let other = br#"{"id":"w-1","target":"port1","action":"write","value":"RESET"}"#;
+        assert!(c.on_command(other, t0, &mut fx).is_none());
+        assert!(sent(&mut fx)[0].contains("reused with a different command"));
     }
 
     /// A serial write in progress: a retry is not executed and not answered; the reply comes

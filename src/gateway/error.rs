@@ -15,6 +15,9 @@ pub enum GatewayError {
         #[source]
         source: zmq::Error,
     },
+    /// The backend socket's event source could not be set up.
+    #[error("backend link: {0}")]
+    ZmqSource(#[from] crate::sources::zmq::ZmqSourceError),
     /// The GPIO backend failed.
     #[error(transparent)]
     Hw(#[from] HwError),
@@ -55,14 +58,43 @@ pub(super) fn ierr<T>(what: &'static str) -> impl FnOnce(calloop::InsertError<T>
     }
 }
 
-/// An error with its whole chain of causes, for a log line.
+/// An error with its whole chain of causes, for a log line. A cause whose text the message
+/// already ends with (most errors print their source) is not repeated.
 pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::zmq::ZmqSourceError;
+
+    /// A source error that stops the loop is logged with each cause once: the operation and
+    /// libzmq's error, however many layers (calloop, GatewayError) print it again.
+    #[test]
+    fn chain_names_each_cause_once() {
+        let source = ZmqSourceError::Zmq {
+            what: "sending a message to the backend",
+            source: zmq::Error::ETERM,
+        };
+        let e = GatewayError::Loop {
+            what: "running the event loop",
+            source: calloop::Error::OtherError(Box::new(source)),
+        };
+        let text = chain(&e);
+        let cause = zmq::Error::ETERM.to_string();
+        assert!(text.contains("sending a message to the backend"), "{text}");
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+        assert!(text.ends_with(&cause), "{text}");
+    }
 }

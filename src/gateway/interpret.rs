@@ -101,7 +101,7 @@ impl Gateway {
                     self.arm_spool_tick(now);
                 }
             }
-            TimerId::Pulse(i) => self.outputs.pulse_due(i, &mut self.fx),
+            TimerId::Pulse(i) => self.outputs.pulse_due(i, now, &mut self.fx),
             TimerId::Debounce(i) => self.inputs.debounce_due(i, &mut self.fx),
             TimerId::HelloTimeout => self.link.on_hello_timer(now, &mut self.fx),
             TimerId::Reconnect => self.link.on_reconnect_timer(now, &mut self.fx),

@@ -30,8 +30,6 @@ pub use self::error::GatewayError;
 use self::error::{chain, ierr, lerr};
 pub use self::socket::backend_socket;
 pub use self::stats::Counters;
-/// Re-exported for [`crate::sources::zmq`], which still names it here.
-pub use crate::limit::LogLimiter;
 
 use self::commands::Commands;
 use self::delivery::{Delivery, SpoolView};
@@ -105,8 +103,7 @@ impl Gateway {
         let ctx = zmq::Context::new();
         let socket = backend_socket(&ctx, &cfg)?;
         let zerr = |what| move |source| GatewayError::Zmq { what, source };
-        let mut zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)
-            .map_err(zerr("creating the socket monitor"))?;
+        let mut zsource = ZmqSource::new(&ctx, socket, cfg.backend.outbox_max)?;
         zsource
             .connect(&cfg.backend.endpoint)
             .map_err(zerr("connecting to the backend endpoint"))?;
@@ -297,11 +294,14 @@ impl Gateway {
         }
     }
 
-    /// Stops reading sensors and starts the bounded flush of the outbox.
+    /// Ends every running pulse (the outputs go back to the levels they had before, so a
+    /// door strike does not stay energised after a stop), stops reading sensors and starts
+    /// the bounded flush of the outbox.
     pub fn begin_shutdown(&mut self) {
         if self.shutdown_deadline.is_some() {
             return;
         }
+        self.end_pulses("shutdown");
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
         if let Err(e) = sd_notify::stopping() {
@@ -324,9 +324,11 @@ impl Gateway {
         );
     }
 
-    /// Writes the spool state, logs what is left and lets libzmq hand queued frames to the
-    /// kernel before exit.
+    /// Ends the pulses still running (one started during the flush, or every one when the
+    /// loop stopped on an error), writes the spool state, logs what is left and lets libzmq
+    /// hand queued frames to the kernel before exit.
     pub fn finish(&mut self) {
+        self.end_pulses("exit");
         if let Err(e) = self.spool.flush() {
             log::error!("spool flush at shutdown failed: {e}");
         }
@@ -348,6 +350,15 @@ impl Gateway {
             self.outbox.sent(),
             self.counters.acked
         );
+    }
+
+    /// Restores every pulsing output now (written to the pin and logged by the interpreter).
+    fn end_pulses(&mut self, when: &str) {
+        let n = self.outputs.end_pulses(&mut self.fx);
+        if n > 0 {
+            log::info!("{when}: ending running pulses count={n}");
+        }
+        self.apply_effects();
     }
 
     fn view(&self) -> SpoolView {

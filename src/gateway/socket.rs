@@ -10,6 +10,8 @@ fn zerr(what: &'static str) -> impl FnOnce(zmq::Error) -> GatewayError {
 
 /// Builds the DEALER socket that dials out to the backend, with CURVE when configured
 /// (not yet connected: [`ZmqSource::connect`] connects it once the monitor is attached).
+///
+/// [`ZmqSource::connect`]: crate::sources::zmq::ZmqSource::connect
 pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, GatewayError> {
     let b = &cfg.backend;
     // The config parser enforces the endpoint policy; checked again here for callers that
@@ -47,7 +49,7 @@ pub fn backend_socket(ctx: &zmq::Context, cfg: &Config) -> Result<zmq::Socket, G
         log::warn!(
             "INSECURE: backend.insecure = true: the link to {} is plaintext and \
              unauthenticated; anyone on the network path can read and forge readings and \
-             commands (see docs/security.md)",
+             commands (see /usr/share/doc/zgate/security.md)",
             b.endpoint
         );
     }

@@ -141,3 +141,33 @@ fn readings_reach_the_outbox_and_rewind_from_the_spool() {
     assert_eq!(first, Some(protocol::KIND_HELLO));
     assert!(!gw.timers.contains_key(&TimerId::ConnCheck));
 }
+
+/// Shutdown restores a pulsing output at once (the pin is written, the timer cancelled), and
+/// the exit path restores a pulse started during the flush.
+#[test]
+fn shutdown_ends_running_pulses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ev, mut gw) = test_gateway(dir.path());
+    let pin = || crate::hw::sim::read_pin_file(dir.path(), 27).unwrap();
+    let pulse = |id: &str| {
+        format!(r#"{{"id":"{id}","target":"relay1","action":"pulse","value":{{"ms":1000}}}}"#)
+    };
+    gw.on_command(pulse("p-1").as_bytes(), Instant::now());
+    gw.apply_effects();
+    assert_eq!(pin(), Some(crate::hw::Level::High));
+    assert!(gw.timers.contains_key(&TimerId::Pulse(0)));
+    gw.begin_shutdown();
+    assert_eq!(pin(), Some(crate::hw::Level::Low), "restored at once");
+    assert!(!gw.timers.contains_key(&TimerId::Pulse(0)));
+    assert_eq!(gw.outputs.get(0).unwrap().pulse, None);
+
+    gw.on_command(pulse("p-2").as_bytes(), Instant::now());
+    gw.apply_effects();
+    assert_eq!(pin(), Some(crate::hw::Level::High));
+    gw.finish();
+    assert_eq!(
+        pin(),
+        Some(crate::hw::Level::Low),
+        "restored on the way out"
+    );
+}

@@ -114,7 +114,7 @@ fn bad_commands_are_refused_with_id_when_known() {
     }
 }
 
-/// A value serde_json cannot represent no longer hides the id: the command is answered.
+/// A value serde_json cannot represent does not hide the id: the command is answered.
 #[test]
 fn unreadable_values_are_answered_under_their_id() {
     let huge = "9".repeat(5000);
@@ -153,7 +153,7 @@ fn duplicate_keys_are_refused() {
     let e = parse_command(br#"{"id":"a","target":"r","action":"toggle","id":"a"}"#).unwrap_err();
     assert_eq!(e.id.as_deref(), Some("a"));
     assert!(e.message.contains("duplicate key \"id\""), "{}", e.message);
-    // Any other key twice (the last one used to win).
+    // Any other key twice: refused too, not "the last one wins".
     for body in [
         &br#"{"id":"c","target":"r","action":"set","value":0,"value":1}"#[..],
         br#"{"id":"c","target":"r","target":"q","action":"toggle"}"#,

@@ -101,7 +101,7 @@ impl EventSource for GpioEvents {
                         callback(change, m);
                     }
                 })
-                .map_err(|e| io::Error::other(e.to_string())),
+                .map_err(io::Error::other),
         }
     }
 

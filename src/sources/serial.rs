@@ -501,7 +501,7 @@ impl EventSource for SerialSource {
         let mut woke_write = false;
         self.ping_source
             .process_events(readiness, token, |_, _| woke_write = true)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(io::Error::other)?;
 
         let mut timer_fired = false;
         self.timer.process_events(readiness, token, |_, timer| {
@@ -556,16 +556,14 @@ impl EventSource for SerialSource {
     }
 
     fn register(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
-        self.ping_source.register(poll, factory)?;
-        self.timer.register(poll, factory)?;
+        calloop::batch_register!(poll, factory, self.ping_source, self.timer)?;
         // Open on registration so the first readings are not delayed by a retry period.
         self.arm_retry_now();
         Ok(())
     }
 
     fn reregister(&mut self, poll: &mut Poll, factory: &mut TokenFactory) -> calloop::Result<()> {
-        self.ping_source.reregister(poll, factory)?;
-        self.timer.reregister(poll, factory)?;
+        calloop::batch_reregister!(poll, factory, self.ping_source, self.timer)?;
         if let Some(port) = self.port.as_mut() {
             port.interest = if self.write_interest {
                 Interest::BOTH
@@ -584,8 +582,7 @@ impl EventSource for SerialSource {
     }
 
     fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
-        self.ping_source.unregister(poll)?;
-        self.timer.unregister(poll)?;
+        calloop::batch_unregister!(poll, self.ping_source, self.timer)?;
         if let Some(port) = self.port.as_mut() {
             if self.port_registered {
                 port.unregister(poll)?;

@@ -41,6 +41,7 @@ impl Default for SpoolConfig {
     }
 }
 
+/// `[spool] when_full`: what an append does when `max_bytes` (or the file system) is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
@@ -51,12 +52,13 @@ pub enum WhenFull {
     DropNewest,
 }
 
+/// `[spool] fsync`: when appended readings are forced to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FsyncPolicy {
     /// fsync every append before it returns (and the directory on segment create/delete).
     Always,
-    /// fsync from [`Spool::tick`] when something was written since the last fsync.
+    /// fsync from [`Spool::tick`](crate::spool::Spool::tick) when something was written since the last fsync.
     #[default]
     Interval,
 }

@@ -1,4 +1,4 @@
-//! Reliable delivery: an append-only on-disk spool of readings (issue 3).
+//! Reliable delivery: an append-only on-disk spool of readings.
 //!
 //! Every reading is appended here before it is queued for sending, and leaves only when a
 //! cumulative ack covers its seq (or when the spool is full and `drop_oldest` discards it).
@@ -16,9 +16,11 @@
 mod append;
 mod config;
 mod deleter;
+mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod index;
+mod read;
 mod record;
 mod recovery;
 mod scan;
@@ -26,7 +28,11 @@ mod state;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_budget;
+#[cfg(test)]
 mod tests_disk;
+#[cfg(test)]
+mod tests_recovery;
 
 pub use crate::spool::config::{FsyncPolicy, SpoolConfig, WhenFull, DEFAULT_REPLAY_MAX_PER_S};
 pub use crate::spool::record::{
@@ -34,12 +40,15 @@ pub use crate::spool::record::{
     MAX_PAYLOAD, MAX_SEQ, OVERHEAD,
 };
 
+pub use crate::spool::error::SpoolError;
+
 use crate::spool::deleter::Deleter;
+use crate::spool::error::{io_err, is_disk_full};
 use crate::spool::index::Segment;
-use crate::spool::scan::{Item, Scanner};
+use crate::spool::read::CachedReader;
 use crate::spool::state::{State, STATE_FILE};
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -50,64 +59,6 @@ const MIN_SEGMENT: u64 = 4 * 1024;
 const MAX_SEGMENT: u64 = 4 * 1024 * 1024;
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 const SEGMENT_EXT: &str = ".seg";
-
-#[derive(Debug, thiserror::Error)]
-pub enum SpoolError {
-    #[error(
-        "spool I/O error on {}: {source}; check that gateway.data_dir is on a mounted, \
-         writable, not-full file system and that zgate's user may read and write it",
-        path.display()
-    )]
-    Io { path: PathBuf, source: io::Error },
-    #[error("invalid [spool] configuration: {reason}")]
-    InvalidConfig { reason: String },
-    #[error(
-        "reading of {len} payload bytes is larger than the spool accepts ({limit} bytes); \
-         send smaller readings or raise spool.max_bytes"
-    )]
-    RecordTooLarge { len: usize, limit: u64 },
-    /// The file system is full even with every older segment freed (or, under
-    /// `drop_oldest`, with nothing left to free): the reading got `seq` (its payload was built
-    /// with it) but is not on disk. The seq is used up; a caller that can still send the
-    /// reading (from memory) should, else its seq is a gap that `resume_seq` announces.
-    #[error(
-        "disk full: reading seq {seq} could not be stored in {} ({source}) even with every \
-         older spooled reading freed; free space on gateway.data_dir's file system",
-        path.display()
-    )]
-    DiskFull {
-        seq: u64,
-        path: PathBuf,
-        source: io::Error,
-    },
-    #[error(
-        "the spool in {} has used every seq up to {MAX_SEQ} (its state or segments were \
-         crafted); move that directory away to start a new spool",
-        dir.display()
-    )]
-    SeqsExhausted { dir: PathBuf },
-    #[error(
-        "reading payload is not UTF-8 (valid up to byte {valid_up_to}); the spool stores text \
-         only"
-    )]
-    NotUtf8 { valid_up_to: usize },
-}
-
-impl SpoolError {
-    /// The seq of a reading that was not stored for lack of disk space
-    /// ([`SpoolError::DiskFull`]).
-    pub fn unstored_seq(&self) -> Option<u64> {
-        match self {
-            SpoolError::DiskFull { seq, .. } => Some(*seq),
-            _ => None,
-        }
-    }
-}
-
-/// ENOSPC or EDQUOT: the file system (or the user's quota) is full.
-fn is_disk_full(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
-}
 
 /// Space on the file system holding the spool (statvfs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,13 +77,6 @@ pub fn disk_space(path: &Path) -> io::Result<DiskSpace> {
         avail_bytes: (v.blocks_available() as u64).saturating_mul(frag),
         total_bytes: (v.blocks() as u64).saturating_mul(frag),
     })
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What [`Spool::open`] found.
@@ -167,7 +111,12 @@ pub struct Recovery {
 pub enum Appended {
     /// Stored (written to the OS; also fsynced under `fsync = "always"`). `dropped_oldest`
     /// unacked readings were discarded to make room.
-    Stored { seq: u64, dropped_oldest: u64 },
+    Stored {
+        /// The reading's seq.
+        seq: u64,
+        /// Unacked readings deleted (oldest segments) to make room for it.
+        dropped_oldest: u64,
+    },
     /// The spool (its `max_bytes`, or the file system) is full and
     /// `when_full = "drop_newest"`: not stored, no seq consumed.
     DroppedNewest,
@@ -184,9 +133,14 @@ pub struct SpoolStats {
     pub readings: u64,
     /// `time_ms` of the oldest unacked reading.
     pub oldest_unacked_ms: Option<u64>,
+    /// Unacked readings deleted with their segment to make room (`when_full = "drop_oldest"`),
+    /// since start.
     pub dropped_oldest: u64,
+    /// Readings refused because the spool was full (`when_full = "drop_newest"`), since start.
     pub dropped_newest: u64,
+    /// The seq the next stored reading gets.
     pub next_seq: u64,
+    /// Highest acked seq: every seq up to it is acked (0: none yet).
     pub acked: u64,
     /// Appends (and `state` writes) that found the file system full (ENOSPC or EDQUOT); each
     /// then applied `when_full` like a full `max_bytes`.
@@ -212,13 +166,6 @@ struct Active {
     path: PathBuf,
     /// Created but no record written yet (not in the index).
     fresh: bool,
-}
-
-struct CachedReader {
-    key: u64,
-    sc: Scanner,
-    /// The reader is positioned after the record with this seq.
-    last: u64,
 }
 
 #[derive(Default)]
@@ -264,22 +211,6 @@ pub struct Spool {
     deleter: Deleter,
 }
 
-/// Opens a segment for reading without updating its access time where allowed (our own
-/// files). Under `relatime` (the usual mount option) the first read after a write would
-/// update it, so every read-back of the active segment during a backlog would dirty the inode
-/// once more: one more metadata write for the journal and the SD card.
-fn open_for_reading(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOATIME)
-        .open(path)
-    {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(path),
-        r => r,
-    }
-}
-
 fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(SEGMENT_EXT)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -315,6 +246,7 @@ impl Spool {
         &self.spool_id
     }
 
+    /// The spool directory (`data_dir/spool`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -454,117 +386,6 @@ impl Spool {
     pub fn first_unacked(&self) -> Option<u64> {
         let low = self.low();
         self.segs.values().find_map(|s| s.first_above(low))
-    }
-
-    /// `time_ms` of the oldest unacked record. Costs no I/O when that record starts a segment
-    /// or sits on a seek mark; else one read of at most one mark stride (16 KiB).
-    fn oldest_unacked_ms(&self) -> Option<u64> {
-        let seq = self.first_unacked()?;
-        match self.time_of(seq) {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!("spool: reading the time of seq {seq}: {e}");
-                None
-            }
-        }
-    }
-
-    /// `time_ms` of a stored record: from a mark, or by scanning at most one mark stride.
-    fn time_of(&self, seq: u64) -> io::Result<Option<u64>> {
-        let Some((_, seg)) = self.segs.range(..=seq).next_back() else {
-            return Ok(None);
-        };
-        let mark = seg.mark_for(seq);
-        if mark.seq == seq {
-            return Ok(Some(mark.time_ms));
-        }
-        let mut sc = Scanner::new(open_for_reading(&seg.path)?, mark.offset)?;
-        loop {
-            match sc.next()? {
-                Item::Record { rec, .. } if rec.seq == seq => return Ok(Some(rec.time_ms)),
-                Item::Record { rec, .. } if rec.seq > seq && seg.contains(rec.seq) => {
-                    return Ok(None)
-                }
-                Item::Record { .. } | Item::Garbage | Item::Invalid { .. } => {}
-                Item::End { .. } => return Ok(None),
-            }
-        }
-    }
-
-    /// Key of the segment holding `seq`, or else of the first segment after it.
-    fn segment_for(&self, seq: u64) -> Option<u64> {
-        if let Some((&k, s)) = self.segs.range(..=seq).next_back() {
-            if s.last_seq() >= seq {
-                return Some(k);
-            }
-        }
-        self.segs
-            .range(seq.saturating_add(1)..)
-            .next()
-            .map(|(&k, _)| k)
-    }
-
-    /// Appends to `out` up to `max` stored, unacked, undropped records with seq >= `from`, in
-    /// seq order, streaming from disk. One reader is cached, so reading sequentially costs
-    /// O(1) per record; a random `from` seeks via in-memory marks (at most 64 KiB scanned).
-    pub fn read_from(
-        &mut self,
-        from: u64,
-        max: usize,
-        out: &mut Vec<(u64, Vec<u8>)>,
-    ) -> Result<(), SpoolError> {
-        let mut want = from.max(self.low() + 1);
-        let mut got = 0usize;
-
-        while got < max {
-            let Some(key) = self.segment_for(want) else {
-                break;
-            };
-            let seg = &self.segs[&key];
-            want = want.max(seg.first_seq());
-            let mark = seg.mark_for(want);
-            let reuse = self
-                .reader
-                .as_ref()
-                .is_some_and(|r| r.key == key && r.last < want && mark.seq <= r.last + 1);
-            if !reuse {
-                let file = open_for_reading(&seg.path).map_err(io_err(&seg.path))?;
-                let sc = Scanner::new(file, mark.offset).map_err(io_err(&seg.path))?;
-                self.reader = Some(CachedReader {
-                    key,
-                    sc,
-                    last: mark.seq - 1,
-                });
-            }
-            let r = self.reader.as_mut().expect("reader");
-            loop {
-                match r.sc.next().map_err(io_err(&seg.path))? {
-                    Item::Record { rec, .. } => {
-                        if rec.seq <= r.last {
-                            continue;
-                        }
-                        r.last = rec.seq;
-                        if rec.seq >= want && seg.contains(rec.seq) {
-                            out.push((rec.seq, rec.payload.to_vec()));
-                            got += 1;
-                            want = rec.seq + 1;
-                            if got == max {
-                                break;
-                            }
-                        }
-                    }
-                    // Corrupt despite valid checksums: never indexed at open (a valid record
-                    // with the same seq may follow it).
-                    Item::Invalid { .. } | Item::Garbage => {}
-                    Item::End { .. } => {
-                        // Continue with the next segment (always makes progress).
-                        want = want.max(seg.last_seq().saturating_add(1));
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Call from a timer every `fsync_interval_ms`: under `fsync = "interval"` fsyncs the

@@ -36,8 +36,11 @@ pub const MAX_SEQ: u64 = i64::MAX as u64;
 /// A decoded record borrowing its payload from the input buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {
+    /// The reading's seq, 1 to [`MAX_SEQ`] in records a spool writes.
     pub seq: u64,
+    /// When the reading was taken: ms since the Unix epoch.
     pub time_ms: u64,
+    /// The reading's JSON text (at most [`MAX_PAYLOAD`] bytes).
     pub payload: &'a [u8],
 }
 
@@ -47,22 +50,38 @@ pub enum DecodeError {
     /// The buffer ends before the record does. At the end of a segment file this is a torn
     /// write; in a stream it means "read more bytes".
     #[error("record incomplete: {needed} bytes needed (torn write or more data to read)")]
-    Incomplete { needed: usize },
+    Incomplete {
+        /// Bytes the whole record (or its header) needs from this position.
+        needed: usize,
+    },
+    /// The bytes do not start with the record magic `5A D1`.
     #[error("no record magic at this position (corrupt data)")]
     BadMagic,
+    /// The header's checksum does not match, or it holds impossible values.
     #[error("record header checksum mismatch or invalid header (corrupt data)")]
     BadHeader,
+    /// The header is intact but announces a payload over [`MAX_PAYLOAD`].
     #[error("record payload length {len} exceeds the {MAX_PAYLOAD}-byte limit (corrupt data)")]
-    TooLarge { len: u64 },
+    TooLarge {
+        /// The announced payload length, in bytes.
+        len: u64,
+    },
+    /// The header is intact, the payload's checksum is not.
     #[error("record seq {seq}: checksum mismatch (bit rot or torn write)")]
-    BadChecksum { seq: u64 },
+    BadChecksum {
+        /// The seq the header announces.
+        seq: u64,
+    },
 }
 
 /// A header whose own checksum is valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The record's seq.
     pub seq: u64,
+    /// The reading's time: ms since the Unix epoch.
     pub time_ms: u64,
+    /// Payload length in bytes (at most [`MAX_PAYLOAD`]).
     pub len: usize,
 }
 

@@ -166,7 +166,8 @@ def test_secret_key_readable_by_others_is_refused(tmp_path, pki):
     r = subprocess.run([ZGATE_BIN, "run", "--config", str(cfg)], capture_output=True, text=True,
                        timeout=10)
     assert r.returncode != 0
-    assert f"chmod 600 {key}" in r.stderr, r.stderr
+    assert f"{key} has mode 0644" in r.stderr, r.stderr
+    assert f"chmod 0600 {key}" in r.stderr, r.stderr
 
 
 def test_non_loopback_plaintext_refused_at_start(tmp_path):

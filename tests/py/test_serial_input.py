@@ -97,7 +97,7 @@ def test_write_to_a_device_that_stops_reading_times_out(tmp_path, gateways, peer
     assert "serial port lost" not in gw.log()
 
     # A retry of a timed-out id is answered, with the same refusal.
-    peer.command({"id": failed[0], "target": "weather", "action": "write", "value": "x"})
+    peer.command({"id": failed[0], "target": "weather", "action": "write", "value": "x" * 1000})
     assert peer.reply(failed[0]) == replies[failed[0]]
 
     # The device reads again: what reached the tty arrives, the rest was discarded.

@@ -1,7 +1,8 @@
-//! Acks: which ones [`Delivery::accept_ack`] lets through, and [`reading_seq`].
+//! Acks: which ones [`Delivery::accept_ack`] lets through, and how the seq of a sent
+//! reading is read back ([`reading_seq`]).
 
 use super::*;
-use crate::protocol::{write_reading_body, Values};
+use crate::protocol::{reading_seq, write_reading_body, Values};
 
 fn view(first_unacked: Option<u64>, next_seq: u64) -> SpoolView {
     SpoolView {

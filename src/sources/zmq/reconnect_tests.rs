@@ -2,7 +2,7 @@
 //! of the highest reading seq handed to libzmq, against a real ROUTER over tcp loopback.
 
 use super::*;
-use crate::protocol::{write_reading_body, Values};
+use crate::protocol::{write_reading_body, Values, KIND_READING};
 use calloop::EventLoop;
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ fn received(router: &zmq::Socket, n: usize) -> Vec<u64> {
     while out.len() < n && router.poll(zmq::POLLIN, 5000).unwrap() > 0 {
         let frames = router.recv_multipart(0).unwrap();
         let body = String::from_utf8(frames[2].clone()).unwrap();
-        out.push(crate::gateway::delivery::reading_seq(&body).unwrap());
+        out.push(crate::protocol::reading_seq(&body).unwrap());
     }
     out
 }

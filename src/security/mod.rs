@@ -1,13 +1,21 @@
 //! Link security: CURVE keys (Z85), key files, the endpoint policy and `zgate keygen`.
 //!
 //! Key files (see docs/security.md):
-//! - `NAME.key`: the 40-character Z85 CURVE *secret* key on one line. Mode 0600; the gateway
-//!   and the reference backend refuse a file with any group or other permission bits.
+//! - `NAME.key`: the 40-character Z85 CURVE *secret* key on one line. The key rule (checked
+//!   by the gateway, `zgate check-config` and the reference backend; applied by the package's
+//!   postinst): owned by root or the user zgate runs as, mode 0640 or stricter, and
+//!   group-readable only by the group zgate runs as ([`check_key_file`]).
 //! - `NAME.pub`: the 40-character Z85 *public* key and a newline.
 //!
 //! Only the secret key is stored in the `.key` file: the public key is derived from it with
 //! libzmq's `zmq_curve_public` (declared below: the `zmq`/`zmq-sys` crates do not bind it;
 //! the symbol comes from the system libzmq they link).
+
+mod keyfile;
+
+pub use keyfile::{
+    check_key_file, group_id, group_name, read_secret_key, user_name, KeyFileError, RunAs,
+};
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
@@ -114,7 +122,9 @@ pub fn curve_public(secret_z85: &str) -> Result<String, String> {
 /// A CURVE key pair in Z85.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyPair {
+    /// The public key: 40 Z85 characters (32 bytes).
     pub public: String,
+    /// The secret key: 40 Z85 characters (32 bytes); redacted in `Debug`.
     pub secret: String,
 }
 
@@ -138,43 +148,24 @@ impl KeyPair {
         })
     }
 
+    /// The public key's 32 bytes.
     pub fn public_bytes(&self) -> [u8; 32] {
         z85_decode_key(&self.public).expect("validated at construction")
     }
 
+    /// The secret key's 32 bytes.
     pub fn secret_bytes(&self) -> [u8; 32] {
         z85_decode_key(&self.secret).expect("validated at construction")
     }
 }
 
-/// Permission problems are refused with the command that fixes them.
-pub fn check_key_file_mode(path: &Path, mode: u32) -> Result<(), String> {
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "secret key file {} is accessible by group or others (mode {:04o}): run `chmod 600 {}`",
-            path.display(),
-            mode & 0o7777,
-            path.display()
-        ));
-    }
-    Ok(())
-}
+/// Where the installed package puts docs/security.md; error messages point there.
+pub const SECURITY_DOC: &str = "/usr/share/doc/zgate/security.md";
 
-/// Reads a secret key file: checks its mode, its format, and derives the public key.
+/// [`read_secret_key`] with the error as text; fails as well when libzmq has no CURVE.
 pub fn load_secret_key(path: &Path) -> Result<KeyPair, String> {
-    let meta = fs::metadata(path)
-        .map_err(|e| format!("cannot read secret key file {}: {e}", path.display()))?;
-    check_key_file_mode(path, meta.permissions().mode())?;
-    let text = fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secret key file {}: {e}", path.display()))?;
-    let secret = text.trim();
-    z85_decode_key(secret).map_err(|e| format!("secret key file {}: {e}", path.display()))?;
     require_curve()?;
-    let public = curve_public(secret)?;
-    Ok(KeyPair {
-        public,
-        secret: secret.to_string(),
-    })
+    read_secret_key(path).map_err(|e| e.to_string())
 }
 
 /// Reads a public key file (`NAME.pub`): one Z85 key.
@@ -294,17 +285,6 @@ mod tests {
     }
 
     #[test]
-    fn key_file_modes() {
-        let p = Path::new("/x/gw.key");
-        assert!(check_key_file_mode(p, 0o100600).is_ok());
-        assert!(check_key_file_mode(p, 0o100400).is_ok());
-        let e = check_key_file_mode(p, 0o100644).unwrap_err();
-        assert!(e.contains("chmod 600 /x/gw.key"), "{e}");
-        assert!(check_key_file_mode(p, 0o100620).is_err());
-        assert!(check_key_file_mode(p, 0o100601).is_err());
-    }
-
-    #[test]
     fn keygen_writes_modes_and_never_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let prefix = dir.path().join("gw-01");
@@ -323,7 +303,15 @@ mod tests {
         assert!(keygen(&prefix).unwrap_err().contains("already exists"));
         assert_eq!(fs::read(&k).unwrap(), before);
         fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_secret_key(&k).unwrap_err().contains("chmod 600"));
+        assert!(load_secret_key(&k).unwrap_err().contains("has mode 0644"));
+        // Group-readable by this process's own group: accepted.
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(load_secret_key(&k).unwrap(), pair);
+        fs::write(&k, "garbage\n").unwrap();
+        let e = read_secret_key(&k).unwrap_err();
+        assert!(matches!(e, KeyFileError::Format { .. }), "{e}");
+        let e = read_secret_key(&dir.path().join("missing.key")).unwrap_err();
+        assert!(matches!(e, KeyFileError::Unavailable { .. }), "{e}");
     }
 
     #[test]

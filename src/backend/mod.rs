@@ -11,8 +11,11 @@
 //! Commands are read from stdin, one JSON line each:
 //! `{"gateway":"gw-01","command":{"id":"c-1","target":"relay1","action":"toggle"}}`
 //! (an `id` is generated when missing: `b-<8 hex chars, random per run>-<n>`, so a restarted
-//! backend never reuses an id the gateway remembers). Errors are printed as
-//! `{"kind":"error",...}` lines.
+//! backend never reuses an id the gateway remembers). Every line a read of stdin completes is
+//! sent at once (several piped lines do not wait for more input). The ROUTER sets
+//! ZMQ_ROUTER_MANDATORY: a command for a gateway that is not connected is not dropped
+//! silently but reported. Errors are printed as `{"kind":"error",...}` lines (and logged).
+//! Binding a non-loopback endpoint without CURVE logs an `INSECURE` warning.
 //!
 //! With `--secret-key FILE --allow DIR` the backend is a CURVE server. Its ZAP handler (a REP
 //! socket on `inproc://zeromq.zap.01`, served in the same poll loop) accepts a gateway only
@@ -20,175 +23,46 @@
 //! with that id (the ZAP user id). Every message whose routing id differs from that user id
 //! is dropped and logged: a gateway cannot speak as another one, and commands are not sent to
 //! a routing id last seen with another gateway's key. Rejections go to the log (stderr) with
-//! the peer's address.
+//! the peer's address, with one log limit per kind of rejection.
 
-use crate::limit::LogLimiter;
+mod ledger;
+mod stdin;
+mod zap;
+
+pub use ledger::{is_spool_id, GatewayLedger};
+pub use stdin::LineReader;
+pub use zap::{allowed_ids, zap_decide, Zap, ZapDecision, ZAP_DOMAIN, ZAP_ENDPOINT};
+
+use crate::limit::LogLimits;
 use crate::protocol;
 use crate::security;
 use crate::sources::zmq::{recv_monitor_event, MonitorEvent};
 use serde_json::{json, Value};
-use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, Write};
+use std::collections::HashMap;
+use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-
-/// Out-of-order seqs remembered per gateway before the oldest are forgotten.
-const MAX_PENDING_SEQS: usize = 100_000;
+use std::path::PathBuf;
+use std::time::Instant;
 
 /// ZMTP heartbeat interval of the ROUTER (the gateway uses the same).
 pub const HEARTBEAT_IVL_MS: i32 = 10_000;
 /// A connection that sent nothing, heartbeats included, for this long is dropped.
 pub const HEARTBEAT_TIMEOUT_MS: i32 = 30_000;
 
+/// How `zgate backend` runs.
 #[derive(Debug, Clone, Default)]
 pub struct BackendOptions {
+    /// The endpoint the ROUTER binds.
     pub bind: String,
     /// Acknowledge readings (turn off to test a backend that never acknowledges). A hello is
     /// answered either way, with an ack of `resume_seq - 1`, which acknowledges no reading the
     /// gateway still holds.
     pub ack: bool,
-    /// CURVE server secret key file (Z85, mode 0600). Requires `allow_dir`.
+    /// CURVE server secret key file (Z85, under the key rule of [`security::check_key_file`]).
+    /// Requires `allow_dir`.
     pub secret_key: Option<PathBuf>,
     /// Directory of `<gateway-id>.pub` files: the gateways allowed to connect.
     pub allow_dir: Option<PathBuf>,
-}
-
-/// The ZAP endpoint libzmq asks for authentication (RFC 27).
-pub const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
-/// The ZAP domain of the backend's ROUTER socket.
-pub const ZAP_DOMAIN: &str = "zgate";
-
-/// The ids whose `.pub` file in `dir` holds `key` (Z85). Unreadable or malformed files are
-/// skipped with a warning.
-pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-    let mut ids = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("pub") {
-            continue;
-        }
-        let Some(id) = path.file_stem().and_then(|s| s.to_str()) else {
-            continue;
-        };
-        match security::load_public_key(&path) {
-            Ok(k) if k == key => ids.push(id.to_string()),
-            Ok(_) => {}
-            Err(e) => log::warn!("allow list: skipping {}: {e}", path.display()),
-        }
-    }
-    ids.sort();
-    Ok(ids)
-}
-
-/// A ZAP decision: status code, status text, user id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ZapDecision {
-    pub status: &'static str,
-    pub text: String,
-    pub user_id: String,
-}
-
-/// Decides a ZAP request (frames: version, request id, domain, address, routing id,
-/// mechanism, credentials...). `lookup` maps a Z85 client key to the ids it is registered
-/// under.
-pub fn zap_decide(
-    frames: &[Vec<u8>],
-    lookup: impl Fn(&str) -> Result<Vec<String>, String>,
-) -> ZapDecision {
-    let deny = |status: &'static str, text: String| ZapDecision {
-        status,
-        text,
-        user_id: String::new(),
-    };
-    if frames.len() < 6 || frames[0] != b"1.0" {
-        return deny("500", "malformed ZAP request".into());
-    }
-    if frames[5] != b"CURVE" {
-        return deny(
-            "400",
-            format!(
-                "mechanism {} refused: CURVE required",
-                String::from_utf8_lossy(&frames[5])
-            ),
-        );
-    }
-    let Some(key) = frames
-        .get(6)
-        .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
-    else {
-        return deny("400", "no CURVE client key".into());
-    };
-    let key = security::z85_encode_key(&key);
-    match lookup(&key) {
-        Ok(ids) if ids.len() == 1 => ZapDecision {
-            status: "200",
-            text: "OK".into(),
-            user_id: ids[0].clone(),
-        },
-        Ok(ids) if ids.is_empty() => deny("400", format!("key {key} is not in the allow list")),
-        Ok(ids) => deny(
-            "400",
-            format!(
-                "key {key} is registered under several ids ({}): refused",
-                ids.join(", ")
-            ),
-        ),
-        Err(e) => deny("500", format!("allow list unavailable: {e}")),
-    }
-}
-
-/// The ZAP handler: a REP socket on [`ZAP_ENDPOINT`], served from the backend's poll loop.
-pub struct Zap {
-    socket: zmq::Socket,
-    allow_dir: PathBuf,
-}
-
-impl Zap {
-    /// Binds the handler. Must happen before the CURVE server socket accepts connections.
-    pub fn bind(ctx: &zmq::Context, allow_dir: PathBuf) -> Result<Zap, zmq::Error> {
-        let socket = ctx.socket(zmq::REP)?;
-        socket.set_linger(0)?;
-        socket.bind(ZAP_ENDPOINT)?;
-        Ok(Zap { socket, allow_dir })
-    }
-
-    /// Answers every pending request.
-    pub fn serve(&self) -> Result<(), zmq::Error> {
-        loop {
-            let frames = match self.socket.recv_multipart(zmq::DONTWAIT) {
-                Ok(f) => f,
-                Err(zmq::Error::EAGAIN) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let d = zap_decide(&frames, |key| allowed_ids(&self.allow_dir, key));
-            let address = frames
-                .get(3)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .unwrap_or_default();
-            if d.status == "200" {
-                log::info!("gateway authenticated gateway={} peer={address}", d.user_id);
-            } else {
-                log::warn!(
-                    "connection rejected peer={address} status={} reason=\"{}\"",
-                    d.status,
-                    d.text
-                );
-            }
-            let empty: &[u8] = b"";
-            let request_id = frames.get(1).map_or(empty, Vec::as_slice);
-            let reply: [&[u8]; 6] = [
-                b"1.0",
-                request_id,
-                d.status.as_bytes(),
-                d.text.as_bytes(),
-                d.user_id.as_bytes(),
-                b"",
-            ];
-            self.socket.send_multipart(reply, 0)?;
-        }
-    }
 }
 
 /// Who last spoke under a routing id (CURVE only).
@@ -219,102 +93,7 @@ fn peer_of_fd(fd: i32) -> Option<String> {
     stream.peer_addr().ok().map(|a| a.to_string())
 }
 
-/// Per-gateway delivery state for the gateway's current spool: every seq ≤ `high` was
-/// received; `ahead` holds seqs > high+1.
-///
-/// Seqs are numbers within one spool. A gateway whose spool was replaced (a new SD card, a
-/// wiped `data_dir`) starts again at 1 under a new `spool_id`; its `hello` says so, and
-/// [`GatewayLedger::hello`] then starts a fresh ledger, so the new readings are not mistaken
-/// for duplicates of the old ones.
-#[derive(Debug, Default)]
-pub struct GatewayLedger {
-    pub high: u64,
-    pub ahead: BTreeSet<u64>,
-    pub started: bool,
-    pub received: u64,
-    pub duplicates: u64,
-    /// The spool these seqs belong to (`spool_id` of the last `hello`; `""` when a hello
-    /// has none). `None` before the first hello.
-    pub spool_id: Option<String>,
-    /// The highest seq the gateway may have sent on its current connection: `resume_seq - 1`
-    /// from its last hello, raised by every reading since. A gateway refuses an ack above
-    /// what it sent on the connection, so acks never exceed this. `None` before any hello.
-    pub conn_high: Option<u64>,
-}
-
-impl GatewayLedger {
-    /// Records a reading; returns false for a duplicate.
-    pub fn receive(&mut self, seq: u64) -> bool {
-        if !self.started {
-            // First contact without a hello: take the stream from here.
-            self.started = true;
-            self.high = seq.saturating_sub(1);
-        }
-        if let Some(c) = &mut self.conn_high {
-            *c = (*c).max(seq);
-        }
-        if seq <= self.high || self.ahead.contains(&seq) {
-            self.duplicates += 1;
-            return false;
-        }
-        self.received += 1;
-        if Some(seq) == self.high.checked_add(1) {
-            self.high = seq;
-            self.absorb_ahead();
-        } else {
-            self.ahead.insert(seq);
-            while self.ahead.len() > MAX_PENDING_SEQS {
-                self.ahead.pop_first();
-            }
-        }
-        true
-    }
-
-    /// Moves `high` over the seqs in `ahead` that now follow it.
-    fn absorb_ahead(&mut self) {
-        while let Some(next) = self.high.checked_add(1) {
-            if !self.ahead.remove(&next) {
-                break;
-            }
-            self.high = next;
-        }
-    }
-
-    /// The gateway says everything below `resume` is acked or dropped: skip the gap.
-    pub fn resume(&mut self, resume: u64) {
-        self.started = true;
-        if resume > self.high.saturating_add(1) {
-            self.high = resume - 1;
-            self.ahead.retain(|&s| s > resume - 1);
-            self.absorb_ahead();
-        }
-    }
-
-    /// A `hello`: the gateway's spool identity and `resume_seq`. When the spool differs from
-    /// the one this ledger was kept for, the ledger starts afresh; returns the old spool id
-    /// then.
-    pub fn hello(&mut self, spool_id: &str, resume: Option<u64>) -> Option<String> {
-        let replaced = self.spool_id.as_deref().filter(|old| *old != spool_id);
-        let replaced = replaced.map(str::to_string);
-        if replaced.is_some() {
-            *self = GatewayLedger::default();
-        }
-        self.spool_id = Some(spool_id.to_string());
-        if let Some(r) = resume {
-            self.resume(r);
-        }
-        self.conn_high = Some(resume.unwrap_or(0).saturating_sub(1));
-        replaced
-    }
-
-    /// The seq to acknowledge: the highest contiguous seq received, but never above what
-    /// the gateway sent on its current connection (so an answer to a hello is exactly
-    /// `resume_seq - 1`).
-    pub fn ack_seq(&self) -> u64 {
-        self.high.min(self.conn_high.unwrap_or(u64::MAX))
-    }
-}
-
+/// The reference backend: a ROUTER socket, its ZAP handler and the per-gateway ledgers.
 pub struct Backend {
     socket: zmq::Socket,
     ledgers: HashMap<Vec<u8>, GatewayLedger>,
@@ -330,19 +109,23 @@ pub struct Backend {
     accepted: HashMap<i32, String>,
     /// A handshake failure waiting for its DISCONNECTED event (which names the fd).
     failed_handshake: Option<String>,
-    rejections: LogLimiter,
+    /// One log limit per kind of rejection: a flood of one kind (a gateway with a wrong
+    /// server key retrying several times a second) never hides another (an impersonation).
+    logs: LogLimits,
 }
+
+/// Log-limit kind of handshakes that failed before authentication.
+pub const LOG_HANDSHAKE_FAILED: &str = "connection rejected (handshake failed)";
+/// Log-limit kind of messages whose routing id is not the id their key is registered under.
+pub const LOG_IMPERSONATION: &str = "message rejected (impersonation)";
+/// Log-limit kind of commands that could not be sent.
+pub const LOG_NOT_SENT: &str = "command not sent";
 
 /// 32 random bits (std's hasher keys are seeded from the OS's random source).
 fn random_run_id() -> u32 {
     use std::hash::BuildHasher;
     let h = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
     (h ^ (h >> 32)) as u32
-}
-
-/// A spool identity as gateways send it: 32 hex characters (128 bits).
-pub fn is_spool_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn print_line(v: &Value) {
@@ -353,6 +136,7 @@ fn print_line(v: &Value) {
 }
 
 impl Backend {
+    /// Creates the ROUTER (and with CURVE the ZAP handler, bound first) and binds it.
     pub fn new(ctx: &zmq::Context, opts: BackendOptions) -> Result<Backend, anyhow::Error> {
         use anyhow::Context as _;
         let socket = ctx.socket(zmq::ROUTER)?;
@@ -385,7 +169,19 @@ impl Backend {
                 );
                 Some(zap)
             }
-            (None, None) => None,
+            (None, None) => {
+                if !security::endpoint_is_local(&opts.bind) {
+                    log::warn!(
+                        "INSECURE: bind={} without CURVE: the link is plaintext and \
+                         unauthenticated; anyone who can reach this port can read readings, \
+                         send readings as any gateway id and receive its commands; start with \
+                         --secret-key FILE --allow DIR (see {})",
+                        opts.bind,
+                        security::SECURITY_DOC
+                    );
+                }
+                None
+            }
             _ => anyhow::bail!("--secret-key and --allow go together"),
         };
         let monitor_ep = format!("inproc://zgate-backend-monitor-{}", std::process::id());
@@ -413,7 +209,7 @@ impl Backend {
             routes: HashMap::new(),
             accepted: HashMap::new(),
             failed_handshake: None,
-            rejections: LogLimiter::default(),
+            logs: LogLimits::default(),
         })
     }
 
@@ -421,16 +217,17 @@ impl Backend {
         self.zap.is_some()
     }
 
+    /// The ROUTER socket.
     pub fn socket(&self) -> &zmq::Socket {
         &self.socket
     }
 
     /// Polls the socket and stdin until interrupted.
     pub fn run(&mut self) -> Result<(), zmq::Error> {
-        let stdin = std::io::stdin();
-        let stdin_fd = stdin.as_raw_fd();
+        let stdin_fd = std::io::stdin().as_raw_fd();
         let mut stdin_open = true;
-        let mut lines = stdin.lock().lines();
+        let mut stdin_lines = LineReader::default();
+        let mut chunk = vec![0u8; 64 * 1024];
         loop {
             let mut items = vec![
                 self.socket.as_poll_item(zmq::POLLIN),
@@ -452,7 +249,7 @@ impl Backend {
             drop(items);
             if zap_ready {
                 if let Some(zap) = &self.zap {
-                    zap.serve()?;
+                    zap.serve(&mut self.logs)?;
                 }
             }
             if monitor_ready {
@@ -462,14 +259,24 @@ impl Backend {
                 self.drain()?;
             }
             if stdin_ready {
-                match lines.next() {
-                    Some(Ok(line)) => self.command_line(&line),
-                    Some(Err(e)) => {
+                // One read: poll said the fd is readable, so it does not block. Every line it
+                // completes is handled now.
+                let (lines, eof) = match nix::unistd::read(stdin_fd, &mut chunk) {
+                    Ok(0) => (stdin_lines.finish().into_iter().collect(), true),
+                    Ok(n) => (stdin_lines.feed(&chunk[..n]), false),
+                    Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => (vec![], false),
+                    Err(e) => {
                         print_line(&json!({"kind": "error", "error": format!("stdin: {e}")}));
-                        stdin_open = false;
+                        (vec![], true)
                     }
-                    None => stdin_open = false,
+                };
+                for line in lines {
+                    match line {
+                        Ok(line) => self.command_line(&line),
+                        Err(e) => print_line(&json!({"kind": "error", "error": e})),
+                    }
                 }
+                stdin_open = !eof;
             }
         }
     }
@@ -501,7 +308,7 @@ impl Backend {
                 E::DISCONNECTED => {
                     let peer = self.accepted.remove(&(value as i32));
                     if let Some(why) = self.failed_handshake.take() {
-                        if self.rejections.allow("handshake failed") {
+                        if self.logs.allow(LOG_HANDSHAKE_FAILED, Instant::now()) {
                             log::warn!(
                                 "connection rejected peer={} reason=\"handshake failed: {why}\"",
                                 peer.as_deref().unwrap_or("unknown")
@@ -558,7 +365,7 @@ impl Backend {
         }
         self.routes
             .insert(id.clone(), Route::Impersonated(user.to_string()));
-        if self.rejections.allow("impersonation") {
+        if self.logs.allow(LOG_IMPERSONATION, Instant::now()) {
             log::warn!(
                 "message rejected peer={} reason=\"routing id {:?} but the key is registered as {:?} (impersonation)\"",
                 r.peer.as_deref().unwrap_or("unknown"),
@@ -591,24 +398,37 @@ impl Backend {
         Ok(())
     }
 
-    fn send_ack(&self, id: &[u8], seq: u64) {
+    fn send_ack(&mut self, id: &[u8], seq: u64) {
         let body = json!({ "seq": seq }).to_string();
-        self.send(id, protocol::KIND_ACK, &body);
+        if let Err(e) = self.send(id, protocol::KIND_ACK, &body) {
+            self.not_sent(id, "ack", &e);
+        }
     }
 
-    fn send(&self, id: &[u8], kind: &str, body: &str) {
-        let r = self
-            .socket
+    /// Sends one message without blocking. With ZMQ_ROUTER_MANDATORY a routing id with no
+    /// connection fails with EHOSTUNREACH instead of being dropped silently.
+    fn send(&self, id: &[u8], kind: &str, body: &str) -> Result<(), zmq::Error> {
+        self.socket
             .send(id, zmq::SNDMORE | zmq::DONTWAIT)
             .and_then(|_| self.socket.send(kind, zmq::SNDMORE | zmq::DONTWAIT))
-            .and_then(|_| self.socket.send(body, zmq::DONTWAIT));
-        if let Err(e) = r {
-            print_line(&json!({
-                "kind": "error",
-                "gateway": String::from_utf8_lossy(id),
-                "error": format!("cannot send {kind}: {e} (is the gateway connected?)"),
-            }));
+            .and_then(|_| self.socket.send(body, zmq::DONTWAIT))
+    }
+
+    /// Prints (stdout) and logs (stderr, rate-limited) a message that could not be sent.
+    fn not_sent(&mut self, id: &[u8], what: &str, e: &zmq::Error) {
+        let gateway = String::from_utf8_lossy(id);
+        let why = match e {
+            zmq::Error::EHOSTUNREACH => format!("gateway {gateway} is not connected"),
+            zmq::Error::EAGAIN => {
+                format!("gateway {gateway} is not reading (its queue here is full)")
+            }
+            e => format!("{e}"),
+        };
+        let error = format!("{what} not sent: {why}");
+        if self.logs.allow(LOG_NOT_SENT, Instant::now()) {
+            log::warn!("{error}");
         }
+        print_line(&json!({"kind": "error", "gateway": gateway, "error": error}));
     }
 
     /// Prints one message; returns the gateway id when a reading needs an ack.
@@ -732,13 +552,17 @@ impl Backend {
             command["id"] = Value::String(format!("b-{:08x}-{}", self.run_id, self.next_command));
             self.next_command += 1;
         }
-        self.send(
+        if let Err(e) = self.send(
             gateway.as_bytes(),
             protocol::KIND_COMMAND,
             &command.to_string(),
-        );
+        ) {
+            let what = format!("command {}", command["id"]);
+            self.not_sent(gateway.as_bytes(), &what, &e);
+        }
     }
 
+    /// The ledger of `gateway`, once it sent something.
     pub fn ledger(&self, gateway: &str) -> Option<&GatewayLedger> {
         self.ledgers.get(gateway.as_bytes())
     }
@@ -747,167 +571,6 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ledger_acks_contiguous_and_dedupes() {
-        let mut l = GatewayLedger::default();
-        assert!(l.receive(1));
-        assert!(l.receive(2));
-        assert!(!l.receive(2));
-        assert!(l.receive(4));
-        assert_eq!(l.high, 2, "gap at 3 holds the ack back");
-        assert!(l.receive(3));
-        assert_eq!(l.high, 4);
-        assert!(!l.receive(4));
-        assert_eq!(l.duplicates, 2);
-        assert_eq!(l.received, 4);
-    }
-
-    #[test]
-    fn ledger_resume_skips_dropped_gap() {
-        let mut l = GatewayLedger::default();
-        l.receive(1);
-        l.receive(10);
-        l.receive(11);
-        assert_eq!(l.high, 1);
-        l.resume(10);
-        assert_eq!(l.high, 11);
-        l.resume(5);
-        assert_eq!(l.high, 11);
-    }
-
-    fn zap_request(mechanism: &str, key: Option<[u8; 32]>) -> Vec<Vec<u8>> {
-        let mut f: Vec<Vec<u8>> = vec![
-            b"1.0".to_vec(),
-            b"1".to_vec(),
-            b"zgate".to_vec(),
-            b"192.0.2.7".to_vec(),
-            b"".to_vec(),
-            mechanism.as_bytes().to_vec(),
-        ];
-        if let Some(k) = key {
-            f.push(k.to_vec());
-        }
-        f
-    }
-
-    #[test]
-    fn zap_decisions() {
-        let a = security::KeyPair::generate().unwrap();
-        let b = security::KeyPair::generate().unwrap();
-        let (pa, pb) = (a.public.clone(), b.public.clone());
-        let lookup = move |k: &str| -> Result<Vec<String>, String> {
-            Ok(if k == pa {
-                vec!["gw-a".into()]
-            } else if k == pb {
-                vec!["gw-b".into(), "gw-c".into()]
-            } else {
-                vec![]
-            })
-        };
-        let d = zap_decide(&zap_request("CURVE", Some(a.public_bytes())), &lookup);
-        assert_eq!((d.status, d.user_id.as_str()), ("200", "gw-a"));
-        let d = zap_decide(&zap_request("CURVE", Some(b.public_bytes())), &lookup);
-        assert_eq!(d.status, "400");
-        assert!(d.text.contains("several ids"), "{}", d.text);
-        let other = security::KeyPair::generate().unwrap();
-        let d = zap_decide(&zap_request("CURVE", Some(other.public_bytes())), &lookup);
-        assert_eq!((d.status, d.user_id.as_str()), ("400", ""));
-        assert!(d.text.contains("not in the allow list"));
-        assert_eq!(
-            zap_decide(&zap_request("NULL", None), &lookup).status,
-            "400"
-        );
-        assert_eq!(
-            zap_decide(&zap_request("CURVE", None), &lookup).status,
-            "400"
-        );
-        assert_eq!(zap_decide(&[b"1.0".to_vec()], &lookup).status, "500");
-        let failing = |_: &str| -> Result<Vec<String>, String> { Err("gone".into()) };
-        let d = zap_decide(&zap_request("CURVE", Some(a.public_bytes())), failing);
-        assert_eq!(d.status, "500");
-    }
-
-    #[test]
-    fn allow_dir_lookup() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, pub_a) = security::keygen(&dir.path().join("gw-a")).unwrap();
-        std::fs::write(dir.path().join("junk.pub"), "not a key\n").unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
-        let key = security::load_public_key(&pub_a).unwrap();
-        assert_eq!(allowed_ids(dir.path(), &key).unwrap(), vec!["gw-a"]);
-        let other = security::KeyPair::generate().unwrap();
-        assert!(allowed_ids(dir.path(), &other.public).unwrap().is_empty());
-        assert!(allowed_ids(&dir.path().join("missing"), &key).is_err());
-    }
-
-    const SPOOL_A: &str = "0123456789abcdef0123456789abcdef";
-    const SPOOL_B: &str = "fedcba9876543210fedcba9876543210";
-
-    #[test]
-    fn a_new_spool_id_starts_a_fresh_ledger() {
-        let mut l = GatewayLedger::default();
-        assert_eq!(l.hello(SPOOL_A, Some(1)), None);
-        for seq in 1..=50 {
-            assert!(l.receive(seq));
-        }
-        assert_eq!(l.ack_seq(), 50);
-        // The same spool reconnecting keeps its ledger: 1..50 stay duplicates.
-        assert_eq!(l.hello(SPOOL_A, Some(51)), None);
-        assert!(!l.receive(50));
-        // A wiped spool: seqs start again at 1 and are new readings.
-        assert_eq!(l.hello(SPOOL_B, Some(1)), Some(SPOOL_A.to_string()));
-        assert_eq!(l.ack_seq(), 0);
-        for seq in 1..=30 {
-            assert!(l.receive(seq), "seq {seq} taken for a duplicate");
-        }
-        assert_eq!((l.high, l.duplicates, l.received), (30, 0, 30));
-        assert_eq!(l.spool_id.as_deref(), Some(SPOOL_B));
-    }
-
-    #[test]
-    fn hello_is_acked_with_resume_minus_one_never_above_what_was_sent() {
-        // Fresh ledger: exactly resume_seq - 1.
-        let mut l = GatewayLedger::default();
-        l.hello(SPOOL_A, Some(7));
-        assert_eq!(l.ack_seq(), 6);
-        // Readings 7..=10 arrive: acked as they come.
-        for seq in 7..=10 {
-            l.receive(seq);
-        }
-        assert_eq!(l.ack_seq(), 10);
-        // The gateway missed that ack and reconnects with resume_seq 8: the answer is 7,
-        // not 10, because it has sent nothing on the new connection yet.
-        l.hello(SPOOL_A, Some(8));
-        assert_eq!(l.ack_seq(), 7);
-        // Once it sent 8..=10 again (duplicates here), the ack covers them.
-        for seq in 8..=10 {
-            assert!(!l.receive(seq));
-        }
-        assert_eq!(l.ack_seq(), 10);
-        // A hello without resume_seq is answered with 0; none with seq 0 underflows.
-        let mut l = GatewayLedger::default();
-        l.hello("", None);
-        assert_eq!(l.ack_seq(), 0);
-        l.hello("", Some(0));
-        assert_eq!(l.ack_seq(), 0);
-    }
-
-    #[test]
-    fn extreme_seqs_do_not_overflow() {
-        let mut l = GatewayLedger::default();
-        assert!(l.receive(u64::MAX - 1));
-        assert!(l.receive(u64::MAX));
-        assert_eq!(l.high, u64::MAX);
-        assert!(!l.receive(u64::MAX));
-        l.resume(u64::MAX);
-        let mut l = GatewayLedger::default();
-        l.receive(1);
-        l.receive(u64::MAX);
-        l.resume(u64::MAX);
-        assert_eq!(l.high, u64::MAX);
-        assert!(is_spool_id(SPOOL_A) && !is_spool_id("xyz") && !is_spool_id(&SPOOL_A[1..]));
-    }
 
     #[test]
     fn router_sends_heartbeats() {
@@ -925,12 +588,5 @@ mod tests {
         let s = b.socket();
         assert_eq!(s.get_heartbeat_ivl().unwrap(), HEARTBEAT_IVL_MS);
         assert_eq!(s.get_heartbeat_timeout().unwrap(), HEARTBEAT_TIMEOUT_MS);
-    }
-
-    #[test]
-    fn first_contact_without_hello_starts_at_first_seq() {
-        let mut l = GatewayLedger::default();
-        assert!(l.receive(500));
-        assert_eq!(l.high, 500);
     }
 }

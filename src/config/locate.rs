@@ -1,0 +1,128 @@
+//! Where in the config text a key is: turns byte offsets and (section, table index, key)
+//! into the 1-based line and dotted key that every [`ConfigError`] names.
+
+use super::ConfigError;
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Turns a toml/serde error into a ConfigError with line and dotted key.
+pub(super) fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_string();
+    let (line, key) = match e.span() {
+        Some(span) => {
+            let line = line_of_offset(text, span.start);
+            (line, key_at_line(text, line))
+        }
+        None => (0, String::new()),
+    };
+    // serde names the offending key in the message for unknown/missing fields.
+    let key = match backticked(&message) {
+        Some(name)
+            if message.starts_with("unknown field") || message.starts_with("missing field") =>
+        {
+            let section = section_at_line(text, line);
+            if key.is_empty() || message.starts_with("missing field") {
+                join_key(&section, name)
+            } else {
+                key
+            }
+        }
+        _ => key,
+    };
+    ConfigError {
+        file: file.to_string(),
+        line,
+        key,
+        message,
+    }
+}
+
+fn backticked(s: &str) -> Option<&str> {
+    let start = s.find('`')? + 1;
+    let end = s[start..].find('`')? + start;
+    Some(&s[start..end])
+}
+
+fn join_key(section: &str, key: &str) -> String {
+    if section.is_empty() {
+        key.to_string()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+fn header_name(line: &str) -> Option<String> {
+    let t = line.trim();
+    let inner = t
+        .strip_prefix("[[")
+        .and_then(|r| r.split("]]").next())
+        .or_else(|| t.strip_prefix('[').and_then(|r| r.split(']').next()))?;
+    Some(inner.trim().to_string())
+}
+
+/// The table header in force at `line` (1-based), "" for the root table.
+fn section_at_line(text: &str, line: usize) -> String {
+    let mut section = String::new();
+    for (i, l) in text.lines().enumerate() {
+        if i + 1 > line {
+            break;
+        }
+        if let Some(h) = header_name(l) {
+            section = h;
+        }
+    }
+    section
+}
+
+/// The dotted key defined on `line` (1-based), or the section if the line is a header.
+fn key_at_line(text: &str, line: usize) -> String {
+    let section = section_at_line(text, line);
+    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
+        return section;
+    };
+    if header_name(l).is_some() {
+        return section;
+    }
+    match l.split_once('=') {
+        Some((k, _)) => join_key(&section, k.trim().trim_matches('"')),
+        None => section,
+    }
+}
+
+/// Line (1-based) where `key` is set in the `index`-th `[section]`/`[[section]]`;
+/// the header's line when the key is absent, 0 when the section is absent.
+pub(super) fn locate(text: &str, section: &str, index: Option<usize>, key: &str) -> usize {
+    let want = index.unwrap_or(0);
+    let mut seen: Option<usize> = None;
+    let mut in_target = false;
+    let mut header_line = 0;
+    for (i, l) in text.lines().enumerate() {
+        if let Some(h) = header_name(l) {
+            if h == section {
+                seen = Some(seen.map_or(0, |n| n + 1));
+                in_target = seen == Some(want);
+                if in_target {
+                    header_line = i + 1;
+                }
+            } else {
+                in_target = false;
+            }
+            continue;
+        }
+        if in_target {
+            if let Some((k, _)) = l.split_once('=') {
+                if k.trim().trim_matches('"') == key {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    header_line
+}

@@ -89,7 +89,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Run { config } => {
             let cfg = Config::load(&config).map_err(anyhow::Error::new)?;
-            zgate::Gateway::run(cfg).context("gateway failed")?;
+            zgate::Gateway::run_with_config_file(cfg, config).context("gateway failed")?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { file } => {

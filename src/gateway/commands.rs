@@ -330,6 +330,12 @@ impl Commands {
             }
         }
     }
+
+    /// Sets `[commands] max_per_s` (a configuration reload): a full bucket of the new size.
+    pub fn set_max_per_s(&mut self, max_per_s: u32, now: Instant) {
+        self.rate = RateLimiter::new(max_per_s, now);
+        self.max_per_s = max_per_s;
+    }
 }
 
 #[cfg(test)]

@@ -13,10 +13,18 @@ impl Gateway {
     }
 
     pub(super) fn on_stats_timer(&mut self) {
+        let m = self.stats_now();
+        self.send(m);
+        let view = self.view();
+        self.delivery.check_replay_pace(view, Instant::now());
+    }
+
+    /// The `stats` message as of now.
+    pub(super) fn stats_now(&self) -> Message {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let m = stats::stats_message(&stats::StatsInput {
+        stats::stats_message(&stats::StatsInput {
             gateway: &self.cfg.gateway.id,
             uptime: self.started.elapsed(),
             outbox: (self.outbox.len(), self.cfg.backend.outbox_max),
@@ -29,10 +37,7 @@ impl Gateway {
             view: self.view(),
             ports: &self.ports,
             now_ms,
-        });
-        self.send(m);
-        let view = self.view();
-        self.delivery.check_replay_pace(view, Instant::now());
+        })
     }
 
     pub(super) fn on_zmq(&mut self, event: ZmqEvent) {

@@ -22,6 +22,7 @@ mod interpret;
 pub mod link;
 pub mod outputs;
 pub mod ports;
+pub mod reload;
 mod socket;
 pub mod stats;
 
@@ -43,7 +44,7 @@ use crate::limit::LogLimits;
 use crate::protocol::{self, Command, Message, Values};
 use crate::sd_notify;
 use crate::sources::gpio::OpenGpio;
-use crate::sources::serial::{SerialEvent, SerialSource, WriteError};
+use crate::sources::serial::{SerialEvent, WriteError};
 use crate::sources::zmq::{OutboxHandle, ZmqEvent, ZmqSource};
 use crate::spool::{Appended, Spool};
 use calloop::signals::{Signal, Signals};
@@ -51,7 +52,20 @@ use calloop::timer::{TimeoutAction, Timer};
 use calloop::{EventLoop, LoopHandle, RegistrationToken};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// The signals the gateway handles (blocked and read through a signalfd): SIGTERM and SIGINT
+/// stop it, SIGHUP reloads the config file, SIGUSR1 logs the stats, SIGUSR2 and SIGALRM are
+/// ignored (their default action would end the process).
+pub const HANDLED_SIGNALS: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+];
 
 /// The loop's shared state: the state machines and the interpreter of their effects.
 pub struct Gateway {
@@ -69,6 +83,8 @@ pub struct Gateway {
     ports: BTreeMap<String, PortState>,
     /// Reading sources removed on shutdown.
     reader_tokens: Vec<RegistrationToken>,
+    /// The config file and the sources a reload replaces.
+    sources: reload::Sources,
     /// The armed one-shot timers.
     timers: HashMap<TimerId, RegistrationToken>,
     /// Effects waiting to be applied (kept, so the steady state allocates nothing).
@@ -90,13 +106,13 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         let handle = event_loop.handle();
         // First, before any thread exists (libzmq's I/O threads, rppal's interrupt threads):
-        // Signals blocks SIGINT/SIGTERM in this thread, and threads inherit the mask.
-        let signals = Signals::new(&[Signal::SIGINT, Signal::SIGTERM])
-            .map_err(lerr("blocking SIGINT/SIGTERM for the signal source"))?;
+        // Signals blocks these signals in this thread, and threads inherit the mask, so none
+        // of them ends the process by its default action.
+        let signals = Signals::new(&HANDLED_SIGNALS)
+            .map_err(lerr("blocking the handled signals for the signal source"))?;
         handle
             .insert_source(signals, |event, _, gw: &mut Gateway| {
-                log::info!("signal received signal={:?}: shutting down", event.signal());
-                gw.begin_shutdown();
+                gw.on_signal(event.signal())
             })
             .map_err(ierr("adding the signal source"))?;
 
@@ -121,28 +137,18 @@ impl Gateway {
             events: gpio_events,
             levels,
         } = crate::sources::gpio::open(&cfg.gpio)?;
-        let mut reader_tokens = vec![handle
-            .insert_source(gpio_events, |edge, _, gw: &mut Gateway| gw.on_edge(edge))
-            .map_err(ierr("adding the GPIO source"))?];
+        let gpio_token = reload::insert_gpio_events(&handle, gpio_events)?;
+        let mut sources = reload::Sources {
+            gpio: Some(gpio_token),
+            ..Default::default()
+        };
+        let mut reader_tokens = vec![gpio_token];
 
         let mut ports = BTreeMap::new();
         for sc in &cfg.serial {
-            let source = SerialSource::new(&sc.name, &sc.path, sc.baud)
-                .map_err(|source| GatewayError::Serial {
-                    name: sc.name.clone(),
-                    source,
-                })?
-                .input_line_ending(sc.input_line_ending)
-                .write_timeout(Duration::from_millis(sc.write_timeout_ms));
-            let port = PortState::new(sc, source.handle());
-            let name = sc.name.clone();
-            reader_tokens.push(
-                handle
-                    .insert_source(source, move |event, _, gw: &mut Gateway| {
-                        gw.on_serial(&name, event)
-                    })
-                    .map_err(ierr("adding a serial port"))?,
-            );
+            let (port, token) = reload::insert_port(&handle, sc)?;
+            reader_tokens.push(token);
+            sources.ports.insert(sc.name.clone(), token);
             ports.insert(sc.name.clone(), port);
         }
 
@@ -157,16 +163,10 @@ impl Gateway {
             )
             .map_err(ierr("adding the retransmit timer"))?;
 
-        let interval = Duration::from_secs(cfg.gateway.stats_interval_s);
-        handle
-            .insert_source(
-                Timer::from_duration(interval),
-                move |_, _, gw: &mut Gateway| {
-                    gw.on_stats_timer();
-                    TimeoutAction::ToDuration(interval)
-                },
-            )
-            .map_err(ierr("adding the stats timer"))?;
+        sources.stats = Some(reload::insert_stats_timer(
+            &handle,
+            cfg.gateway.stats_interval_s,
+        )?);
 
         log::info!(
             "gateway starting id={} endpoint={} security={} inputs={} outputs={} serial={} gpio={:?}",
@@ -201,6 +201,7 @@ impl Gateway {
             spool,
             ports,
             reader_tokens,
+            sources,
             timers: HashMap::new(),
             fx: Effects::default(),
             logs: LogLimits::default(),
@@ -226,11 +227,23 @@ impl Gateway {
         Ok(gw)
     }
 
-    /// Runs until SIGINT/SIGTERM and the shutdown flush are done.
+    /// Runs until SIGINT/SIGTERM and the shutdown flush are done. Without a config file,
+    /// SIGHUP has nothing to re-read: see [`Gateway::run_with_config_file`].
     pub fn run(cfg: Config) -> Result<(), GatewayError> {
+        Gateway::run_with(cfg, None)
+    }
+
+    /// Runs `cfg`, loaded from `path`; SIGHUP re-reads `path` and applies what can change
+    /// live (see [`reload`]).
+    pub fn run_with_config_file(cfg: Config, path: PathBuf) -> Result<(), GatewayError> {
+        Gateway::run_with(cfg, Some(path))
+    }
+
+    fn run_with(cfg: Config, path: Option<PathBuf>) -> Result<(), GatewayError> {
         let mut event_loop: EventLoop<'static, Gateway> =
             EventLoop::try_new().map_err(lerr("creating the event loop"))?;
         let mut gw = Gateway::new(cfg, &event_loop)?;
+        gw.sources.config_path = path;
         // Under systemd (Type=notify): ready once every source is set up, and a watchdog ping
         // from a loop timer, so a stuck loop gets the service restarted.
         if let Err(e) = sd_notify::ready() {
@@ -279,6 +292,30 @@ impl Gateway {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The file SIGHUP re-reads (set by [`Gateway::run_with_config_file`]).
+    pub fn set_config_file(&mut self, path: PathBuf) {
+        self.sources.config_path = Some(path);
+    }
+
+    /// One handled signal (see [`HANDLED_SIGNALS`]).
+    fn on_signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::SIGINT | Signal::SIGTERM => {
+                log::info!("signal received signal={signal:?}: shutting down");
+                self.begin_shutdown();
+            }
+            Signal::SIGHUP => {
+                log::info!("signal received signal=SIGHUP: reloading the configuration");
+                self.reload();
+            }
+            Signal::SIGUSR1 => {
+                let stats = self.stats_now();
+                log::info!("signal received signal=SIGUSR1: stats {}", stats.body);
+            }
+            other => log::debug!("signal received signal={other:?}: ignored"),
+        }
     }
 
     /// The outbox of the backend link.

@@ -209,6 +209,15 @@ impl Outputs {
             Err(e) => log::error!("pulse end failed target={} error=\"{e}\"", out.name),
         }
     }
+
+    /// Output `i` takes over the level and running pulse of `from` (the same output before a
+    /// configuration reload). The caller re-arms the pulse timer under the new index.
+    pub fn take_over(&mut self, i: usize, from: &OutputState) {
+        if let Some(out) = self.outputs.get_mut(i) {
+            out.level = from.level;
+            out.pulse = from.pulse;
+        }
+    }
 }
 
 #[cfg(test)]

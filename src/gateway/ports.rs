@@ -84,4 +84,12 @@ impl PortState {
         }
         self.connected = up;
     }
+
+    /// Takes the settings of `cfg` that only the gateway uses (a configuration reload); the
+    /// source's own settings go through [`SerialHandle::reconfigure`].
+    pub fn reconfigure(&mut self, cfg: &SerialConfig) {
+        self.format = cfg.format;
+        self.line_ending = cfg.line_ending.clone();
+        self.allow_binary = cfg.allow_binary;
+    }
 }

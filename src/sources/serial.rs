@@ -30,6 +30,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 mod framer;
+mod reconfig;
 mod writes;
 pub use framer::LineFramer;
 #[cfg(test)]
@@ -85,6 +86,8 @@ pub enum WriteError {
 struct Shared {
     connected: bool,
     writes: WriteQueue,
+    /// New settings for the source, taken on its next dispatch.
+    settings: Option<reconfig::Settings>,
 }
 
 /// Handle to queue writes to a port from anywhere in the loop. Cheap to clone.
@@ -241,6 +244,7 @@ impl SerialSource {
             shared: Rc::new(RefCell::new(Shared {
                 connected: false,
                 writes: WriteQueue::new(DEFAULT_WRITE_TIMEOUT),
+                settings: None,
             })),
             framer: LineFramer::new(InputLineEnding::Auto),
         })
@@ -502,6 +506,7 @@ impl EventSource for SerialSource {
         self.ping_source
             .process_events(readiness, token, |_, _| woke_write = true)
             .map_err(io::Error::other)?;
+        self.apply_settings(&mut callback);
 
         let mut timer_fired = false;
         self.timer.process_events(readiness, token, |_, timer| {

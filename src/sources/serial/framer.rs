@@ -105,4 +105,9 @@ impl LineFramer {
             }
         }
     }
+
+    /// Changes which bytes end a line from now on; a partial line is kept.
+    pub fn set_ending(&mut self, ending: InputLineEnding) {
+        self.ending = ending;
+    }
 }

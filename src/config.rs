@@ -104,6 +104,10 @@ pub struct BackendConfig {
     /// ZMQ_MAXMSGSIZE: libzmq drops a peer that sends a larger frame.
     #[serde(default = "default_max_msg_size")]
     pub max_msg_size: i64,
+    /// Seconds to wait, after each connection's `hello`, for any message from the backend
+    /// before the connection is treated as not working and made again.
+    #[serde(default = "default_hello_timeout_s")]
+    pub hello_timeout_s: u64,
 }
 
 impl Default for BackendConfig {
@@ -116,6 +120,7 @@ impl Default for BackendConfig {
             secret_key_file: None,
             insecure: false,
             max_msg_size: default_max_msg_size(),
+            hello_timeout_s: default_hello_timeout_s(),
         }
     }
 }
@@ -466,6 +471,9 @@ fn default_shutdown_flush_ms() -> u64 {
 }
 fn default_max_msg_size() -> i64 {
     64 * 1024
+}
+fn default_hello_timeout_s() -> u64 {
+    10
 }
 fn default_max_per_s() -> u32 {
     20

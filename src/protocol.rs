@@ -382,6 +382,28 @@ pub fn write_reading_body(
     out.push('}');
 }
 
+/// The `seq` of a reading body as written by [`write_reading_body`]
+/// (`{"gateway":"…","seq":N,…}`), without parsing the whole object; `None` if the body has
+/// none. Every `"` inside the gateway id is escaped (`\"`), so the first `,"seq":` is the
+/// field itself.
+pub fn reading_seq(body: &str) -> Option<u64> {
+    const KEY: &str = ",\"seq\":";
+    if let Some(at) = body.find(KEY) {
+        let digits = &body[at + KEY.len()..];
+        let end = digits
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(digits.len());
+        if let Ok(seq) = digits[..end].parse() {
+            return Some(seq);
+        }
+    }
+    // Not in the writer's layout (a reading from another writer): parse it.
+    serde_json::from_str::<Value>(body)
+        .ok()?
+        .get("seq")?
+        .as_u64()
+}
+
 /// A `reply` saying the command `id` took effect.
 pub fn reply_ok(id: &str) -> Message {
     Message::new(KIND_REPLY, &json!({"id": id, "ok": true}))

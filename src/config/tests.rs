@@ -153,6 +153,38 @@ fn duplicate_name_and_pin() {
 }
 
 #[test]
+fn hello_timeout_s_is_checked_with_its_line() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "endpoint = \"tcp://127.0.0.1:5555\"",
+            &format!("endpoint = \"tcp://127.0.0.1:5555\"\nhello_timeout_s = {v}"),
+        )
+    };
+    assert_eq!(
+        Config::parse(&with("2"), "z.toml")
+            .unwrap()
+            .backend
+            .hello_timeout_s,
+        2
+    );
+    for bad in ["0", "3601"] {
+        let e = Config::parse(&with(bad), "z.toml").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (8, "backend.hello_timeout_s"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("z.toml:8: key backend.hello_timeout_s:"),
+            "{e}"
+        );
+    }
+    let e = Config::parse(&with("-1"), "z.toml").unwrap_err();
+    assert!(e.key.ends_with("hello_timeout_s"), "{e}");
+}
+
+#[test]
 fn range_checks() {
     for (from, to, key) in [
         ("pin = 27", "pin = 40", "gpio.output.pin"),
@@ -200,6 +232,7 @@ fn security_keys_and_defaults() {
     assert!(!c.backend.curve());
     assert!(!c.backend.insecure_link());
     assert_eq!(c.backend.max_msg_size, 65536);
+    assert_eq!(c.backend.hello_timeout_s, 10);
     assert_eq!(c.commands.max_per_s, 20);
     assert!(!c.serial[0].allow_binary);
     let text = GOOD.replace(

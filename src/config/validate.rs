@@ -344,6 +344,14 @@ impl Config {
                 "must be between 1024 and 16777216 bytes".into(),
             ));
         }
+        if !(1..=3600).contains(&b.hello_timeout_s) {
+            return Err(err(
+                "backend",
+                None,
+                "hello_timeout_s",
+                "must be between 1 and 3600 seconds".into(),
+            ));
+        }
         if !(1..=10_000).contains(&self.commands.max_per_s) {
             return Err(err(
                 "commands",

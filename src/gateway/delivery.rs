@@ -5,9 +5,12 @@
 //! and the replay pace (`[spool] replay_max_per_s`). It sees the spool only through a
 //! [`SpoolView`] and asks for reads with [`Effect::ReadSpool`]; the interpreter does the I/O
 //! and reports back with [`Delivery::replayed`].
+//!
+//! It also judges acks ([`Delivery::accept_ack`]): an ack deletes readings from the spool, so
+//! one above what was really sent on the current connection is refused.
 
 use super::effect::{Effect, Effects, TimerId};
-use crate::limit::RateLimiter;
+use crate::limit::{LogLimiter, RateLimiter};
 use crate::spool::SpoolConfig;
 use std::time::{Duration, Instant};
 
@@ -57,6 +60,10 @@ pub struct Delivery {
     ingest_mark: (Instant, u64),
     /// When the pace warning was last logged.
     pace_warned: Option<Instant>,
+    /// `resume_seq - 1` as announced in the current connection's hello: an ack up to it is
+    /// the answer to the hello.
+    ack_floor: u64,
+    bad_ack_log: LogLimiter,
     /// Times unacked readings were sent again.
     pub retransmits: u64,
 }
@@ -85,6 +92,8 @@ impl Delivery {
             stored: 0,
             ingest_mark: (now, 0),
             pace_warned: None,
+            ack_floor: view.resume_seq().saturating_sub(1),
+            bad_ack_log: LogLimiter::default(),
             retransmits: 0,
         }
     }
@@ -200,14 +209,46 @@ impl Delivery {
     }
 
     /// The backend connection is up: unacked readings go again, in order.
+    /// `view` is the state the connection's hello announces.
     pub fn on_connected(&mut self, view: SpoolView, now: Instant, fx: &mut Effects) {
         self.connected = true;
+        self.ack_floor = view.resume_seq().saturating_sub(1);
         self.rewind(view, now, fx);
     }
 
     /// The backend connection is down: nothing is resent until it is back.
     pub fn on_disconnected(&mut self) {
         self.connected = false;
+    }
+
+    /// Whether an ack of `seq` may be applied. It may cover what was really sent on the
+    /// current connection: up to the highest reading seq handed to libzmq on it
+    /// (`highest_sent`, 0 for none), or up to `resume_seq - 1` as the connection's hello or
+    /// the spool now says (below that everything is acked or dropped: such an ack changes
+    /// nothing). A higher ack would delete readings the backend never got: it is refused,
+    /// logged (rate-limited) and changes nothing; the caller counts it.
+    pub fn accept_ack(
+        &mut self,
+        seq: u64,
+        view: SpoolView,
+        highest_sent: u64,
+        now: Instant,
+    ) -> bool {
+        let limit = self
+            .ack_floor
+            .max(view.resume_seq().saturating_sub(1))
+            .max(highest_sent);
+        if seq <= limit {
+            return true;
+        }
+        if self.bad_ack_log.allow_at("bad ack", now) {
+            log::warn!(
+                "ack seq={seq} refused: above the highest seq sent on this connection \
+                 limit={limit}; nothing acknowledged (a backend must ack only readings it \
+                 received, see docs/protocol.md)"
+            );
+        }
+        false
     }
 
     /// The backend acked `newly_acked` more readings.
@@ -286,6 +327,9 @@ impl Delivery {
         true
     }
 }
+
+#[cfg(test)]
+mod ack_tests;
 
 #[cfg(test)]
 mod tests {

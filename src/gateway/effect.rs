@@ -24,6 +24,11 @@ pub enum TimerId {
     Pulse(usize),
     /// Re-read input number `n` when its debounce window ends (see `inputs`).
     Debounce(usize),
+    /// `[backend] hello_timeout_s` after a connection's hello: was the backend heard (see
+    /// `link`)?
+    HelloTimeout,
+    /// Make the unheard connection again once the reconnect backoff allows (see `link`).
+    Reconnect,
 }
 
 /// One thing to do.
@@ -52,6 +57,9 @@ pub enum Effect {
     Cancel(TimerId),
     /// Ask the backend link to check its connection (reconnect if libzmq gave up).
     CheckConnection,
+    /// Drop the backend connection and dial the endpoint again (readings stay in the spool
+    /// and the outbox; the new connection gets its own `hello`).
+    Reconnect,
     /// Drive the pin of output number `output` to `level`, then report to
     /// `Outputs::pulse_ended`.
     EndPulse {

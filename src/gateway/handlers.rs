@@ -5,9 +5,10 @@ use super::*;
 
 impl Gateway {
     pub(super) fn on_retransmit_timer(&mut self) {
-        let view = self.view();
-        self.delivery
-            .on_retransmit_timer(view, Instant::now(), &mut self.fx);
+        let (view, now) = (self.view(), Instant::now());
+        self.delivery.on_retransmit_timer(view, now, &mut self.fx);
+        let waiting = view.next_seq.saturating_sub(view.resume_seq());
+        self.link.check_unheard(waiting, now);
         self.apply_effects();
     }
 
@@ -43,7 +44,7 @@ impl Gateway {
         let now = Instant::now();
         match event {
             ZmqEvent::Connected => {
-                self.link.on_connected(&mut self.fx);
+                self.link.on_connected(now, &mut self.fx);
                 let view = self.view();
                 self.delivery.on_connected(view, now, &mut self.fx);
             }
@@ -53,8 +54,14 @@ impl Gateway {
             }
             ZmqEvent::HandshakeFailed(why) => self.link.on_handshake_failed(&why, now),
             ZmqEvent::Drained => self.fill_outbox(now),
-            ZmqEvent::Message(frames) => self.on_backend_message(frames, now),
-            ZmqEvent::TooManyFrames { frames } => self.commands.on_bad_frames(frames, now),
+            ZmqEvent::Message(frames) => {
+                self.link.on_heard(now, &mut self.fx);
+                self.on_backend_message(frames, now);
+            }
+            ZmqEvent::TooManyFrames { frames } => {
+                self.link.on_heard(now, &mut self.fx);
+                self.commands.on_bad_frames(frames, now);
+            }
         }
         self.apply_effects();
     }
@@ -66,7 +73,14 @@ impl Gateway {
         };
         match kind.as_slice() {
             b"ack" => match protocol::parse_ack(&body) {
-                Ok(seq) => self.on_ack(seq, now),
+                Ok(seq) => {
+                    let (view, sent) = (self.view(), self.outbox.highest_reading_sent());
+                    if self.delivery.accept_ack(seq, view, sent, now) {
+                        self.on_ack(seq, now);
+                    } else {
+                        self.counters.bad_acks += 1;
+                    }
+                }
                 Err(e) => self.commands.on_bad_ack(&e, now),
             },
             b"command" => self.on_command(&body, now),

@@ -36,6 +36,7 @@ impl Gateway {
                 }
             }
             Effect::CheckConnection => self.outbox.request_connection_check(),
+            Effect::Reconnect => self.outbox.request_reconnect(),
             Effect::EndPulse { output, level } => {
                 let Some(pin) = self.outputs.get(output).map(|o| o.pin) else {
                     return;
@@ -121,6 +122,8 @@ impl Gateway {
             }
             TimerId::Pulse(i) => self.outputs.pulse_due(i, now, &mut self.fx),
             TimerId::Debounce(i) => self.inputs.debounce_due(i, &mut self.fx),
+            TimerId::HelloTimeout => self.link.on_hello_timer(now, &mut self.fx),
+            TimerId::Reconnect => self.link.on_reconnect_timer(now, &mut self.fx),
         }
         self.apply_effects();
     }

@@ -190,7 +190,11 @@ impl Gateway {
         let mut commands = Commands::new(cfg.commands.max_per_s, now);
         let command_log = CommandLog::open_into(&cfg.gateway.data_dir, &mut commands)?;
         let mut gw = Gateway {
-            link: Link::new(&cfg.backend.endpoint, cfg.backend.curve()),
+            link: Link::new(
+                &cfg.backend.endpoint,
+                cfg.backend.curve(),
+                Duration::from_secs(cfg.backend.hello_timeout_s),
+            ),
             delivery: Delivery::new(&cfg.spool, view, now),
             commands,
             command_log,

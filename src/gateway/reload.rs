@@ -164,6 +164,8 @@ impl ReloadPlan {
             &o.max_msg_size,
             &mut n.max_msg_size,
         );
+        let (ot, nt) = (&o.hello_timeout_s, &mut n.hello_timeout_s);
+        refuse(r, "backend.hello_timeout_s", ot, nt);
         // Keys added to [backend] later are refused unless they are listed as live here.
         let live = BackendConfig {
             shutdown_flush_ms: n.shutdown_flush_ms,

@@ -24,6 +24,8 @@ pub struct Counters {
     pub spool_errors: u64,
     /// Control messages (replies, stats) dropped because the outbox was full.
     pub dropped_control: u64,
+    /// Acks refused because they were above the highest seq sent on the connection.
+    pub bad_acks: u64,
 }
 
 /// Everything one `stats` message reports.
@@ -98,6 +100,8 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
             "bad_messages": s.commands.bad_messages,
             "dropped_control": c.dropped_control,
             "spool_errors": c.spool_errors,
+            "unheard_connections": s.link.unheard_connections,
+            "bad_acks": c.bad_acks,
         },
         "spool": {
             "spool_id": sp.spool_id,

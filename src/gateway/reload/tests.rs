@@ -168,7 +168,7 @@ fn restart_keys_are_refused_and_the_rest_applies() {
         .replace("data_dir = \"/tmp/zgate\"", "data_dir = \"/tmp/other\"")
         .replace(
             "endpoint = \"tcp://127.0.0.1:5555\"",
-            "endpoint = \"tcp://127.0.0.1:6666\"\noutbox_max = 5\nmax_msg_size = 2048",
+            "endpoint = \"tcp://127.0.0.1:6666\"\noutbox_max = 5\nmax_msg_size = 2048\nhello_timeout_s = 3",
         )
         .replace("sim_dir = \"/tmp/sim\"", "sim_dir = \"/tmp/sim2\"")
         .replace("stats_interval_s = 30", "stats_interval_s = 3")
@@ -183,6 +183,7 @@ fn restart_keys_are_refused_and_the_rest_applies() {
             "backend.endpoint",
             "backend.outbox_max",
             "backend.max_msg_size",
+            "backend.hello_timeout_s",
             "spool.max_bytes",
             "spool.when_full",
             "spool.retransmit_s",
@@ -203,7 +204,7 @@ fn restart_keys_are_refused_and_the_rest_applies() {
         p.refused[2].to_string(),
         "key=backend.endpoint running=\"tcp://127.0.0.1:5555\" file=\"tcp://127.0.0.1:6666\""
     );
-    assert!(p.summary().ends_with("refused=9"), "{}", p.summary());
+    assert!(p.summary().ends_with("refused=10"), "{}", p.summary());
 }
 
 #[test]

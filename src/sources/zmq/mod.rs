@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 mod error;
 mod monitor;
 mod outbox;
+mod reconnect;
 
 use error::zerr;
 pub use error::ZmqSourceError;
@@ -133,6 +134,8 @@ pub struct ZmqSource {
     direct: Rc<Cell<bool>>,
     /// A connection check is due on the next dispatch (see `request_connection_check`).
     check_requested: Rc<Cell<bool>>,
+    /// A forced reconnect is due on the next dispatch (see `request_reconnect`).
+    reconnect_requested: Rc<Cell<bool>>,
     /// Endpoint to reconnect to when libzmq gave up (see `request_connection_check`).
     endpoint: Option<String>,
     /// A DISCONNECTED was seen and no reconnect attempt since.
@@ -192,6 +195,7 @@ impl ZmqSource {
             connected: Rc::new(Cell::new(false)),
             direct: Rc::new(Cell::new(false)),
             check_requested: Rc::new(Cell::new(false)),
+            reconnect_requested: Rc::new(Cell::new(false)),
             endpoint: None,
             awaiting_retry: false,
             check_monitor: true,
@@ -213,6 +217,7 @@ impl ZmqSource {
             ping: self.ping.clone(),
             close_linger_ms: self.close_linger_ms.clone(),
             check_requested: self.check_requested.clone(),
+            reconnect_requested: self.reconnect_requested.clone(),
         }
     }
 
@@ -241,6 +246,7 @@ impl ZmqSource {
                     self.endpoint.as_deref().unwrap_or("the backend")
                 );
                 self.connected.set(true);
+                self.outbox.borrow_mut().highest_reading_sent = 0;
                 callback(ZmqEvent::Connected, &mut ());
             }
             Ok(_) => {}
@@ -297,6 +303,7 @@ impl ZmqSource {
                 E::HANDSHAKE_SUCCEEDED => {
                     self.awaiting_retry = false;
                     self.connected.set(true);
+                    self.outbox.borrow_mut().highest_reading_sent = 0;
                     callback(ZmqEvent::Connected, &mut ());
                 }
                 E::DISCONNECTED => {
@@ -529,6 +536,7 @@ impl EventSource for ZmqSource {
         if fired {
             self.drain_monitor(&mut callback)?;
         }
+        self.forced_reconnect(&mut callback);
         self.check_connection(&mut callback);
         self.pump(&mut callback)?;
         Ok(PostAction::Continue)
@@ -569,3 +577,6 @@ impl EventSource for ZmqSource {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod reconnect_tests;

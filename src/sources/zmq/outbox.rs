@@ -1,7 +1,7 @@
 //! The bounded outbox and the handle the gateway queues messages through.
 
 use super::CONTROL_RESERVE;
-use crate::protocol::{Message, KIND_HELLO};
+use crate::protocol::{reading_seq, Message, KIND_HELLO, KIND_READING};
 use calloop::ping::Ping;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -14,6 +14,8 @@ pub struct Outbox {
     max: usize,
     /// Messages handed to libzmq.
     pub sent: u64,
+    /// The highest reading seq handed to libzmq on the current connection (0: none).
+    pub(super) highest_reading_sent: u64,
 }
 
 impl Outbox {
@@ -24,6 +26,7 @@ impl Outbox {
             queue: VecDeque::new(),
             max: max.max(1),
             sent: 0,
+            highest_reading_sent: 0,
         }
     }
     /// Messages queued, control messages included.
@@ -86,8 +89,18 @@ impl Outbox {
         self.queue.front()
     }
     pub(super) fn pop_front(&mut self) {
-        self.queue.pop_front();
+        if let Some(m) = self.queue.pop_front() {
+            self.note_sent(&m);
+        }
+    }
+    /// Counts a message handed to libzmq, and a reading's seq.
+    fn note_sent(&mut self, m: &Message) {
         self.sent += 1;
+        if m.kind == KIND_READING {
+            if let Some(seq) = reading_seq(&m.body) {
+                self.highest_reading_sent = self.highest_reading_sent.max(seq);
+            }
+        }
     }
 }
 
@@ -101,9 +114,24 @@ pub struct OutboxHandle {
     pub(super) ping: Ping,
     pub(super) close_linger_ms: Rc<Cell<i32>>,
     pub(super) check_requested: Rc<Cell<bool>>,
+    pub(super) reconnect_requested: Rc<Cell<bool>>,
 }
 
 impl OutboxHandle {
+    /// Asks the source to drop the current connection and dial the endpoint again on its
+    /// next dispatch (a connection on which the backend is not heard). The source reports
+    /// [`super::ZmqEvent::Disconnected`] at once, sends nothing until the new connection is
+    /// reported, and the outbox keeps its messages.
+    pub fn request_reconnect(&self) {
+        self.reconnect_requested.set(true);
+        self.ping.ping();
+    }
+
+    /// The highest reading seq handed to libzmq on the current connection (0: none yet).
+    pub fn highest_reading_sent(&self) -> u64 {
+        self.outbox.borrow().highest_reading_sent
+    }
+
     /// Asks the source to check the connection on its next dispatch. Call it from a timer
     /// while no connection is reported (after `Disconnected`, and from the start):
     /// * reconnects if libzmq gave up on the connection: after a protocol error (e.g. a frame
@@ -148,7 +176,7 @@ impl OutboxHandle {
                 if let Err(e) = self.socket.send(body, zmq::DONTWAIT) {
                     log::error!("zmq send of a message's last frame failed: {e}");
                 }
-                outbox.sent += 1;
+                outbox.note_sent(&m);
                 drop(outbox);
                 match self.socket.get_events() {
                     Ok(ev) if !ev.contains(zmq::POLLIN) => {}

@@ -110,3 +110,42 @@ def test_ack_above_what_was_sent_is_refused(tmp_path, gateways, peers, pty_facto
     assert stats["counters"]["bad_acks"] == 3, stats
     assert stats["spool"]["acked"] == n and stats["resume_seq"] == n + 1, stats
     assert gw.term() == 0
+
+
+def test_spool_id_survives_a_restart_and_changes_with_a_wiped_spool(tmp_path, gateways, peers,
+                                                                    pty_factory):
+    """hello and stats carry the spool's identity: the same after a restart (seqs go on), a new
+    one after data_dir was wiped (seqs start again at 1), so a backend never mistakes the new
+    readings for old ones."""
+    import re
+    import shutil
+
+    pty = pty_factory("sensor")
+    # Handover: the restarted gateway reconnects under the same routing id at once.
+    peer = peers(auto_ack=True, handover=True)
+    gw = start(gateways, config(tmp_path, peer.endpoint, pty, hello_timeout_s=10))
+    first = peer.expect("hello", timeout=10)
+    assert re.fullmatch(r"[0-9a-f]{32}", first["spool_id"]), first
+    pty.line(b"n=1")
+    assert peer.reading()["seq"] == 1
+    stats = peer.expect("stats", timeout=5)
+    assert stats["spool"]["spool_id"] == first["spool_id"], stats
+
+    assert gw.term() == 0
+    gw.start()
+    gw.wait_serial_open("sensor", timeout=10, since_start=True)
+    again = peer.expect("hello", timeout=10)
+    assert again["spool_id"] == first["spool_id"], (first, again)
+    assert again["resume_seq"] == 2, again
+
+    assert gw.term() == 0
+    shutil.rmtree(tmp_path / "data")
+    gw.start()
+    gw.wait_serial_open("sensor", timeout=10, since_start=True)
+    wiped = peer.expect("hello", timeout=10)
+    assert re.fullmatch(r"[0-9a-f]{32}", wiped["spool_id"]), wiped
+    assert wiped["spool_id"] != first["spool_id"], (first, wiped)
+    assert wiped["resume_seq"] == 1, wiped
+    pty.line(b"n=2")
+    r = peer.reading()
+    assert (r["seq"], r["values"]) == (1, {"n": 2}), r

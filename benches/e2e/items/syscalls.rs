@@ -3,16 +3,16 @@
 
 use crate::backend::setup;
 use crate::report::Report;
-use crate::trace::{merge, per_reading, strace_available, Kinds, Tracer};
+use crate::trace::{merge, per_reading, perf_available, strace_available, Kinds, Tracer};
 use crate::{Opts, Res};
 use std::time::{Duration, Instant};
 
 pub fn bench_syscalls(o: &Opts, r: &mut Report) -> Res<()> {
-    if !strace_available() {
+    if !perf_available() && !strace_available() {
         r.fail(
             "8",
             "system calls per reading",
-            "strace not installed".into(),
+            "neither perf nor strace can trace here".into(),
         );
         return Ok(());
     }
@@ -25,6 +25,7 @@ pub fn bench_syscalls(o: &Opts, r: &mut Report) -> Res<()> {
     }
     let tracer = Tracer::attach(gw.pid())?;
     let s = crate::items::steady::steady_at(&mut be, gw.pid(), &gw.ptys[0], rate, n);
+    let tool = tracer.tool.name();
     let threads = tracer.stop()?;
     drop(gw.stop(Duration::from_secs(5)));
     if s.received < n {
@@ -33,7 +34,7 @@ pub fn bench_syscalls(o: &Opts, r: &mut Report) -> Res<()> {
     let main = threads.first().ok_or("no thread traced")?;
     r.row(
         "8",
-        format!("system calls per reading, loop thread ({n} at {rate}/s, strace): all: by kind"),
+        format!("system calls per reading, loop thread ({n} at {rate}/s, {tool}): all: by kind"),
         per_reading(&main.calls, n),
     );
     let mut all = Kinds::new();

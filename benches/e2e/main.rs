@@ -20,7 +20,9 @@
 //! 8. system calls per reading by kind, loop thread and all threads, at 1,000 readings/s
 //!    (strace attached to every thread; `trace.rs`);
 //! 9. CPU per reading against the minimal Python forwarder (`benches/py_forwarder.py`), at
-//!    1,000 and at 100 lines/s, same feed and same acking ROUTER: the ratio, budget ≥ 4.
+//!    1,000 and at 100 lines/s, same feed and same acking ROUTER: the ratio, budget ≥ 4;
+//! 10. command latency while another process floods the spool's file system with buffered
+//!     writes (dirty-page throttling), for `fsync = "interval"` and `"always"`.
 //!
 //! Rows marked S: the spool in process (issue 3, `spool.rs`): append throughput per fsync
 //! policy, the loop stall of compaction (`ack()` deleting segments) and of `tick()`.
@@ -52,6 +54,7 @@ mod trace;
 
 use items::backlog::bench_backlog;
 use items::commands::bench_commands;
+use items::diskflood::{bench_diskflood, flood};
 use items::forwarder::bench_forwarder;
 use items::idle::bench_idle;
 use items::instructions::bench_instructions;
@@ -111,6 +114,11 @@ fn opts() -> Opts {
                 let tty = args.next().expect("--null-gateway TTY ENDPOINT");
                 let endpoint = args.next().expect("--null-gateway TTY ENDPOINT");
                 null_gateway(&tty, &endpoint)
+            }
+            "--flood" => {
+                let dir = args.next().expect("--flood DIR SECONDS");
+                let secs = args.next().expect("--flood DIR SECONDS");
+                flood(&dir, &secs)
             }
             "--only" => {
                 o.only = Some(
@@ -202,6 +210,11 @@ fn main() {
     if want("9") {
         if let Err(e) = bench_forwarder(&o, &mut r) {
             r.fail("9", "CPU per reading vs the minimal Python forwarder", e);
+        }
+    }
+    if want("10") {
+        if let Err(e) = bench_diskflood(&o, &mut r) {
+            r.fail("10", "command latency under a disk write flood", e);
         }
     }
     if want("3") || want("5") {

@@ -53,6 +53,13 @@ fn zgate_run(o: &Opts, be: &mut Backend, rate: u64, count: u64) -> Res<Steady> {
         be.poll(Duration::from_millis(20));
     }
     let s = steady_at(be, gw.pid(), &gw.ptys[0], rate, count);
+    if s.received < count {
+        eprintln!(
+            "bench: zgate run: {} of {count} received; log: {}",
+            s.received,
+            gw.log_tail()
+        );
+    }
     drop(gw.stop(Duration::from_secs(5)));
     Ok(s)
 }

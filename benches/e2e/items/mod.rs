@@ -3,6 +3,7 @@
 
 pub mod backlog;
 pub mod commands;
+pub mod diskflood;
 pub mod forwarder;
 pub mod idle;
 pub mod instructions;

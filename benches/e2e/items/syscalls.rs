@@ -53,6 +53,22 @@ pub fn bench_syscalls(o: &Opts, r: &mut Report) -> Res<()> {
         ),
         per_reading(&all, n),
     );
+    r.notes.push(
+        "System calls per reading (item 8), what remains and why. Loop thread, per wake-up \
+         (one for the line, one for the backend's ack): `epoll_pwait` (the wait itself). Per \
+         reading: the serial `read`, the spool `write` (the reading is in the kernel before it \
+         is queued), and libzmq's calls: the send `write`s its I/O thread's mailbox eventfd \
+         (the hand-over to the thread that owns the TCP socket), a ZMQ_EVENTS read after it \
+         (`poll` of the socket's mailbox: the edge-triggered ZMQ_FD rule), and on the ack's \
+         wake-up the monitor read, ZMQ_EVENTS, the receive and the closing ZMQ_EVENTS read \
+         (`poll`, and a `read` of the mailbox command that announced the ack); libzmq calls \
+         `getpid` before each of these (its fork check, one per mailbox access). The I/O \
+         thread: `epoll_wait`, `sendto`/`recvfrom` on the TCP socket, `epoll_ctl` to start and \
+         stop polling it for output, its own mailbox `read`/`write`/`poll`. Not counted any \
+         more: `timerfd_settime`, `epoll_ctl` and a notifier `read` per wake-up (calloop's \
+         poller re-armed its timeout and notifier on every wait; vendor/README.md)."
+            .into(),
+    );
     for t in threads.iter().skip(1) {
         r.row(
             "8",

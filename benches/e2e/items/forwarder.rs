@@ -65,6 +65,15 @@ fn zgate_run(o: &Opts, be: &mut Backend, rate: u64, count: u64) -> Res<Steady> {
 }
 
 pub fn bench_forwarder(o: &Opts, r: &mut Report) -> Res<()> {
+    r.notes.push(
+        "CPU per reading (item 9): both forwarders hand each reading to libzmq's I/O thread \
+         and read an ack per reading, so both wake about four threads per reading (the \
+         reader for the line and for the ack, the I/O thread to send and to receive; item 8 \
+         counts zgate's). The kernel's share of a wake-up (scheduling, the pty, loopback TCP) \
+         is the same for both and grows at 100 lines/s (colder caches, idle CPUs woken), so \
+         the ratio is bounded by how much of Python's cost is its interpreter."
+            .into(),
+    );
     let runs = if o.quick { 1 } else { 3 };
     let mut be = Backend::bind("tcp://127.0.0.1:*")?;
     for (rate, secs) in [

@@ -108,7 +108,11 @@ impl Backend {
             self.gw = Some(frames[0].clone());
         }
         match &frames[1][..] {
-            b"hello" => self.hello = true,
+            b"hello" => {
+                // A new peer (or the same one restarted) introduces itself: acks go to it.
+                self.hello = true;
+                self.gw = Some(frames[0].clone());
+            }
             b"reading" => {
                 // Typed: the harness's own CPU per reading is a competitor of
                 // the gateway's on this 2-core machine, so it parses only what it uses.

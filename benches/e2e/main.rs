@@ -16,7 +16,13 @@
 //!    (`replay_max_per_s = 0`), then 200,000 more at the default pace; stripped binary size,
 //!    aarch64 (`cross/build aarch64`) and host;
 //! 6. instructions per reading (valgrind cachegrind, minus an idle run of the same length);
-//! 7. a pyserial + pyzmq script doing the same job: CPU per reading and RSS side by side.
+//! 7. a pyserial + pyzmq script doing the same job: CPU per reading and RSS side by side;
+//! 8. system calls per reading by kind, loop thread and all threads, at 1,000 readings/s
+//!    (strace attached to every thread; `trace.rs`);
+//! 9. CPU per reading against the minimal Python forwarder (`benches/py_forwarder.py`), at
+//!    1,000 and at 100 lines/s, same feed and same acking ROUTER: the ratio, budget ≥ 4;
+//! 10. command latency while another process floods the spool's file system with buffered
+//!     writes (dirty-page throttling), for `fsync = "interval"` and `"always"`.
 //!
 //! Rows marked S: the spool in process (issue 3, `spool.rs`): append throughput per fsync
 //! policy, the loop stall of compaction (`ack()` deleting segments) and of `tick()`.
@@ -44,14 +50,18 @@ mod process;
 mod pty;
 mod report;
 mod spool;
+mod trace;
 
 use items::backlog::bench_backlog;
 use items::commands::bench_commands;
+use items::diskflood::{bench_diskflood, flood};
+use items::forwarder::bench_forwarder;
 use items::idle::bench_idle;
 use items::instructions::bench_instructions;
 use items::latency::{bench_latency, null_gateway};
 use items::size::bench_size;
 use items::steady::bench_steady;
+use items::syscalls::bench_syscalls;
 use items::throughput::bench_outbox;
 use process::{loadavg, OBSERVER_FIFO};
 use pty::now_ns;
@@ -73,6 +83,8 @@ pub struct Opts {
     pub out: Option<PathBuf>,
     pub python: String,
     pub py_script: PathBuf,
+    /// The minimal Python forwarder of item 9.
+    pub py_forwarder: PathBuf,
     pub criterion_dir: PathBuf,
     pub only: Option<Vec<String>>,
 }
@@ -84,6 +96,7 @@ fn opts() -> Opts {
         out: None,
         python: std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()),
         py_script: PathBuf::from("benches/py_baseline.py"),
+        py_forwarder: PathBuf::from("benches/py_forwarder.py"),
         criterion_dir: PathBuf::from(
             std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
         )
@@ -101,6 +114,11 @@ fn opts() -> Opts {
                 let tty = args.next().expect("--null-gateway TTY ENDPOINT");
                 let endpoint = args.next().expect("--null-gateway TTY ENDPOINT");
                 null_gateway(&tty, &endpoint)
+            }
+            "--flood" => {
+                let dir = args.next().expect("--flood DIR SECONDS");
+                let secs = args.next().expect("--flood DIR SECONDS");
+                flood(&dir, &secs)
             }
             "--only" => {
                 o.only = Some(
@@ -182,6 +200,21 @@ fn main() {
     if want("6") {
         if let Err(e) = bench_instructions(&o, &mut r) {
             r.fail("6", "instructions per reading", e);
+        }
+    }
+    if want("8") {
+        if let Err(e) = bench_syscalls(&o, &mut r) {
+            r.fail("8", "system calls per reading", e);
+        }
+    }
+    if want("9") {
+        if let Err(e) = bench_forwarder(&o, &mut r) {
+            r.fail("9", "CPU per reading vs the minimal Python forwarder", e);
+        }
+    }
+    if want("10") {
+        if let Err(e) = bench_diskflood(&o, &mut r) {
+            r.fail("10", "command latency under a disk write flood", e);
         }
     }
     if want("3") || want("5") {

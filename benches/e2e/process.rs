@@ -119,7 +119,7 @@ max_per_s = 1000
 [spool]
 # Room for the 1,000,000-reading backlog case (about 200 MB of segments), in the temp dir.
 max_bytes = {spool_max}
-fsync = "interval"
+fsync = "{fsync}"
 fsync_interval_ms = 1000
 replay_max_per_s = {replay}
 
@@ -199,6 +199,17 @@ impl Gw {
 
     /// With `[spool] replay_max_per_s = replay` (0: no limit).
     pub fn start_paced(o: &Opts, endpoint: &str, valgrind: bool, replay: u32) -> Res<Gw> {
+        Gw::start_with(o, endpoint, valgrind, replay, "interval")
+    }
+
+    /// With `[spool] replay_max_per_s = replay` and `fsync = "<fsync>"`.
+    pub fn start_with(
+        o: &Opts,
+        endpoint: &str,
+        valgrind: bool,
+        replay: u32,
+        fsync: &str,
+    ) -> Res<Gw> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let ptys = [pty()?, pty()?];
         let sim = sim_tempdir()?;
@@ -206,6 +217,7 @@ impl Gw {
         let cfg = CONFIG
             .replace("{simdir}", &sim_dir.display().to_string())
             .replace("{replay}", &replay.to_string())
+            .replace("{fsync}", fsync)
             .replace("{dir}", &dir.path().display().to_string())
             .replace("{stats}", &STATS_INTERVAL_S.to_string())
             .replace("{endpoint}", endpoint)

@@ -285,6 +285,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let signal = event_loop.get_signal();
         let result = event_loop.run(None, self, |gw| {
+            gw.outbox.end_of_wake();
             if gw.finished() {
                 signal.stop();
             }

@@ -3,9 +3,12 @@
 
 pub mod backlog;
 pub mod commands;
+pub mod diskflood;
+pub mod forwarder;
 pub mod idle;
 pub mod instructions;
 pub mod latency;
 pub mod size;
 pub mod steady;
+pub mod syscalls;
 pub mod throughput;

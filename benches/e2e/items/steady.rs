@@ -15,16 +15,24 @@ use std::time::Duration;
 
 pub struct Steady {
     pub cpu_per_reading_ns: f64,
+    /// utime + stime of the whole process over the run, clock ticks (/proc/<pid>/stat).
+    pub ticks: u64,
     pub hwm_kib: u64,
     pub received: u64,
 }
 
 /// Feeds `count` lines at 1,000/s into `pty` while `be` receives; measures `pid`.
 pub fn steady(be: &mut Backend, pid: u32, pty: &Pty, count: u64) -> Steady {
+    steady_at(be, pid, pty, 1_000, count)
+}
+
+/// Feeds `count` lines at `rate`/s into `pty` while `be` receives; measures `pid` (CPU of
+/// all its threads, from the scheduler's ns clock).
+pub fn steady_at(be: &mut Backend, pid: u32, pty: &Pty, rate: u64, count: u64) -> Steady {
     let before = be.readings;
     let a = sample(pid);
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(pty.master.clone(), 1_000, count, stop);
+    let w = writer(pty.master.clone(), rate, count, stop);
     while !w.is_finished() {
         be.poll(Duration::from_millis(20));
     }
@@ -34,6 +42,7 @@ pub fn steady(be: &mut Backend, pid: u32, pty: &Pty, count: u64) -> Steady {
     let received = be.readings - before;
     Steady {
         cpu_per_reading_ns: (b.cpu_ns - a.cpu_ns) as f64 / received.max(1) as f64,
+        ticks: b.ticks.saturating_sub(a.ticks),
         hwm_kib: vm_hwm_kib(pid),
         received,
     }

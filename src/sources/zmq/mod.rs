@@ -132,6 +132,8 @@ pub struct ZmqSource {
     connected: Rc<Cell<bool>>,
     /// The pump ran to completion with nothing queued since: the next push may send directly.
     direct: Rc<Cell<bool>>,
+    /// See [`OutboxHandle::end_of_wake`].
+    settled: Rc<Cell<bool>>,
     /// A connection check is due on the next dispatch (see `request_connection_check`).
     check_requested: Rc<Cell<bool>>,
     /// A forced reconnect is due on the next dispatch (see `request_reconnect`).
@@ -194,6 +196,7 @@ impl ZmqSource {
             close_linger_ms: Rc::new(Cell::new(0)),
             connected: Rc::new(Cell::new(false)),
             direct: Rc::new(Cell::new(false)),
+            settled: Rc::new(Cell::new(false)),
             check_requested: Rc::new(Cell::new(false)),
             reconnect_requested: Rc::new(Cell::new(false)),
             endpoint: None,
@@ -214,6 +217,7 @@ impl ZmqSource {
             socket: self.socket.clone(),
             connected: self.connected.clone(),
             direct: self.direct.clone(),
+            settled: self.settled.clone(),
             ping: self.ping.clone(),
             close_linger_ms: self.close_linger_ms.clone(),
             check_requested: self.check_requested.clone(),
@@ -420,6 +424,8 @@ impl ZmqSource {
     where
         F: FnMut(ZmqEvent, &mut ()),
     {
+        // The pump decides the direct path itself (below).
+        self.settled.set(false);
         let mut sent_any = false;
         let mut budget = BUDGET;
         let read_events = |s: &zmq::Socket| s.get_events().map_err(zerr("reading ZMQ_EVENTS"));

@@ -111,6 +111,10 @@ pub struct OutboxHandle {
     pub(super) socket: Rc<zmq::Socket>,
     pub(super) connected: Rc<Cell<bool>>,
     pub(super) direct: Rc<Cell<bool>>,
+    /// The last push went straight to libzmq and the ZMQ_EVENTS read after it showed no
+    /// input; nothing was queued since. [`OutboxHandle::end_of_wake`] then re-opens the
+    /// direct path for the next wake.
+    pub(super) settled: Rc<Cell<bool>>,
     pub(super) ping: Ping,
     pub(super) close_linger_ms: Rc<Cell<i32>>,
     pub(super) check_requested: Rc<Cell<bool>>,
@@ -179,12 +183,13 @@ impl OutboxHandle {
                 outbox.note_sent(&m);
                 drop(outbox);
                 match self.socket.get_events() {
-                    Ok(ev) if !ev.contains(zmq::POLLIN) => {}
+                    Ok(ev) if !ev.contains(zmq::POLLIN) => self.settled.set(true),
                     _ => self.ping.ping(),
                 }
                 return Ok(());
             }
         }
+        self.settled.set(false);
         let was_empty = outbox.is_empty();
         outbox.push_back(m)?;
         drop(outbox);
@@ -193,9 +198,25 @@ impl OutboxHandle {
         }
         Ok(())
     }
+
+    /// Call once the loop has dispatched every source of a wake (e.g. from the callback of
+    /// `EventLoop::run`). If this wake's last push went straight to libzmq and found no
+    /// input, and nothing was queued since, the socket's state is still known (the ZMQ_EVENTS
+    /// read after that send processed libzmq's mailbox, so any later change fires ZMQ_FD):
+    /// the next push, in a later wake, may go straight to libzmq again. Without this the
+    /// direct path opens only after the source's pump has run, so at a steady rate every
+    /// other reading would be queued and cost a ping and an extra turn of the loop. Within a
+    /// wake the path stays closed after one direct send: a burst of lines goes out in the
+    /// pump's batched rounds with one ZMQ_EVENTS read per round, not one per line.
+    pub fn end_of_wake(&self) {
+        if self.settled.replace(false) && self.outbox.borrow().is_empty() {
+            self.direct.set(true);
+        }
+    }
     /// Runs `f` on the outbox (to push several messages, inspect, reorder), then wakes the
     /// source.
     pub fn with<R>(&self, f: impl FnOnce(&mut Outbox) -> R) -> R {
+        self.settled.set(false);
         let r = f(&mut self.outbox.borrow_mut());
         self.ping.ping();
         r

@@ -190,6 +190,54 @@ fn direct_send_keeps_incoming_messages() {
     assert_eq!(handle.sent(), 20);
 }
 
+/// A steady flow, one push per wake: once a wake's push went straight to libzmq and found no
+/// input, `end_of_wake` lets the next wake's push go straight to libzmq too (no ping, no extra
+/// turn of the loop). Within one wake only the first push does; and when input waits after a
+/// send, the path stays closed until the source has read it.
+#[test]
+fn direct_path_reopens_after_a_settled_wake() {
+    let (_ctx, router, _fault, handle, mut ev, mut st) = connected_pair(b"gw-w");
+    // Let the pump run to completion (the hello round-trip is done): the path is open.
+    let settle = Instant::now() + Duration::from_millis(50);
+    while Instant::now() < settle {
+        ev.dispatch(Some(Duration::from_millis(5)), &mut st)
+            .unwrap();
+    }
+    handle.push(msg(1)).unwrap();
+    assert!(handle.is_empty(), "first push of a wake: sent directly");
+    handle.push(msg(2)).unwrap();
+    assert_eq!(handle.len(), 1, "second push of the same wake: queued");
+    dispatch_until(&mut ev, &mut st, |_| handle.is_empty());
+    handle.end_of_wake();
+    for i in 3..20 {
+        handle.push(msg(i)).unwrap();
+        assert!(handle.is_empty(), "wake {i}: queued, not sent directly");
+        handle.end_of_wake();
+    }
+    for i in 1..20 {
+        let frames = router.recv_multipart(0).unwrap();
+        assert_eq!(frames[2], format!("{{\"n\":{i}}}").as_bytes(), "order");
+    }
+    // Input waits after a send: the source must read it first.
+    router
+        .send_multipart([&b"gw-w"[..], b"ack", b"{\"seq\":7}"], 0)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !handle.socket.get_events().unwrap().contains(zmq::POLLIN) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    handle.push(msg(20)).unwrap();
+    assert!(handle.is_empty(), "sent directly");
+    handle.end_of_wake();
+    handle.push(msg(21)).unwrap();
+    assert_eq!(handle.len(), 1, "input waited: queued until the source ran");
+    dispatch_until(&mut ev, &mut st, |st| {
+        st.got.contains(&ack(7)) && handle.is_empty()
+    });
+    assert!(st.got.contains(&ack(7)), "ack never read: {:?}", st.got);
+    assert!(handle.is_empty());
+}
+
 /// Dispatches until `done` holds or 5 s passed.
 fn dispatch_until(
     ev: &mut EventLoop<'static, State>,

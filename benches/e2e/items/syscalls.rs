@@ -60,9 +60,10 @@ pub fn bench_syscalls(o: &Opts, r: &mut Report) -> Res<()> {
          (`poll`, and a `read` of the mailbox command that announced the ack); libzmq calls \
          `getpid` before each of these (its fork check, one per mailbox access). The I/O \
          thread: `epoll_wait`, `sendto`/`recvfrom` on the TCP socket, `epoll_ctl` to start and \
-         stop polling it for output, its own mailbox `read`/`write`/`poll`. Not counted any \
-         more: `timerfd_settime`, `epoll_ctl` and a notifier `read` per wake-up (calloop's \
-         poller re-armed its timeout and notifier on every wait; vendor/README.md)."
+         stop polling it for output, its own mailbox `read`/`write`/`poll`. Not inherent: \
+         `timerfd_settime`, two `epoll_ctl` and a notifier `read` per wake-up (calloop's \
+         poller, polling 3.11, re-arms its timeout and notifier on every wait; a patched \
+         poller without them gave no measurable CPU change, see docs/design.md)."
             .into(),
     );
     for t in threads.iter().skip(1) {

@@ -16,9 +16,11 @@ use zgate::spool::{FsyncPolicy, Spool, SpoolConfig, WhenFull};
 
 const PAYLOAD: usize = 200;
 
+/// A reading-sized payload: text (the spool stores UTF-8 only), its seq in front.
 fn payload(seq: u64) -> Vec<u8> {
-    let mut v = vec![0x55u8; PAYLOAD];
-    v[..8].copy_from_slice(&seq.to_le_bytes());
+    let mut v = vec![b'U'; PAYLOAD];
+    let head = format!("{seq:020}");
+    v[..head.len()].copy_from_slice(head.as_bytes());
     v
 }
 

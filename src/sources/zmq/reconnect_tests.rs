@@ -103,16 +103,27 @@ fn forced_reconnect_reports_the_drop_holds_the_outbox_and_resets_the_record() {
     assert_eq!(received(&router, 3), vec![5, 7, 6]);
 
     // The drop is reported at once; what is queued meanwhile waits for the new connection.
+    let before = st.got.len();
     handle.request_reconnect();
     ev.dispatch(Some(Duration::ZERO), &mut st).unwrap();
-    assert_eq!(st.got.last(), Some(&ZmqEvent::Disconnected), "{:?}", st.got);
-    assert!(!handle.is_connected());
-    handle.push(reading(8)).unwrap();
     assert_eq!(
-        handle.len(),
-        1,
-        "nothing goes out before the new connection"
+        st.got.get(before),
+        Some(&ZmqEvent::Disconnected),
+        "{:?}",
+        st.got
     );
+    // libzmq may have made the new connection within that same dispatch (a busy machine);
+    // otherwise a reading pushed now waits for it.
+    let reconnected = connections(&st) == 2;
+    handle.push(reading(8)).unwrap();
+    if !reconnected {
+        assert!(!handle.is_connected());
+        assert_eq!(
+            handle.len(),
+            1,
+            "nothing goes out before the new connection"
+        );
+    }
     dispatch_until(&mut ev, &mut st, |st| connections(st) == 2);
     assert_eq!(connections(&st), 2, "{:?}", st.got);
     assert_eq!(

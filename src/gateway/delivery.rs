@@ -119,6 +119,29 @@ impl Delivery {
     /// [`Delivery::direct_pushed`].
     pub fn on_stored(&mut self, seq: u64, view: SpoolView, now: Instant) -> bool {
         self.stored += 1;
+        self.may_go_direct(seq, view, now)
+    }
+
+    /// Reading `seq` got its seq but is not on disk (file system full). True: it is next in
+    /// line on a live connection, so it may still go out from memory (report that with
+    /// [`Delivery::direct_pushed`]); otherwise call [`Delivery::skip_unstored`].
+    pub fn on_unstored(&mut self, seq: u64, view: SpoolView, now: Instant) -> bool {
+        self.connected && self.may_go_direct(seq, view, now)
+    }
+
+    /// Reading `seq` is neither on disk nor in the outbox: never wait for it.
+    pub fn skip_unstored(&mut self, seq: u64) {
+        self.move_past(seq);
+    }
+
+    /// The reading `seq` offered by [`Delivery::on_stored`] is in the outbox.
+    pub fn direct_pushed(&mut self, seq: u64) {
+        self.move_past(seq);
+    }
+
+    /// True when `seq` is next in line and no spool read is pending: it may skip the spool
+    /// read-back (its retransmit clock starts now if nothing older waits for an ack).
+    fn may_go_direct(&mut self, seq: u64, view: SpoolView, now: Instant) -> bool {
         if self.next_send == seq && !self.read_pending {
             self.start_retransmit_clock(seq, view, now);
             true
@@ -127,27 +150,8 @@ impl Delivery {
         }
     }
 
-    /// Reading `seq` got its seq but is not on disk (file system full). True: it is next in
-    /// line on a live connection, so it may still go out from memory (report that with
-    /// [`Delivery::direct_pushed`]); otherwise call [`Delivery::skip_unstored`].
-    pub fn on_unstored(&mut self, seq: u64, view: SpoolView, now: Instant) -> bool {
-        if self.connected && self.next_send == seq && !self.read_pending {
-            self.start_retransmit_clock(seq, view, now);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Reading `seq` is neither on disk nor in the outbox: never wait for it.
-    pub fn skip_unstored(&mut self, seq: u64) {
-        if self.next_send == seq {
-            self.next_send = seq + 1;
-        }
-    }
-
-    /// The reading `seq` offered by [`Delivery::on_stored`] is in the outbox.
-    pub fn direct_pushed(&mut self, seq: u64) {
+    /// `seq` will never be read from the spool for sending: the next one is.
+    fn move_past(&mut self, seq: u64) {
         if self.next_send == seq {
             self.next_send = seq + 1;
         }

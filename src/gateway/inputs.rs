@@ -8,6 +8,7 @@
 use super::effect::{Effect, Effects, TimerId};
 use crate::config::{Edge, InputConfig, Pull};
 use crate::hw::Level;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// One configured input.
@@ -73,6 +74,16 @@ impl Inputs {
     /// Input number `i`.
     pub fn get(&self, i: usize) -> Option<&InputState> {
         self.inputs.get(i)
+    }
+
+    /// Takes the levels read after open (pin → level) for every input found there, without
+    /// readings.
+    pub fn set_levels_read(&mut self, levels: &BTreeMap<u8, Level>) {
+        for input in &mut self.inputs {
+            if let Some(&level) = levels.get(&input.pin) {
+                input.level = level;
+            }
+        }
     }
 
     /// Sets the known level of input `i` without a reading (a level read at start).

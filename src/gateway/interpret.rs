@@ -171,6 +171,22 @@ impl Gateway {
         }
     }
 
+    /// Queues reading `seq` (its `body`) straight from memory, as [`Delivery`] allowed; true
+    /// when the outbox took it.
+    ///
+    /// [`Delivery`]: super::delivery::Delivery
+    fn push_direct(&mut self, seq: u64, body: String) -> bool {
+        let m = Message {
+            kind: protocol::KIND_READING,
+            body,
+        };
+        let pushed = self.outbox.push(m).is_ok();
+        if pushed {
+            self.delivery.direct_pushed(seq);
+        }
+        pushed
+    }
+
     /// Stores a reading in the spool, then lets the outbox take it if it has room.
     pub(super) fn emit_reading(&mut self, source: &str, values: &Values, now: Instant) {
         let wall = std::time::SystemTime::now();
@@ -197,13 +213,7 @@ impl Gateway {
                 // Nothing older waits in the spool: straight into the outbox, without being
                 // read back from disk.
                 if self.delivery.on_stored(seq, view, now) {
-                    let m = Message {
-                        kind: protocol::KIND_READING,
-                        body,
-                    };
-                    if self.outbox.push(m).is_ok() {
-                        self.delivery.direct_pushed(seq);
-                    }
+                    self.push_direct(seq, body);
                 }
             }
             Ok(Appended::DroppedNewest) => {
@@ -220,17 +230,10 @@ impl Gateway {
                     // A full file system is a full budget the spool could not free: a reading
                     // that is next in line still goes out from memory while connected.
                     let view = self.view();
-                    let pushed = self.delivery.on_unstored(seq, view, now)
-                        && self
-                            .outbox
-                            .push(Message {
-                                kind: protocol::KIND_READING,
-                                body,
-                            })
-                            .is_ok();
+                    let pushed =
+                        self.delivery.on_unstored(seq, view, now) && self.push_direct(seq, body);
                     if pushed {
                         self.counters.readings += 1;
-                        self.delivery.direct_pushed(seq);
                         if self.logs.allow("disk full", now) {
                             log::warn!(
                                 "{e}: reading seq={seq} from {source} sent from memory only"

@@ -218,16 +218,8 @@ impl Gateway {
             _ctx: ctx,
         };
         // Levels read after open, not assumed from pull or `initial`.
-        for (i, input) in gw.cfg.gpio.input.iter().enumerate() {
-            if let Some(&level) = levels.get(&input.pin) {
-                gw.inputs.set_level(i, level);
-            }
-        }
-        for (i, output) in gw.cfg.gpio.output.iter().enumerate() {
-            if let Some(&level) = levels.get(&output.pin) {
-                gw.outputs.set_level(i, level);
-            }
-        }
+        gw.inputs.set_levels_read(&levels);
+        gw.outputs.set_levels_read(&levels);
         gw.outputs.report_all(LevelCause::Start, &mut gw.fx);
         // Until the first handshake is reported.
         gw.link.start(now, &mut gw.fx);

@@ -25,6 +25,7 @@ use super::effect::{Effect, Effects, TimerId};
 use crate::config::OutputConfig;
 use crate::hw::{Initial, Level};
 use crate::protocol::Action;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Why an output reports its level (the `cause` of its reading).
@@ -95,7 +96,7 @@ pub struct Outputs {
 
 impl Outputs {
     /// The configured outputs at their `initial` levels ([`Initial::Keep`]: low until
-    /// [`Outputs::set_level`] says otherwise).
+    /// [`Outputs::set_levels_read`] says otherwise).
     pub fn new(cfg: &[OutputConfig]) -> Outputs {
         Outputs {
             outputs: cfg
@@ -114,16 +115,18 @@ impl Outputs {
         }
     }
 
-    /// Sets the known level of output `i` (the level read back after open).
-    pub fn set_level(&mut self, i: usize, level: Level) {
-        if let Some(out) = self.outputs.get_mut(i) {
-            out.level = level;
+    /// Takes the levels read after open (pin → level) for every output found there.
+    pub fn set_levels_read(&mut self, levels: &BTreeMap<u8, Level>) {
+        for out in &mut self.outputs {
+            if let Some(&level) = levels.get(&out.pin) {
+                out.level = level;
+            }
         }
     }
 
     /// Asks for a reading of output `i`'s current level with `cause` (for [`LevelCause::Reload`]:
     /// call it once the output is (re)configured and its level known, after
-    /// [`Outputs::set_level`]).
+    /// [`Outputs::set_levels_read`]).
     pub fn report_level(&self, i: usize, cause: LevelCause, fx: &mut Effects) {
         if let Some(out) = self.outputs.get(i) {
             fx.push(Effect::OutputLevel {

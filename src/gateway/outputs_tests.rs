@@ -277,7 +277,8 @@ mod levels {
     fn start_reports_every_output_with_its_read_level() {
         let mut o = outputs();
         let mut fx = Effects::default();
-        o.set_level(1, Level::High);
+        // relay2 (pin 22, kept) reads high after open; a pin no output has changes nothing.
+        o.set_levels_read(&[(22, Level::High), (5, Level::High)].into_iter().collect());
         o.report_all(LevelCause::Start, &mut fx);
         assert_eq!(levels(&mut fx), vec![(0, 0, "start"), (1, 1, "start")]);
         o.report_level(1, LevelCause::Reload, &mut fx);

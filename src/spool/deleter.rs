@@ -30,6 +30,7 @@
 //! from the next [`Spool::tick`](super::Spool::tick); a `state` write that failed is marked so
 //! the loop writes the state again later.
 
+use crate::spool::error::is_disk_full;
 use crate::spool::state::{self, State};
 use std::fs::{self, File};
 use std::io;
@@ -139,10 +140,6 @@ pub(crate) struct Deleter {
     inner: Arc<Inner>,
     handle: Option<JoinHandle<()>>,
     dir: PathBuf,
-}
-
-fn is_disk_full(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 struct Worker {

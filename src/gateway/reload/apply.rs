@@ -333,11 +333,9 @@ impl Gateway {
                 outputs.take_over(ni, old);
             }
         }
-        for (ni, cfg) in gpio_cfg.output.iter().enumerate() {
-            if let Some(&level) = levels.get(&cfg.pin) {
-                outputs.set_level(ni, level);
-            }
-            if let Some(p) = outputs.get(ni).and_then(|o| o.pulse) {
+        outputs.set_levels_read(&levels);
+        for (ni, out) in outputs.iter().enumerate() {
+            if let Some(p) = out.pulse {
                 self.fx.push(Effect::Arm(TimerId::Pulse(ni), p.until));
             }
         }

@@ -327,10 +327,10 @@ impl Drop for Gw {
 // The sim GPIO observer
 
 /// Records the time of every write to `<dir>/gpio27` (the sim writes a level in place).
-pub fn watch_pin(
-    dir: &Path,
-    stop: Arc<AtomicBool>,
-) -> Res<thread::JoinHandle<Vec<(u64, Option<u8>)>>> {
+/// A write of the pin file seen by [`watch_pin`]: when (ns), and the level it held.
+pub type PinWrite = (u64, Option<u8>);
+
+pub fn watch_pin(dir: &Path, stop: Arc<AtomicBool>) -> Res<thread::JoinHandle<Vec<PinWrite>>> {
     let ino =
         Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|e| e.to_string())?;
     ino.add_watch(dir, AddWatchFlags::IN_MODIFY)
@@ -369,7 +369,7 @@ pub fn watch_pin(
 /// one is found at the next write of the same level (an overestimate); a write delayed past
 /// the next command of the same level (20 ms on) is counted for both, and its own latency
 /// shows the delay.
-pub fn pin_latencies(sent: &[(u64, u8)], seen: &[(u64, Option<u8>)]) -> Vec<Option<u64>> {
+pub fn pin_latencies(sent: &[(u64, u8)], seen: &[PinWrite]) -> Vec<Option<u64>> {
     sent.iter()
         .map(|&(t, v)| {
             seen.iter()

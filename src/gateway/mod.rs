@@ -350,6 +350,7 @@ impl Gateway {
             return;
         }
         self.end_pulses("shutdown");
+        self.commands.set_stopping();
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
         if let Err(e) = sd_notify::stopping() {

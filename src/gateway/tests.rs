@@ -143,8 +143,9 @@ fn readings_reach_the_outbox_and_rewind_from_the_spool() {
     assert!(!gw.timers.contains_key(&TimerId::ConnCheck));
 }
 
-/// Shutdown restores a pulsing output at once (the pin is written, the timer cancelled), and
-/// the exit path restores a pulse started during the flush.
+/// Shutdown restores a pulsing output at once (the pin is written, the timer cancelled) and
+/// refuses a pulse during the flush; the exit path (also taken when the loop stops on an
+/// error, without a shutdown) restores a running pulse.
 #[test]
 fn shutdown_ends_running_pulses() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,6 +164,17 @@ fn shutdown_ends_running_pulses() {
     assert_eq!(gw.outputs.get(0).unwrap().pulse, None);
 
     gw.on_command(pulse("p-2").as_bytes(), Instant::now());
+    gw.apply_effects();
+    assert_eq!(
+        pin(),
+        Some(crate::hw::Level::Low),
+        "refused during the flush"
+    );
+    gw.finish();
+    drop(gw);
+
+    let (_ev, mut gw) = test_gateway(dir.path());
+    gw.on_command(pulse("p-3").as_bytes(), Instant::now());
     gw.apply_effects();
     assert_eq!(pin(), Some(crate::hw::Level::High));
     gw.finish();

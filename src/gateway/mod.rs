@@ -24,6 +24,8 @@ pub mod link;
 pub mod outputs;
 pub mod ports;
 pub mod reload;
+pub mod report;
+mod reporting;
 mod socket;
 pub mod stats;
 
@@ -95,6 +97,12 @@ pub struct Gateway {
     logs: LogLimits,
     /// Counters reported in `stats`.
     pub counters: Counters,
+    /// Report on change: one reporter per reading source.
+    reports: self::report::Reports,
+    /// Whether the wall clock is synchronised (asked at most once a second).
+    clock: crate::clock::ClockWatch,
+    /// This boot's id, sent with `hello`, `stats` and unsynced readings.
+    boot_id: String,
     started: Instant,
     shutdown_deadline: Option<Instant>,
     // Last field: the context outlives the socket inside the loop's ZmqSource.
@@ -213,6 +221,9 @@ impl Gateway {
             fx: Effects::default(),
             logs: LogLimits::default(),
             counters: Counters::default(),
+            reports: Default::default(),
+            clock: Default::default(),
+            boot_id: crate::clock::boot_id(),
             started: now,
             shutdown_deadline: None,
             _ctx: ctx,
@@ -221,6 +232,7 @@ impl Gateway {
         gw.inputs.set_levels_read(&levels);
         gw.outputs.set_levels_read(&levels);
         gw.outputs.report_all(LevelCause::Start, &mut gw.fx);
+        gw.sync_reports(now);
         // Until the first handshake is reported.
         gw.link.start(now, &mut gw.fx);
         gw.apply_effects();
@@ -407,7 +419,8 @@ impl Gateway {
         }
     }
 
-    fn hello(&self) -> Message {
+    fn hello(&mut self) -> Message {
+        let clock = self.clock_fields(Instant::now());
         // The level of every input and output as the gateway knows it now (read at start,
         // then followed), so a backend never has to assume one.
         let levels: serde_json::Map<String, serde_json::Value> = self
@@ -420,9 +433,7 @@ impl Gateway {
                     .map(|o| (o.name.clone(), json!(u8::from(o.level)))),
             )
             .collect();
-        Message::new(
-            protocol::KIND_HELLO,
-            &json!({
+        let mut body = json!({
                 "gateway": self.cfg.gateway.id,
                 "protocol": protocol::PROTOCOL_VERSION,
                 "version": env!("CARGO_PKG_VERSION"),
@@ -434,8 +445,12 @@ impl Gateway {
                 "levels": levels,
                 "security": if self.cfg.backend.curve() { "curve" } else { "none" },
                 "insecure": self.cfg.backend.insecure_link(),
-            }),
-        )
+                "time": protocol::now_rfc3339(),
+        });
+        if let (Some(b), Some(c)) = (body.as_object_mut(), clock.as_object()) {
+            b.extend(c.clone());
+        }
+        Message::new(protocol::KIND_HELLO, &body)
     }
 }
 

@@ -458,3 +458,5 @@ impl Gateway {
 mod tests;
 #[cfg(test)]
 mod tests_levels;
+#[cfg(test)]
+mod tests_report;

@@ -194,4 +194,34 @@ mod tests {
         assert_eq!(key("min_interval_ms = 86400001", true), "min_interval_ms");
         assert_eq!(cfg("min_interval_ms = 500").check(false), Ok(()));
     }
+
+    /// Through a whole file: the error names the file, line and dotted key; the keys are
+    /// accepted on serial ports and GPIO inputs, and unknown keys beside them still refused.
+    #[test]
+    fn errors_in_a_file_name_line_and_key() {
+        use crate::config::Config;
+        let head = "[gateway]\nid = \"g\"\n";
+        let serial = |extra: &str| {
+            format!("{head}[[serial]]\nname = \"s\"\npath = \"/dev/null\"\n{extra}\n")
+        };
+        let e = Config::parse(&serial("deadband = 0.5"), "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (6, "serial.deadband"), "{e}");
+        let input = "[gpio]\nbackend = \"sim\"\n[[gpio.input]]\nname = \"d\"\npin = 4\n\
+                     report = \"on_change\"\ndeadband = 1.0\n";
+        let e = Config::parse(&format!("{head}{input}"), "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (9, "gpio.input.deadband"), "{e}");
+        assert!(e.message.contains("every edge"), "{e}");
+        let e = Config::parse(&serial("reportt = \"always\""), "z.toml").unwrap_err();
+        assert!(e.to_string().contains("reportt"), "{e}");
+        let ok = serial(
+            "report = \"on_change\"\ndeadbands = { t = 0.2 }\nmin_interval_ms = 10\n\
+             max_interval_s = 5",
+        );
+        let c = Config::parse(&ok, "z.toml").unwrap();
+        assert_eq!(c.serial[0].report.deadband_of("t"), 0.2);
+        assert_eq!(c.serial[0].report.max_interval_s, 5);
+        let t = Config::parse(crate::config::TEMPLATE, "template").unwrap();
+        assert_eq!(t.serial[0].report, ReportConfig::default());
+        assert_eq!(t.gpio.input[0].report, ReportConfig::default());
+    }
 }

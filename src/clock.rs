@@ -73,7 +73,11 @@ impl ClockWatch {
                     if was != synced {
                         log::info!(
                             "wall clock {}",
-                            if synced { "synchronised" } else { "no longer synchronised" }
+                            if synced {
+                                "synchronised"
+                            } else {
+                                "no longer synchronised"
+                            }
                         );
                     }
                 }

@@ -378,7 +378,15 @@ pub fn write_reading_body(
     time: &str,
     values: &Values,
 ) {
-    write_reading_body_with(out, gateway, seq, source, time, values, ReadingExtra::default())
+    write_reading_body_with(
+        out,
+        gateway,
+        seq,
+        source,
+        time,
+        values,
+        ReadingExtra::default(),
+    )
 }
 
 /// [`write_reading_body`] with the optional fields of `extra`, after `time`:
@@ -402,7 +410,10 @@ pub fn write_reading_body_with(
     out.push_str(",\"time\":");
     push_json_str(out, time);
     if let Some((mono_ms, boot_id)) = extra.unsynced {
-        let _ = write!(out, ",\"clock\":\"unsynced\",\"mono_ms\":{mono_ms},\"boot_id\":");
+        let _ = write!(
+            out,
+            ",\"clock\":\"unsynced\",\"mono_ms\":{mono_ms},\"boot_id\":"
+        );
         push_json_str(out, boot_id);
     }
     if extra.heartbeat {

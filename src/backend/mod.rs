@@ -513,7 +513,10 @@ impl Backend {
         let mut corrections = Vec::new();
         if kind == protocol::KIND_READING {
             let ledger = self.ledgers.get(&id).and_then(|l| l.spool_id.clone());
-            if let Some(t) = self.redate.on_reading(&id, &ledger.unwrap_or_default(), &value) {
+            if let Some(t) = self
+                .redate
+                .on_reading(&id, &ledger.unwrap_or_default(), &value)
+            {
                 value["time_corrected"] = Value::String(t);
             }
         } else if kind == protocol::KIND_HELLO || kind == protocol::KIND_STATS {

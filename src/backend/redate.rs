@@ -58,7 +58,10 @@ fn unsynced(body: &Value) -> Option<(&str, u64)> {
     if body.get("clock")?.as_str()? != "unsynced" {
         return None;
     }
-    Some((body.get("boot_id")?.as_str()?, body.get("mono_ms")?.as_u64()?))
+    Some((
+        body.get("boot_id")?.as_str()?,
+        body.get("mono_ms")?.as_u64()?,
+    ))
 }
 
 impl Redater {
@@ -139,7 +142,11 @@ mod tests {
         let mut r = Redater::default();
         let reading = json!({"seq": 7, "source": "weather", "time": "1970-01-01T00:00:42.000Z",
             "clock": "unsynced", "mono_ms": 42_000, "boot_id": "b1"});
-        assert_eq!(r.on_reading(b"gw", "s1", &reading), None, "no synced pair yet");
+        assert_eq!(
+            r.on_reading(b"gw", "s1", &reading),
+            None,
+            "no synced pair yet"
+        );
         let unsynced_stats = json!({"clock": "unsynced", "boot_id": "b1", "mono_ms": 50_000,
             "time": "1970-01-01T00:00:50.000Z"});
         assert!(r.on_status(b"gw", &unsynced_stats).is_empty());
@@ -148,8 +155,10 @@ mod tests {
         let lines = r.on_status(b"gw", &synced);
         assert_eq!(
             lines,
-            vec![json!({"kind": "time_corrected", "gateway": "gw", "spool_id": "s1", "seq": 7,
-                "source": "weather", "time_corrected": "2026-12-03T06:00:42.000Z"})]
+            vec![
+                json!({"kind": "time_corrected", "gateway": "gw", "spool_id": "s1", "seq": 7,
+                "source": "weather", "time_corrected": "2026-12-03T06:00:42.000Z"})
+            ]
         );
         // Known pair: the next unsynced reading of that boot is dated at once.
         let later = json!({"seq": 8, "clock": "unsynced", "mono_ms": 599_500, "boot_id": "b1"});
@@ -163,8 +172,13 @@ mod tests {
         assert!(r.on_status(b"gw", &synced).is_empty());
         assert_eq!(r.on_reading(b"gw", "s1", &json!({"seq": 10})), None);
         // Another gateway's pair does not date this gateway's readings.
-        assert!(r.on_status(b"gw2", &json!({"clock": "synced", "boot_id": "b2",
-            "mono_ms": 2_000, "time": "2026-12-03T06:10:00.000Z"})).is_empty());
+        assert!(r
+            .on_status(
+                b"gw2",
+                &json!({"clock": "synced", "boot_id": "b2",
+            "mono_ms": 2_000, "time": "2026-12-03T06:10:00.000Z"})
+            )
+            .is_empty());
     }
 
     #[test]
@@ -174,8 +188,11 @@ mod tests {
             let b = json!({"seq": seq, "clock": "unsynced", "mono_ms": seq, "boot_id": "b"});
             r.on_reading(b"gw", "s", &b);
         }
-        let lines = r.on_status(b"gw", &json!({"clock": "synced", "boot_id": "b",
-            "mono_ms": 0, "time": "2026-12-03T06:10:00.000Z"}));
+        let lines = r.on_status(
+            b"gw",
+            &json!({"clock": "synced", "boot_id": "b",
+            "mono_ms": 0, "time": "2026-12-03T06:10:00.000Z"}),
+        );
         assert_eq!(lines.len(), MAX_PENDING);
         assert_eq!(lines[0]["seq"], 5);
     }

@@ -100,14 +100,22 @@ impl ReportConfig {
         }
         let has_deadband = self.deadband != 0.0 || !self.deadbands.is_empty();
         if has_deadband && !numeric {
-            let key = if self.deadband != 0.0 { "deadband" } else { "deadbands" };
+            let key = if self.deadband != 0.0 {
+                "deadband"
+            } else {
+                "deadbands"
+            };
             return bad(
                 key,
                 "a GPIO input has no deadband: every edge it reports is a change".into(),
             );
         }
         if has_deadband && !on_change {
-            let key = if self.deadband != 0.0 { "deadband" } else { "deadbands" };
+            let key = if self.deadband != 0.0 {
+                "deadband"
+            } else {
+                "deadbands"
+            };
             return bad(
                 key,
                 "only applies with report = \"on_change\" (this source reports always)".into(),
@@ -170,19 +178,28 @@ mod tests {
         assert!(!c.passes_all());
         assert_eq!(c.check(true), Ok(()));
         let e = toml::from_str::<ReportConfig>("report = \"sometimes\"").unwrap_err();
-        assert!(e.message().contains("use \"always\" or \"on_change\""), "{e}");
+        assert!(
+            e.message().contains("use \"always\" or \"on_change\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_combinations_name_their_key() {
         let key = |text: &str, numeric| cfg(text).check(numeric).unwrap_err().0;
-        assert_eq!(key("deadband = -1.0\nreport = \"on_change\"", true), "deadband");
+        assert_eq!(
+            key("deadband = -1.0\nreport = \"on_change\"", true),
+            "deadband"
+        );
         assert_eq!(
             key("deadbands = { t = -0.1 }\nreport = \"on_change\"", true),
             "deadbands.t"
         );
         assert_eq!(key("deadband = 1.0", true), "deadband");
-        assert_eq!(key("deadband = 1.0\nreport = \"on_change\"", false), "deadband");
+        assert_eq!(
+            key("deadband = 1.0\nreport = \"on_change\"", false),
+            "deadband"
+        );
         assert_eq!(key("max_interval_s = 5", true), "max_interval_s");
         assert_eq!(
             key(

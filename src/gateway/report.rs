@@ -17,8 +17,9 @@
 //!   waiting: the source is back within the deadband of what the backend has.
 //! - Heartbeat (`on_change` with `max_interval`): when `max_interval` passed since the last
 //!   reading sent, a [`Kind::Samples`] source sends its newest reading not sent (with its own
-//!   time); if it has none, the next reading it gives is sent whatever it holds. A
-//!   [`Kind::Events`] source reports its current state, timed now. Heartbeats are marked.
+//!   time); if it has none, the next reading it gives is sent at once whatever it holds
+//!   ([`Decision::Heartbeat`]). A [`Kind::Events`] source reports its current state, timed
+//!   now. A reading sent although it did not change is a heartbeat, and marked so.
 //! - Every reading not sent when it came counts once in [`Reporter::suppressed`] (a held
 //!   reading when it is replaced or dropped; a heartbeat may later send the newest
 //!   suppressed sample, which stays counted: the counter only grows).
@@ -46,6 +47,8 @@ pub enum Kind {
 pub enum Decision {
     /// Send it now.
     Send,
+    /// Send it now, marked as a heartbeat: it did not change, but `max_interval_s` passed.
+    Heartbeat,
     /// Kept until [`Reporter::deadline`]; [`Reporter::on_timer`] then gives it back.
     Hold,
     /// Not sent (counted).
@@ -192,7 +195,11 @@ impl Reporter {
             return Decision::Hold;
         }
         self.sent(parsed, now);
-        Decision::Send
+        if changed {
+            Decision::Send
+        } else {
+            Decision::Heartbeat
+        }
     }
 
     /// When [`Reporter::on_timer`] must run next, if ever.

@@ -38,8 +38,10 @@ fn run(
     for &(t, line) in series {
         fire_until(r, t, &mut out);
         let v = kv(line);
-        if r.on_reading(&v, t0 + ms(t)) == Decision::Send {
-            out.push((t, t, text(&v), false));
+        match r.on_reading(&v, t0 + ms(t)) {
+            Decision::Send => out.push((t, t, text(&v), false)),
+            Decision::Heartbeat => out.push((t, t, text(&v), true)),
+            Decision::Hold | Decision::Suppress => {}
         }
     }
     fire_until(r, end_ms, &mut out);
@@ -60,7 +62,11 @@ fn always_sends_everything_without_state() {
     let out = run(&mut r, t0, &series, 1000);
     assert_eq!(
         out,
-        sent(&[(0, 0, "t=1", false), (10, 10, "t=1", false), (20, 20, "t=1", false)])
+        sent(&[
+            (0, 0, "t=1", false),
+            (10, 10, "t=1", false),
+            (20, 20, "t=1", false)
+        ])
     );
     assert_eq!(r.suppressed, 0);
     assert_eq!(r.deadline(), None);
@@ -75,11 +81,11 @@ fn deadband_measures_from_the_value_last_sent() {
     let mut r = Reporter::new(&c, Kind::Samples, t0);
     let series = [
         (0, "t=20.0 h=40"),
-        (1, "t=20.3 h=41"),  // within both deadbands
-        (2, "t=20.5 h=42"),  // exactly 0.5 and exactly 2: not more than the deadband
-        (3, "t=20.6 h=40"),  // t moved 0.6 from 20.0: sent
-        (4, "t=20.6 h=40"),  // same
-        (5, "t=20.6 h=37.9"), // h moved 2.1: sent
+        (1, "t=20.3 h=41"),       // within both deadbands
+        (2, "t=20.5 h=42"),       // exactly 0.5 and exactly 2: not more than the deadband
+        (3, "t=20.6 h=40"),       // t moved 0.6 from 20.0: sent
+        (4, "t=20.6 h=40"),       // same
+        (5, "t=20.6 h=37.9"),     // h moved 2.1: sent
         (6, "t=20.6 h=37.9 s=x"), // a key more: changed
         (7, "t=20.6 h=37.9 s=y"), // a string differs: changed
         (8, "t=20.6 h=37.9 s=y"),
@@ -110,12 +116,12 @@ fn min_interval_holds_the_latest_change_and_sends_it_at_the_end() {
     let mut r = Reporter::new(&c, Kind::Samples, t0);
     let series = [
         (0, "t=1"),
-        (10, "t=2"),   // held
-        (20, "t=3"),   // replaces it (t=2 suppressed)
-        (150, "t=4"),  // interval over since 100 (t=3 went out then): held until 200
-        (160, "t=3"),  // back at what was sent: the held t=4 is dropped, t=3 suppressed
-        (300, "t=5"),  // sent at once
-        (310, "t=6"),  // held, and nothing else comes: sent at 400
+        (10, "t=2"),  // held
+        (20, "t=3"),  // replaces it (t=2 suppressed)
+        (150, "t=4"), // interval over since 100 (t=3 went out then): held until 200
+        (160, "t=3"), // back at what was sent: the held t=4 is dropped, t=3 suppressed
+        (300, "t=5"), // sent at once
+        (310, "t=6"), // held, and nothing else comes: sent at 400
     ];
     let out = run(&mut r, t0, &series, 1000);
     assert_eq!(
@@ -175,14 +181,21 @@ fn heartbeat_sends_the_newest_sample_or_waits_for_the_next() {
             (0, 0, "t=20", false),
             (1000, 700, "t=20.2", true),
             (2000, 1500, "t=20.1", true),
-            (3500, 3500, "t=20.1", false),
+            (3500, 3500, "t=20.1", true),
         ])
     );
     assert_eq!(r.deadline(), Some(t0 + ms(4500)));
     let due = r.on_timer(t0 + ms(4500)).unwrap();
-    assert_eq!((due.values, due.at, due.heartbeat), (Some(kv("t=20.1")), t0 + ms(3600), true));
+    assert_eq!(
+        (due.values, due.at, due.heartbeat),
+        (Some(kv("t=20.1")), t0 + ms(3600), true)
+    );
     assert_eq!(r.on_timer(t0 + ms(5499)), None, "not due yet");
-    assert_eq!(r.on_timer(t0 + ms(5500)), None, "nothing read since: nothing to send");
+    assert_eq!(
+        r.on_timer(t0 + ms(5500)),
+        None,
+        "nothing read since: nothing to send"
+    );
     assert_eq!(r.deadline(), None, "and no wake-ups until the next reading");
     assert_eq!(r.suppressed, 4);
 }
@@ -262,9 +275,23 @@ fn reconfigure_keeps_state() {
     let mut fx = Effects::default();
     let on = cfg("report = \"on_change\"\ndeadband = 5");
     reps.set("s", &on, Kind::Samples, t0);
-    assert_eq!(reps.on_reading("s", &kv("t=1"), t0, &mut fx), Decision::Send);
-    assert_eq!(reps.on_reading("s", &kv("t=3"), t0, &mut fx), Decision::Suppress);
-    reps.set("s", &cfg("report = \"on_change\"\ndeadband = 1"), Kind::Samples, t0);
-    assert_eq!(reps.on_reading("s", &kv("t=3"), t0, &mut fx), Decision::Send);
+    assert_eq!(
+        reps.on_reading("s", &kv("t=1"), t0, &mut fx),
+        Decision::Send
+    );
+    assert_eq!(
+        reps.on_reading("s", &kv("t=3"), t0, &mut fx),
+        Decision::Suppress
+    );
+    reps.set(
+        "s",
+        &cfg("report = \"on_change\"\ndeadband = 1"),
+        Kind::Samples,
+        t0,
+    );
+    assert_eq!(
+        reps.on_reading("s", &kv("t=3"), t0, &mut fx),
+        Decision::Send
+    );
     assert_eq!(reps.get("s").unwrap().suppressed, 1);
 }

@@ -34,8 +34,12 @@ impl Gateway {
 
     /// A reading from `source` at `now`: sent, held or suppressed as its reporter decides.
     pub(super) fn report_reading(&mut self, source: &str, values: &Values, now: Instant) {
-        if self.reports.on_reading(source, values, now, &mut self.fx) == Decision::Send {
-            self.emit_reading(source, values, now);
+        match self.reports.on_reading(source, values, now, &mut self.fx) {
+            Decision::Send => self.emit_reading(source, values, now),
+            Decision::Heartbeat => {
+                self.emit_reading_aged(source, values, now, Duration::ZERO, true);
+            }
+            Decision::Hold | Decision::Suppress => {}
         }
     }
 

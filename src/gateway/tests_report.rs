@@ -102,7 +102,9 @@ fn gpio_edges_are_spaced_and_heartbeats_follow() {
     // Its time is when the edge happened, not when it was sent.
     let low_ms = ms_of(&json!(humantime::format_rfc3339_millis(low_at).to_string()));
     assert!((ms_of(&r[1]["time"]) - low_ms).abs() < 60, "{r:?}");
-    assert!(ms_of(&r[0]["time"]) >= ms_of(&json!(humantime::format_rfc3339_millis(t0).to_string())));
+    assert!(
+        ms_of(&r[0]["time"]) >= ms_of(&json!(humantime::format_rfc3339_millis(t0).to_string()))
+    );
     assert_eq!(gw.reports.get("door").unwrap().suppressed, 1);
     // 1 s after the held edge went out: a heartbeat with the level as it is now.
     let sent_at = Instant::now();

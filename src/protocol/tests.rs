@@ -372,7 +372,15 @@ fn reading_extras() {
         r#"{"gateway":"gw","seq":3,"source":"s","time":"T","clock":"unsynced","mono_ms":12345,"boot_id":"b\"id","heartbeat":true,"values":{"t":1}}"#
     );
     assert_eq!(reading_seq(&out), Some(3));
-    write_reading_body_with(&mut out, "gw", 4, "s", "T", &values, ReadingExtra::default());
+    write_reading_body_with(
+        &mut out,
+        "gw",
+        4,
+        "s",
+        "T",
+        &values,
+        ReadingExtra::default(),
+    );
     assert_eq!(out, reading_body("gw", 4, "s", "T", &values));
     assert!(!out.contains("clock") && !out.contains("heartbeat"));
 }

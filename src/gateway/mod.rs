@@ -352,6 +352,7 @@ impl Gateway {
             return;
         }
         self.end_pulses("shutdown");
+        self.release_held();
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
         if let Err(e) = sd_notify::stopping() {
@@ -379,6 +380,7 @@ impl Gateway {
     /// hand queued frames to the kernel before exit.
     pub fn finish(&mut self) {
         self.end_pulses("exit");
+        self.release_held();
         if let Err(e) = self.spool.flush() {
             log::error!("spool flush at shutdown failed: {e}");
         }

@@ -321,6 +321,24 @@ impl Reports {
         out
     }
 
+    /// Takes every held reading, to be sent now (shutdown: a reading is never lost silently).
+    pub fn take_held(&mut self) -> Vec<Released> {
+        let mut out = Vec::new();
+        for (source, r) in &mut self.by_source {
+            if let Some(Kept { values, at }) = r.held.take() {
+                out.push(Released {
+                    source: source.clone(),
+                    due: Due {
+                        values: Some(values),
+                        at,
+                        heartbeat: false,
+                    },
+                });
+            }
+        }
+        out
+    }
+
     /// The reporter of `source`.
     pub fn get(&self, source: &str) -> Option<&Reporter> {
         self.by_source.get(source)

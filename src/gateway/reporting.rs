@@ -43,8 +43,21 @@ impl Gateway {
         }
     }
 
-    /// [`TimerId::Report`]: sends the held readings and heartbeats that are due.
+    /// Stores every held reading now (shutdown, or the loop stopped on an error): it goes out
+    /// during the shutdown flush or after the next start.
+    pub(super) fn release_held(&mut self) {
+        let now = Instant::now();
+        for r in self.reports.take_held() {
+            self.emit_released(r, now);
+        }
+    }
+
+    /// [`TimerId::Report`]: sends the held readings and heartbeats that are due (none once
+    /// shutdown began: the sources are no longer read).
     pub(super) fn on_report_timer(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
         for r in self.reports.on_timer(now, &mut self.fx) {
             self.emit_released(r, now);
         }

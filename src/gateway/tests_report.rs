@@ -169,3 +169,22 @@ fn unsynced_readings_carry_boot_time_and_can_be_redated() {
     let true_ms = synced_ms - (synced_mono - mono as i128);
     assert!((true_ms - ms_of(&r["time"])).abs() <= 3, "{true_ms} vs {r}");
 }
+
+/// A reading held by `min_interval_ms` when the gateway stops is stored and sent during the
+/// shutdown flush, not lost.
+#[test]
+fn held_readings_are_stored_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ev, mut gw) = gateway(dir.path(), "min_interval_ms = 60000");
+    let count = |gw: &Gateway| bodies(gw, protocol::KIND_READING).len();
+    write_pin_file(dir.path(), 17, Level::Low).unwrap();
+    run_until(&mut ev, &mut gw, "the first edge", |gw| count(gw) == 1);
+    write_pin_file(dir.path(), 17, Level::High).unwrap();
+    run_for(&mut ev, &mut gw, Duration::from_millis(100));
+    assert_eq!(count(&gw), 1, "held");
+    gw.begin_shutdown();
+    let r = bodies(&gw, protocol::KIND_READING);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!((&r[1]["seq"], &r[1]["values"]), (&json!(2), &json!({"level": 1})));
+    assert_eq!(gw.spool.next_seq(), 3, "stored in the spool");
+}

@@ -185,6 +185,9 @@ fn held_readings_are_stored_at_shutdown() {
     gw.begin_shutdown();
     let r = bodies(&gw, protocol::KIND_READING);
     assert_eq!(r.len(), 2, "{r:?}");
-    assert_eq!((&r[1]["seq"], &r[1]["values"]), (&json!(2), &json!({"level": 1})));
+    assert_eq!(
+        (&r[1]["seq"], &r[1]["values"]),
+        (&json!(2), &json!({"level": 1}))
+    );
     assert_eq!(gw.spool.next_seq(), 3, "stored in the spool");
 }

@@ -229,7 +229,9 @@ mod tests {
         assert_eq!((e.line, e.key.as_str()), (9, "gpio.input.deadband"), "{e}");
         assert!(e.message.contains("every edge"), "{e}");
         let e = Config::parse(&serial("reportt = \"always\""), "z.toml").unwrap_err();
-        assert!(e.to_string().contains("reportt"), "{e}");
+        assert_eq!((e.line, e.key.as_str()), (6, "serial.reportt"), "{e}");
+        let e = Config::parse(&format!("{head}{input}pinn = 3\n"), "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (10, "gpio.input.pinn"), "{e}");
         let ok = serial(
             "report = \"on_change\"\ndeadbands = { t = 0.2 }\nmin_interval_ms = 10\n\
              max_interval_s = 5",

@@ -24,10 +24,23 @@ pub(super) fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigE
     };
     // A table with flattened keys (the report keys) reports an unknown key with the span of
     // the whole table: find the key's own line in it.
+    let mut message = message;
     if let Some(name) = backticked(&message).filter(|_| message.starts_with("unknown field")) {
         if let Some(at) = key_line_in_table(text, line, name) {
             line = at;
             key = key_at_line(text, at);
+        }
+    } else if let Some((name, rest)) = message.split_once(": ").filter(|_| {
+        text.lines()
+            .nth(line.wrapping_sub(1))
+            .is_some_and(|l| header_name(l).is_some())
+    }) {
+        // A flattened key's own error starts with `<key>: ` (see `ReportConfig`), and its span
+        // is the whole table's.
+        if let Some(at) = key_line_in_table(text, line, name) {
+            line = at;
+            key = key_at_line(text, at);
+            message = rest.to_string();
         }
     }
     // serde names the offending key in the message for unknown/missing fields.

@@ -26,7 +26,7 @@ impl<'de> Deserialize<'de> for ReportMode {
             "always" => Ok(ReportMode::Always),
             "on_change" => Ok(ReportMode::OnChange),
             other => Err(serde::de::Error::custom(format!(
-                "report = {other:?} is not a report mode: use \"always\" or \"on_change\""
+                "{other:?} is not a report mode: use \"always\" or \"on_change\""
             ))),
         }
     }
@@ -47,27 +47,58 @@ pub const MAX_MIN_INTERVAL_MS: u64 = 86_400_000;
 pub const MAX_MAX_INTERVAL_S: u64 = 7 * 86_400;
 
 /// The five report keys of one reading source (embedded with `#[serde(flatten)]`).
+///
+/// A flattened key's type error carries no position of its own: each key's error starts with
+/// `<key>: `, which the config loader uses to name the key and its line.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 pub struct ReportConfig {
     /// `"always"` (default) or `"on_change"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::report")]
     pub report: ReportMode,
     /// `on_change`: a numeric value counts as changed when it moved *more* than this (absolute)
     /// from the value last sent (default 0: any difference).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::deadband")]
     pub deadband: f64,
     /// `on_change`: a deadband per key of `values`, overriding `deadband` for that key.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::deadbands")]
     pub deadbands: BTreeMap<String, f64>,
     /// Never send a reading of this source sooner than this many ms after its previous one
     /// (default 0). A reading that comes sooner is held, replaced by any newer one, and sent
     /// when the interval ends.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::min_interval_ms")]
     pub min_interval_ms: u64,
     /// `on_change`: send a heartbeat after this many seconds without a reading sent
     /// (default 0: never).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "named::max_interval_s")]
     pub max_interval_s: u64,
+}
+
+/// Deserializers that put the key's name in front of its error.
+mod named {
+    use super::*;
+    use serde::Deserializer;
+
+    fn named<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        key: &str,
+        d: D,
+    ) -> Result<T, D::Error> {
+        T::deserialize(d).map_err(|e| serde::de::Error::custom(format!("{key}: {e}")))
+    }
+    pub fn report<'de, D: Deserializer<'de>>(d: D) -> Result<ReportMode, D::Error> {
+        named("report", d)
+    }
+    pub fn deadband<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        named("deadband", d)
+    }
+    pub fn deadbands<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+        named("deadbands", d)
+    }
+    pub fn min_interval_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        named("min_interval_ms", d)
+    }
+    pub fn max_interval_s<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        named("max_interval_s", d)
+    }
 }
 
 impl ReportConfig {
@@ -209,6 +240,11 @@ mod tests {
             "max_interval_s"
         );
         assert_eq!(key("min_interval_ms = 86400001", true), "min_interval_ms");
+        let e = toml::from_str::<ReportConfig>("min_interval_ms = \"x\"").unwrap_err();
+        assert!(
+            e.message().starts_with("min_interval_ms: invalid type"),
+            "{e}"
+        );
         assert_eq!(cfg("min_interval_ms = 500").check(false), Ok(()));
     }
 
@@ -232,6 +268,17 @@ mod tests {
         assert_eq!((e.line, e.key.as_str()), (6, "serial.reportt"), "{e}");
         let e = Config::parse(&format!("{head}{input}pinn = 3\n"), "z.toml").unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (10, "gpio.input.pinn"), "{e}");
+        // A flattened key's type error names the key and its line too.
+        let e = Config::parse(&serial("\nmax_interval_s = -1"), "z.toml").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (7, "serial.max_interval_s"),
+            "{e}"
+        );
+        assert!(e.message.starts_with("invalid value"), "{e}");
+        let e = Config::parse(&serial("report = \"sometimes\""), "z.toml").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (6, "serial.report"), "{e}");
+        assert!(e.message.contains("use \"always\" or \"on_change\""), "{e}");
         let ok = serial(
             "report = \"on_change\"\ndeadbands = { t = 0.2 }\nmin_interval_ms = 10\n\
              max_interval_s = 5",

@@ -191,3 +191,42 @@ fn held_readings_are_stored_at_shutdown() {
     );
     assert_eq!(gw.spool.next_seq(), 3, "stored in the spool");
 }
+
+/// A reload applies new report settings to a kept input, and a held reading of an input the
+/// reload removes is sent at once.
+#[test]
+fn reload_applies_report_settings_and_releases_removed_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ev, mut gw) = gateway(dir.path(), "");
+    let count = |gw: &Gateway| bodies(gw, protocol::KIND_READING).len();
+    let with = |extra: &str| {
+        let text = format!(
+            "[gateway]\nid = \"gw-t\"\ndata_dir = \"{0}\"\n\
+             [backend]\nendpoint = \"tcp://127.0.0.1:1\"\n\
+             [gpio]\nbackend = \"sim\"\nsim_dir = \"{0}\"\n{extra}",
+            dir.path().display()
+        );
+        Config::parse(&text, "t.toml").unwrap()
+    };
+    let door = "[[gpio.input]]\nname = \"door\"\npin = 17\ndebounce_ms = 0\n";
+    let plan = reload::ReloadPlan::new(&gw.cfg, with(&format!("{door}min_interval_ms = 60000")));
+    gw.apply_reload(plan);
+    assert_eq!(
+        gw.reports.get("door").unwrap().config().min_interval_ms,
+        60000
+    );
+    write_pin_file(dir.path(), 17, Level::Low).unwrap();
+    run_until(&mut ev, &mut gw, "the first edge", |gw| count(gw) == 1);
+    write_pin_file(dir.path(), 17, Level::High).unwrap();
+    run_for(&mut ev, &mut gw, Duration::from_millis(100));
+    assert_eq!(count(&gw), 1, "the second edge is held");
+    let plan = reload::ReloadPlan::new(&gw.cfg, with(""));
+    gw.apply_reload(plan);
+    assert!(gw.reports.get("door").is_none());
+    let r = bodies(&gw, protocol::KIND_READING);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(
+        (&r[1]["source"], &r[1]["values"]),
+        (&json!("door"), &json!({"level": 1}))
+    );
+}

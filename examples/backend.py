@@ -21,7 +21,10 @@ It follows docs/protocol.md, "Writing a backend":
 Output (stdout, or --out FILE): one JSON object per line, what the gateways sent plus "kind":
   {"kind": "reading", "gateway": "gw-01", "seq": 1, "source": "weather", ...}
   {"kind": "reply", "gateway": "gw-01", "id": "py-5f0c3a9e21d8-1", "ok": true, "command": {...}}
-hello and stats lines too. Diagnostics go to stderr.
+hello and stats lines too. A reading made while the gateway's clock was not synchronised
+("clock": "unsynced") gets "time_corrected" once a synced hello/stats of its boot came, or a
+later line {"kind": "time_corrected", "gateway", "spool_id", "seq", "source", "time_corrected"}.
+Diagnostics go to stderr.
 
 Examples:
   zgate keygen --out server                  # server.key; server.pub goes to every gateway
@@ -35,6 +38,7 @@ same transaction as the readings, and load it at start.
 """
 
 import argparse
+import calendar
 import json
 import logging
 import os
@@ -167,6 +171,54 @@ class Ledger:
         return min(self.high, self.sent_high)
 
 
+# ------------------------------------------------------------------ honest timestamps
+
+MAX_UNDATED = 100_000                     # unsynced readings kept per gateway, waiting
+
+
+class Redater:
+    """Dates readings made while the gateway's clock was not synchronised. Such a reading has
+    "clock": "unsynced", "mono_ms" and "boot_id"; a hello or stats with "clock": "synced" of the
+    same boot pairs a right "time" with its "mono_ms", and then
+    true_time = synced_time - (synced_mono_ms - reading_mono_ms)."""
+
+    def __init__(self):
+        self.synced = {}   # (gateway, boot_id) -> (synced time in ms, its mono_ms)
+        self.waiting = {}  # gateway -> [reading body, ...] (oldest first, bounded)
+
+    @staticmethod
+    def date(pair, mono_ms):
+        ms = pair[0] - (pair[1] - mono_ms)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+
+    def on_reading(self, gateway, body):
+        """The reading's "time_corrected", None when it needs none or must wait for a pair."""
+        if body.get("clock") != "unsynced":
+            return None
+        pair = self.synced.get((gateway, body.get("boot_id")))
+        if pair is not None:
+            return self.date(pair, body["mono_ms"])
+        waiting = self.waiting.setdefault(gateway, [])
+        waiting.append(body)
+        del waiting[:-MAX_UNDATED]
+        return None
+
+    def on_status(self, gateway, body):
+        """A hello or stats: the readings it dates, as (reading body, time_corrected)."""
+        if body.get("clock") != "synced" or not isinstance(body.get("mono_ms"), int):
+            return []
+        try:  # "2026-12-03T06:10:00.123Z"
+            ms = calendar.timegm(time.strptime(body["time"][:19], "%Y-%m-%dT%H:%M:%S")) * 1000 \
+                + int(body["time"][20:23])
+        except (KeyError, ValueError, TypeError):
+            return []
+        boot = body.get("boot_id")
+        pair = self.synced[(gateway, boot)] = (ms, body["mono_ms"])
+        waiting = self.waiting.get(gateway, [])
+        self.waiting[gateway] = [r for r in waiting if r.get("boot_id") != boot]
+        return [(r, self.date(pair, r["mono_ms"])) for r in waiting if r.get("boot_id") == boot]
+
+
 # ------------------------------------------------------------------ commands
 
 def parse_command(line):
@@ -227,6 +279,7 @@ class Backend:
             sys.exit(f"cannot bind {args.bind}: {e}")
         self.out = open(args.out, "a") if args.out else sys.stdout
         self.ledgers = {}      # gateway id -> Ledger
+        self.redater = Redater()
         self.unsupported = {}  # gateway id -> protocol of its last hello, when not PROTOCOL
         self.impostor = {}     # CURVE: routing id -> key owner of its last message, when foreign
         self.pending = {}      # command id -> {"gateway", "command", "since", "state"}
@@ -239,6 +292,13 @@ class Backend:
         line = {"kind": kind, "gateway": gateway}
         line.update((k, v) for k, v in body.items() if k != "gateway")
         self.out.write(json.dumps(line) + "\n")
+
+    def emit_corrections(self, gateway, body):
+        """The readings a synced hello/stats dates: one "time_corrected" line each."""
+        for r, t in self.redater.on_status(gateway, body):
+            self.emit("time_corrected", gateway, {"spool_id": self.ledgers[gateway].spool_id
+                      if gateway in self.ledgers else "", "seq": r.get("seq"),
+                      "source": r.get("source"), "time_corrected": t})
 
     def sender_ok(self, frames):
         """With CURVE: the routing id must be the id the sender's key is registered under."""
@@ -283,7 +343,9 @@ class Backend:
                 ledger = self.ledgers[gateway] = Ledger(None)
                 ledger.skip_to(seq)
             if ledger.receive(seq):
-                self.emit("reading", gateway, body)
+                corrected = self.redater.on_reading(gateway, body)
+                self.emit("reading", gateway, {**body, **({"time_corrected": corrected}
+                                                          if corrected else {})})
             to_ack.add(gateway)  # duplicates too: the gateway may have missed our last ack
         elif kind == "reply":
             cid = body.get("id")
@@ -299,6 +361,8 @@ class Backend:
                 if ledger.high != high:
                     to_ack.add(gateway)  # the readings after the gap can be acked now
             self.emit(kind, gateway, body)  # stats, and kinds added later: print them
+            if kind == "stats":
+                self.emit_corrections(gateway, body)
 
     def on_hello(self, gateway, body, to_ack):
         protocol = body.get("protocol")
@@ -326,6 +390,7 @@ class Backend:
         ledger.sent_high = resume - 1  # a new connection: nothing sent on it yet
         log.info("hello gateway=%s spool_id=%s resume_seq=%d", gateway, spool_id, resume)
         self.emit("hello", gateway, body)
+        self.emit_corrections(gateway, body)
         to_ack.add(gateway)  # answer every hello at once
         # A command in flight when the last connection died may be lost: send it again (same
         # id: the gateway never runs an id twice, it answers from its cache).

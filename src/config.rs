@@ -12,7 +12,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod locate;
+mod report;
 mod validate;
+
+pub use report::{ReportConfig, ReportMode};
 
 use locate::toml_error;
 
@@ -277,6 +280,8 @@ struct RawInput {
     edge: Edge,
     #[serde(default = "default_debounce_ms")]
     debounce_ms: u64,
+    #[serde(flatten)]
+    report: ReportConfig,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +324,7 @@ impl From<RawGpioConfig> for GpioConfig {
                 pull: r.pull,
                 edge: r.edge,
                 debounce_ms: r.debounce_ms,
+                report: r.report,
             })
             .collect();
         let output = raw
@@ -387,6 +393,9 @@ pub struct InputConfig {
     pub edge: Edge,
     /// A change must hold this long (ms, at most 10,000) before it is reported (default 20).
     pub debounce_ms: u64,
+    /// Which edges are sent and when (`report`, `min_interval_ms`, `max_interval_s`; no
+    /// deadband: every edge is a change).
+    pub report: ReportConfig,
 }
 
 /// One `[[gpio.output]]` pin.
@@ -452,6 +461,10 @@ pub struct SerialConfig {
     /// false`, "timed out"); its unsent bytes are discarded.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// Which readings are sent and when (`report`, `deadband`, `deadbands`,
+    /// `min_interval_ms`, `max_interval_s`).
+    #[serde(flatten)]
+    pub report: ReportConfig,
 }
 
 fn default_data_dir() -> PathBuf {

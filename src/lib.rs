@@ -8,6 +8,7 @@
 //! - [`spool`]: the on-disk spool of unacknowledged readings.
 //! - [`gateway`]: the loop's state machines (link, delivery, commands, outputs, inputs) and
 //!   the interpreter of their effects.
+//! - [`clock`]: whether the wall clock is synchronised; boot id and boot time.
 //! - [`limit`]: rate and log limiters (time injected).
 //! - [`sd_notify`]: systemd readiness and watchdog notifications.
 //! - [`security`]: CURVE keys, key files, the endpoint policy (docs/security.md).
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod gateway;

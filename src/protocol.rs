@@ -358,6 +358,16 @@ pub fn reading_body(gateway: &str, seq: u64, source: &str, time: &str, values: &
     out
 }
 
+/// The fields a `reading` carries only sometimes (see [`write_reading_body_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadingExtra<'a> {
+    /// Sent because `max_interval_s` passed, not because it changed: `"heartbeat": true`.
+    pub heartbeat: bool,
+    /// Made while the wall clock was not synchronised: `"clock": "unsynced"`, `"mono_ms"`
+    /// (CLOCK_BOOTTIME ms when it was read) and `"boot_id"` (the boot that clock counts from).
+    pub unsynced: Option<(u64, &'a str)>,
+}
+
 /// Writes the body of a `reading` into `out` (cleared first):
 /// `{"gateway":…,"seq":…,"source":…,"time":…,"values":{…}}`.
 pub fn write_reading_body(
@@ -368,6 +378,28 @@ pub fn write_reading_body(
     time: &str,
     values: &Values,
 ) {
+    write_reading_body_with(
+        out,
+        gateway,
+        seq,
+        source,
+        time,
+        values,
+        ReadingExtra::default(),
+    )
+}
+
+/// [`write_reading_body`] with the optional fields of `extra`, after `time`:
+/// `…,"time":…[,"clock":"unsynced","mono_ms":…,"boot_id":…][,"heartbeat":true],"values":{…}}`.
+pub fn write_reading_body_with(
+    out: &mut String,
+    gateway: &str,
+    seq: u64,
+    source: &str,
+    time: &str,
+    values: &Values,
+    extra: ReadingExtra<'_>,
+) {
     use std::fmt::Write;
     out.clear();
     out.reserve(64 + gateway.len() + source.len() + time.len() + values.0.len());
@@ -377,6 +409,16 @@ pub fn write_reading_body(
     push_json_str(out, source);
     out.push_str(",\"time\":");
     push_json_str(out, time);
+    if let Some((mono_ms, boot_id)) = extra.unsynced {
+        let _ = write!(
+            out,
+            ",\"clock\":\"unsynced\",\"mono_ms\":{mono_ms},\"boot_id\":"
+        );
+        push_json_str(out, boot_id);
+    }
+    if extra.heartbeat {
+        out.push_str(",\"heartbeat\":true");
+    }
     out.push_str(",\"values\":");
     out.push_str(&values.0);
     out.push('}');

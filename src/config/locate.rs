@@ -15,13 +15,34 @@ fn line_of_offset(text: &str, offset: usize) -> usize {
 /// Turns a toml/serde error into a ConfigError with line and dotted key.
 pub(super) fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
     let message = e.message().trim().to_string();
-    let (line, key) = match e.span() {
+    let (mut line, mut key) = match e.span() {
         Some(span) => {
             let line = line_of_offset(text, span.start);
             (line, key_at_line(text, line))
         }
         None => (0, String::new()),
     };
+    // A table with flattened keys (the report keys) reports an unknown key with the span of
+    // the whole table: find the key's own line in it.
+    let mut message = message;
+    if let Some(name) = backticked(&message).filter(|_| message.starts_with("unknown field")) {
+        if let Some(at) = key_line_in_table(text, line, name) {
+            line = at;
+            key = key_at_line(text, at);
+        }
+    } else if let Some((name, rest)) = message.split_once(": ").filter(|_| {
+        text.lines()
+            .nth(line.wrapping_sub(1))
+            .is_some_and(|l| header_name(l).is_some())
+    }) {
+        // A flattened key's own error starts with `<key>: ` (see `ReportConfig`), and its span
+        // is the whole table's.
+        if let Some(at) = key_line_in_table(text, line, name) {
+            line = at;
+            key = key_at_line(text, at);
+            message = rest.to_string();
+        }
+    }
     // serde names the offending key in the message for unknown/missing fields.
     let key = match backticked(&message) {
         Some(name)
@@ -65,6 +86,25 @@ fn header_name(line: &str) -> Option<String> {
         .and_then(|r| r.split("]]").next())
         .or_else(|| t.strip_prefix('[').and_then(|r| r.split(']').next()))?;
     Some(inner.trim().to_string())
+}
+
+/// The line (1-based) setting `name` in the table that `line` starts or is in, scanning from
+/// `line` to the next table header.
+fn key_line_in_table(text: &str, line: usize, name: &str) -> Option<usize> {
+    for (i, l) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+        if header_name(l).is_some() {
+            if i + 1 == line {
+                continue;
+            }
+            return None;
+        }
+        if let Some((k, _)) = l.split_once('=') {
+            if k.trim().trim_matches('"') == name {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
 }
 
 /// The table header in force at `line` (1-based), "" for the root table.

@@ -174,6 +174,18 @@ impl Config {
                 ));
             }
         }
+        for (i, input) in self.gpio.input.iter().enumerate() {
+            input
+                .report
+                .check(false)
+                .map_err(|(key, msg)| err("gpio.input", Some(i), &key, msg))?;
+        }
+        for (i, serial) in self.serial.iter().enumerate() {
+            serial
+                .report
+                .check(true)
+                .map_err(|(key, msg)| err("serial", Some(i), &key, msg))?;
+        }
         for (i, output) in self.gpio.output.iter().enumerate() {
             if output.max_pulse_ms == 0 || output.max_pulse_ms > 86_400_000 {
                 return Err(err(

@@ -29,6 +29,8 @@ pub enum TimerId {
     HelloTimeout,
     /// Make the unheard connection again once the reconnect backoff allows (see `link`).
     Reconnect,
+    /// A held reading's minimum interval ended, or a heartbeat is due (see `report`).
+    Report,
 }
 
 /// One thing to do.

@@ -28,10 +28,11 @@ impl Gateway {
     }
 
     /// The `stats` message as of now.
-    pub(super) fn stats_now(&self) -> Message {
+    pub(super) fn stats_now(&mut self) -> Message {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let clock = self.clock_fields(Instant::now());
         stats::stats_message(&stats::StatsInput {
             gateway: &self.cfg.gateway.id,
             uptime: self.started.elapsed(),
@@ -45,6 +46,8 @@ impl Gateway {
             view: self.view(),
             ports: &self.ports,
             now_ms,
+            clock,
+            suppressed: self.suppressed(),
         })
     }
 
@@ -184,7 +187,7 @@ impl Gateway {
                     return;
                 };
                 if let Some(values) = port.on_line(name, &line, now) {
-                    self.emit_reading(name, &values, now);
+                    self.report_reading(name, &values, now);
                 }
             }
             SerialEvent::Overlong(n) => {

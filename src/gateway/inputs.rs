@@ -140,6 +140,7 @@ mod tests {
             pull: Pull::Up,
             edge,
             debounce_ms: 50,
+            report: Default::default(),
         }])
     }
 

@@ -58,7 +58,7 @@ impl Gateway {
                 let Some(name) = self.inputs.get(input).map(|x| x.name.clone()) else {
                     return;
                 };
-                self.emit_reading(&name, &Values::single("level", &json!(level)), now);
+                self.report_reading(&name, &Values::single("level", &json!(level)), now);
             }
             Effect::OutputLevel {
                 output,
@@ -124,6 +124,7 @@ impl Gateway {
             TimerId::Debounce(i) => self.inputs.debounce_due(i, &mut self.fx),
             TimerId::HelloTimeout => self.link.on_hello_timer(now, &mut self.fx),
             TimerId::Reconnect => self.link.on_reconnect_timer(now, &mut self.fx),
+            TimerId::Report => self.on_report_timer(now),
         }
         self.apply_effects();
     }
@@ -187,19 +188,23 @@ impl Gateway {
         pushed
     }
 
-    /// Stores a reading in the spool, then lets the outbox take it if it has room.
-    pub(super) fn emit_reading(&mut self, source: &str, values: &Values, now: Instant) {
-        let wall = std::time::SystemTime::now();
-        let time_ms = wall
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let time = humantime::format_rfc3339_millis(wall).to_string();
+    /// Stores a reading (its wall-clock `time`, in ms and as text) in the spool, then lets the
+    /// outbox take it if it has room.
+    pub(super) fn store_reading(
+        &mut self,
+        source: &str,
+        values: &Values,
+        now: Instant,
+        time_ms: u64,
+        time: &str,
+        extra: protocol::ReadingExtra<'_>,
+    ) {
         let gateway = &self.cfg.gateway.id;
         let mut body = String::new();
         let buf = &mut body;
         let appended = self.spool.append_with(time_ms, move |seq| {
             let buf = buf; // moved: the closure is FnOnce and may return a borrow of it
-            protocol::write_reading_body(buf, gateway, seq, source, &time, values);
+            protocol::write_reading_body_with(buf, gateway, seq, source, time, values, extra);
             buf.as_bytes()
         });
         match appended {

@@ -24,6 +24,8 @@ pub mod link;
 pub mod outputs;
 pub mod ports;
 pub mod reload;
+pub mod report;
+mod reporting;
 mod socket;
 pub mod stats;
 
@@ -95,6 +97,12 @@ pub struct Gateway {
     logs: LogLimits,
     /// Counters reported in `stats`.
     pub counters: Counters,
+    /// Report on change: one reporter per reading source.
+    reports: self::report::Reports,
+    /// Whether the wall clock is synchronised (asked at most once a second).
+    clock: crate::clock::ClockWatch,
+    /// This boot's id, sent with `hello`, `stats` and unsynced readings.
+    boot_id: String,
     started: Instant,
     shutdown_deadline: Option<Instant>,
     // Last field: the context outlives the socket inside the loop's ZmqSource.
@@ -223,6 +231,9 @@ impl Gateway {
             fx: Effects::default(),
             logs: LogLimits::default(),
             counters: Counters::default(),
+            reports: Default::default(),
+            clock: Default::default(),
+            boot_id: crate::clock::boot_id(),
             started: now,
             shutdown_deadline: None,
             _ctx: ctx,
@@ -231,6 +242,7 @@ impl Gateway {
         gw.inputs.set_levels_read(&levels);
         gw.outputs.set_levels_read(&levels);
         gw.outputs.report_all(LevelCause::Start, &mut gw.fx);
+        gw.sync_reports(now);
         // Until the first handshake is reported.
         gw.link.start(now, &mut gw.fx);
         gw.apply_effects();
@@ -351,6 +363,7 @@ impl Gateway {
         }
         self.end_pulses("shutdown");
         self.commands.set_stopping();
+        self.release_held();
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
         if let Err(e) = sd_notify::stopping() {
@@ -378,6 +391,7 @@ impl Gateway {
     /// hand queued frames to the kernel before exit.
     pub fn finish(&mut self) {
         self.end_pulses("exit");
+        self.release_held();
         if let Err(e) = self.spool.flush() {
             log::error!("spool flush at shutdown failed: {e}");
         }
@@ -419,7 +433,8 @@ impl Gateway {
         }
     }
 
-    fn hello(&self) -> Message {
+    fn hello(&mut self) -> Message {
+        let clock = self.clock_fields(Instant::now());
         // The level of every input and output as the gateway knows it now (read at start,
         // then followed), so a backend never has to assume one.
         let levels: serde_json::Map<String, serde_json::Value> = self
@@ -432,9 +447,7 @@ impl Gateway {
                     .map(|o| (o.name.clone(), json!(u8::from(o.level)))),
             )
             .collect();
-        Message::new(
-            protocol::KIND_HELLO,
-            &json!({
+        let mut body = json!({
                 "gateway": self.cfg.gateway.id,
                 "protocol": protocol::PROTOCOL_VERSION,
                 "version": env!("CARGO_PKG_VERSION"),
@@ -446,8 +459,12 @@ impl Gateway {
                 "levels": levels,
                 "security": if self.cfg.backend.curve() { "curve" } else { "none" },
                 "insecure": self.cfg.backend.insecure_link(),
-            }),
-        )
+                "time": protocol::now_rfc3339(),
+        });
+        if let (Some(b), Some(c)) = (body.as_object_mut(), clock.as_object()) {
+            b.extend(c.clone());
+        }
+        Message::new(protocol::KIND_HELLO, &body)
     }
 }
 
@@ -455,3 +472,5 @@ impl Gateway {
 mod tests;
 #[cfg(test)]
 mod tests_levels;
+#[cfg(test)]
+mod tests_report;

@@ -54,6 +54,10 @@ pub struct StatsInput<'a> {
     pub ports: &'a BTreeMap<String, PortState>,
     /// Wall-clock time now, in ms since the epoch.
     pub now_ms: u64,
+    /// `clock`, `boot_id`, `mono_ms`, merged into the top level.
+    pub clock: Value,
+    /// Readings not sent, per reading source (report on change).
+    pub suppressed: BTreeMap<String, u64>,
 }
 
 /// Builds the `stats` message.
@@ -80,7 +84,7 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
         .collect();
     let c = s.counters;
     let sp = &s.spool;
-    let body = json!({
+    let mut body = json!({
         "gateway": s.gateway,
         "time": protocol::now_rfc3339(),
         "uptime_s": s.uptime.as_secs(),
@@ -102,6 +106,7 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
             "spool_errors": c.spool_errors,
             "unheard_connections": s.link.unheard_connections,
             "bad_acks": c.bad_acks,
+            "suppressed": s.suppressed,
         },
         "spool": {
             "spool_id": sp.spool_id,
@@ -121,5 +126,8 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
         },
         "serial": ports,
     });
+    if let (Some(b), Some(c)) = (body.as_object_mut(), s.clock.as_object()) {
+        b.extend(c.clone());
+    }
     Message::new(protocol::KIND_STATS, &body)
 }

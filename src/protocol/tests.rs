@@ -356,3 +356,31 @@ fn time_format() {
     assert_eq!(t.len(), 24, "{t}");
     assert!(t.ends_with('Z'));
 }
+
+/// The optional reading fields: exactly where and how they are written.
+#[test]
+fn reading_extras() {
+    let values = parse_kv("t=1").unwrap();
+    let mut out = String::new();
+    let extra = ReadingExtra {
+        heartbeat: true,
+        unsynced: Some((12345, "b\"id")),
+    };
+    write_reading_body_with(&mut out, "gw", 3, "s", "T", &values, extra);
+    assert_eq!(
+        out,
+        r#"{"gateway":"gw","seq":3,"source":"s","time":"T","clock":"unsynced","mono_ms":12345,"boot_id":"b\"id","heartbeat":true,"values":{"t":1}}"#
+    );
+    assert_eq!(reading_seq(&out), Some(3));
+    write_reading_body_with(
+        &mut out,
+        "gw",
+        4,
+        "s",
+        "T",
+        &values,
+        ReadingExtra::default(),
+    );
+    assert_eq!(out, reading_body("gw", 4, "s", "T", &values));
+    assert!(!out.contains("clock") && !out.contains("heartbeat"));
+}

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from helpers import (  # noqa: F401 (re-exported to the tests)
-    GW_ID, HEADER, MAGIC, OVERHEAD, READING_KEYS, REPO, TIME_RE, ZGATE_BIN, Feed, Gateway,
-    Peer, PtySensor, RefBackend, check_reading, free_port, free_tcp_port, make_config,
+    GW_ID, HEADER, MAGIC, OVERHEAD, READING_KEYS, REPO, TIME_RE, UNSYNCED_KEYS, ZGATE_BIN, Feed,
+    Gateway, Peer, PtySensor, RefBackend, check_reading, clock_synced, free_port, free_tcp_port,
+    make_config, reading_keys,
     pin_file, read_pin, read_segment, records_on_disk, segments, sensor_line, set_input,
     spool_state, toml_value, wait_until, zgate_env,
 )

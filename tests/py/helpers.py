@@ -45,6 +45,8 @@ ZGATE_BIN = os.environ.get("ZGATE_BIN") or str(REPO / "target" / "debug" / "zgat
 GW_ID = "gw-01"
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 READING_KEYS = {"gateway", "seq", "source", "time", "values"}
+# What a reading made while the kernel clock is not synchronised carries as well.
+UNSYNCED_KEYS = {"clock", "mono_ms", "boot_id"}
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -782,9 +784,31 @@ class RefBackend:
             self._log.close()
 
 
+class _Timex(ctypes.Structure):
+    # struct timex as far as `status`, then room for the rest (the kernel writes all of it).
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long),
+                ("status", ctypes.c_int), ("rest", ctypes.c_byte * 256)]
+
+
+def clock_synced():
+    """The kernel's answer, as the gateway reads it: adjtimex returns a state other than
+    TIME_ERROR (5) and STA_UNSYNC (0x40) is clear."""
+    tx = _Timex()
+    state = _LIBC.adjtimex(ctypes.byref(tx))
+    return state >= 0 and state != 5 and not tx.status & 0x40
+
+
+def reading_keys():
+    """The keys a reading made now has (the clock fields while the clock is unsynced)."""
+    return READING_KEYS if clock_synced() else READING_KEYS | UNSYNCED_KEYS
+
+
 def check_reading(body, seq, source, values):
     """Asserts the exact reading envelope."""
-    assert set(body) == READING_KEYS, body
+    assert set(body) == reading_keys(), body
+    if not clock_synced():
+        assert body["clock"] == "unsynced" and isinstance(body["mono_ms"], int), body
     assert body["gateway"] == GW_ID
     assert body["seq"] == seq, body
     assert body["source"] == source, body

@@ -173,6 +173,7 @@ impl Gateway {
         }
         let summary = plan.summary();
         self.cfg = plan.config;
+        self.sync_reports(now);
         log::info!("reload applied {summary}");
         self.apply_effects();
     }

@@ -12,7 +12,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod locate;
+mod modbus;
 mod validate;
+
+pub use modbus::{
+    ModbusConfig, ModbusDeviceConfig, Parity, RegisterConfig, RegisterKind, ValueType, WordOrder,
+};
 
 use locate::toml_error;
 
@@ -60,6 +65,9 @@ pub struct Config {
     /// `[commands]`: limits on commands from the backend.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// `[[modbus]]`: Modbus RTU buses, each with its polled devices.
+    #[serde(default)]
+    pub modbus: Vec<ModbusConfig>,
 }
 
 /// `[gateway]`.
@@ -539,3 +547,5 @@ pub const TEMPLATE: &str = include_str!("config_template.toml");
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_modbus;

@@ -21,6 +21,7 @@ mod handlers;
 pub mod inputs;
 mod interpret;
 pub mod link;
+pub mod modbus;
 pub mod outputs;
 pub mod ports;
 pub mod reload;

@@ -29,6 +29,8 @@ pub enum TimerId {
     HelloTimeout,
     /// Make the unheard connection again once the reconnect backoff allows (see `link`).
     Reconnect,
+    /// The next step of Modbus bus number `n` (see `modbus::Bus`).
+    Modbus(usize),
 }
 
 /// One thing to do.

@@ -52,6 +52,8 @@ pub struct StatsInput<'a> {
     pub view: SpoolView,
     /// Serial ports by name.
     pub ports: &'a BTreeMap<String, PortState>,
+    /// Modbus poll counters: bus → device → counters.
+    pub modbus: Map<String, Value>,
     /// Wall-clock time now, in ms since the epoch.
     pub now_ms: u64,
 }
@@ -120,6 +122,7 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
             "corrupt_records": sp.corrupt_records,
         },
         "serial": ports,
+        "modbus": s.modbus,
     });
     Message::new(protocol::KIND_STATS, &body)
 }

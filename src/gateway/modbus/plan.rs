@@ -147,10 +147,12 @@ pub fn encode(reg: &RegisterConfig, value: f64) -> Result<WriteOp, String> {
     }
     let ty = reg.value_type();
     if ty == ValueType::Bool {
-        return match value {
-            v if v == 0.0 => Ok(WriteOp::Coil(false)),
-            v if v == 1.0 => Ok(WriteOp::Coil(true)),
-            v => Err(format!("a coil takes 0, 1, false or true, got {v}")),
+        return if value == 0.0 {
+            Ok(WriteOp::Coil(false))
+        } else if value == 1.0 {
+            Ok(WriteOp::Coil(true))
+        } else {
+            Err(format!("a coil takes 0, 1, false or true, got {value}"))
         };
     }
     let raw = (value - reg.offset) / reg.scale;

@@ -137,11 +137,8 @@ pub fn run(seconds: Option<u64>) -> Result<()> {
         .context("finding the pty's path")?;
     if let Ok(mut t) = nix::sys::termios::tcgetattr(&meter_pty.slave) {
         nix::sys::termios::cfmakeraw(&mut t);
-        let _ = nix::sys::termios::tcsetattr(
-            &meter_pty.slave,
-            nix::sys::termios::SetArg::TCSANOW,
-            &t,
-        );
+        let _ =
+            nix::sys::termios::tcsetattr(&meter_pty.slave, nix::sys::termios::SetArg::TCSANOW, &t);
     }
     let text = DEMO_CONFIG
         .replace("{dir}", &dir.display().to_string())

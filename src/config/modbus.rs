@@ -37,8 +37,8 @@ pub struct ModbusConfig {
     /// 1 or 2 stop bits (default 1).
     #[serde(default = "default_stop_bits")]
     pub stop_bits: u8,
-    /// How long to wait for a response to one request, in ms, from the end of its
-    /// transmission (10 to 60000, default 200).
+    /// How long to wait for a response to one request, in ms, beyond the time the request
+    /// and the expected response take on the wire (10 to 60000, default 200).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
     /// Times a request is sent again after a timeout or a broken response before the poll

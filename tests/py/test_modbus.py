@@ -148,7 +148,7 @@ def test_write_exception_and_timeout_reply_false(modbus_rig):
 def test_dead_unit_counts_timeouts_and_others_keep_their_period(modbus_rig):
     regs = [{"name": "v", "kind": "input", "address": 0}]
     gw, peer, server, _ = modbus_rig(
-        [("meter1", 1, 250, regs), ("ghost", 9, 250, regs)], [1], timeout_ms=100, retries=1)
+        [("meter1", 1, 250, regs), ("ghost", 9, 1000, regs)], [1], timeout_ms=100, retries=1)
     peer.expect("reading", lambda b: b["source"] == "meter1")
     t0 = time.monotonic()
     times = []
@@ -158,7 +158,7 @@ def test_dead_unit_counts_timeouts_and_others_keep_their_period(modbus_rig):
         assert r["source"] != "ghost"
     mean = (times[-1] - times[0]) / (len(times) - 1)
     assert abs(mean - 0.25) <= 0.025, f"meter1 period {mean:.3f} s beside a dead unit"
-    stats = peer.expect("stats", lambda b: b["modbus"]["bus1"]["ghost"]["timeouts"] >= 10)
+    stats = peer.expect("stats", lambda b: b["modbus"]["bus1"]["ghost"]["timeouts"] >= 5)
     g = stats["modbus"]["bus1"]["ghost"]
     assert g["ok"] == 0 and g["polls"] - g["timeouts"] <= 1, g
     assert not [b for k, b in peer.history if k == "reading" and b["source"] == "ghost"]

@@ -12,12 +12,12 @@
 //! `(timeout_ms + wire time) × (retries + 1)` per poll. Each device keeps its own schedule
 //! (`next_due += poll_ms`; a device more than a period behind starts afresh from now).
 
-use super::plan::{self, Raw, ReadBlock, WriteOp};
-use crate::config::{ModbusConfig, Parity, RegisterConfig, RegisterKind};
+use super::frame::{self, EXCEPTION_LEN, WRITE_RESPONSE_LEN};
+use super::plan::{self, Raw, ReadBlock};
+use crate::config::{ModbusConfig, Parity, RegisterConfig};
 use crate::limit::LogLimits;
 use crate::protocol::Values;
 use rmodbus::client::ModbusRequest;
-use rmodbus::ModbusProto;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -120,22 +120,6 @@ enum Failure {
     Timeout,
     Broken,
     Exception(u8),
-}
-
-/// The name of a Modbus exception code.
-pub fn exception_name(code: u8) -> &'static str {
-    match code {
-        1 => "illegal function",
-        2 => "illegal data address",
-        3 => "illegal data value",
-        4 => "slave device failure",
-        5 => "acknowledge",
-        6 => "slave device busy",
-        8 => "memory parity error",
-        10 => "gateway path unavailable",
-        11 => "gateway target device failed to respond",
-        _ => "unknown exception",
-    }
 }
 
 /// One bus (see the module doc).
@@ -281,14 +265,7 @@ impl Bus {
                 self.name
             ));
         }
-        let mut req = ModbusRequest::new(d.unit, ModbusProto::Rtu);
-        let mut frame = Vec::with_capacity(16);
-        let built = match op {
-            WriteOp::Coil(on) => req.generate_set_coil(r.address, u8::from(on), &mut frame),
-            WriteOp::Register(v) => req.generate_set_holding(r.address, v, &mut frame),
-            WriteOp::Registers(v) => req.generate_set_holdings_bulk(r.address, &v, &mut frame),
-        };
-        built.map_err(|e| format!("cannot build the write request: {e:?}"))?;
+        let (req, frame) = frame::write_request(d.unit, r.address, op)?;
         self.writes.push_back(Request {
             job: Job::Write {
                 device,
@@ -297,7 +274,7 @@ impl Bus {
             },
             req,
             frame,
-            expect: 8,
+            expect: WRITE_RESPONSE_LEN,
             attempt: 0,
         });
         self.kick(now, out);
@@ -331,7 +308,11 @@ impl Bus {
         let room = 256usize.saturating_sub(self.rx.len());
         self.rx.extend_from_slice(&data[..data.len().min(room)]);
         let exception = self.rx.len() >= 2 && self.rx[1] == request.req.func.byte() | 0x80;
-        let need = if exception { 5 } else { request.expect };
+        let need = if exception {
+            EXCEPTION_LEN
+        } else {
+            request.expect
+        };
         if self.rx.len() < need {
             return;
         }
@@ -343,47 +324,20 @@ impl Bus {
                 _ => Err(Failure::Broken),
             }
         } else {
-            Self::parse(&request, frame)
+            match request.job {
+                Job::Read { .. } => frame::parse_read(&request.req, request.expect, frame)
+                    .map(Some)
+                    .ok_or(Failure::Broken),
+                Job::Write { .. } => {
+                    (request.req.parse_ok(frame).map(|()| None)).map_err(|_| Failure::Broken)
+                }
+            }
         };
         match result {
             Ok(raw) => self.succeeded(request, raw, now, out),
             Err(f) => self.failed(request, f, now, out),
         }
         self.kick(now, out);
-    }
-
-    /// The data of a complete normal response of the expected length.
-    fn parse(request: &Request, frame: &[u8]) -> Result<Option<Raw>, Failure> {
-        let Job::Read { .. } = request.job else {
-            return match request.req.parse_ok(frame) {
-                Ok(()) => Ok(None),
-                Err(_) => Err(Failure::Broken),
-            };
-        };
-        // The byte count must be the one asked for (rmodbus trusts it).
-        if usize::from(frame[2]) != request.expect - 5 {
-            return Err(Failure::Broken);
-        }
-        let count = usize::from(request.req.count);
-        if request.req.func.is_read() && matches!(request.req.func.byte(), 1 | 2) {
-            let mut bits: Vec<bool> = Vec::with_capacity(count);
-            request
-                .req
-                .parse_bool(frame, &mut bits)
-                .map_err(|_| Failure::Broken)?;
-            (bits.len() == count)
-                .then_some(Some(Raw::Bits(bits)))
-                .ok_or(Failure::Broken)
-        } else {
-            let mut words: Vec<u16> = Vec::with_capacity(count);
-            request
-                .req
-                .parse_u16(frame, &mut words)
-                .map_err(|_| Failure::Broken)?;
-            (words.len() == count)
-                .then_some(Some(Raw::Words(words)))
-                .ok_or(Failure::Broken)
-        }
     }
 
     fn succeeded(
@@ -472,7 +426,7 @@ impl Bus {
                 "exception response from {} (unit {}): {} (code {code})",
                 d.name,
                 d.unit,
-                exception_name(code)
+                frame::exception_name(code)
             ),
         };
         let kind: &'static str = match (what, f) {
@@ -564,27 +518,12 @@ impl Bus {
 
     fn read_request(&self, device: usize, block: usize) -> Request {
         let d = &self.devices[device];
-        let b = &d.blocks[block];
-        let mut req = ModbusRequest::new(d.unit, ModbusProto::Rtu);
-        let mut frame = Vec::with_capacity(8);
-        // Counts are within the protocol's limits by construction (plan::read_blocks).
-        let built = match b.kind {
-            RegisterKind::Holding => req.generate_get_holdings(b.start, b.count, &mut frame),
-            RegisterKind::Input => req.generate_get_inputs(b.start, b.count, &mut frame),
-            RegisterKind::Coil => req.generate_get_coils(b.start, b.count, &mut frame),
-            RegisterKind::Discrete => req.generate_get_discretes(b.start, b.count, &mut frame),
-        };
-        debug_assert!(built.is_ok());
-        let data = if b.kind.is_bit() {
-            usize::from(b.count).div_ceil(8)
-        } else {
-            usize::from(b.count) * 2
-        };
+        let (req, frame, expect) = frame::read_request(d.unit, &d.blocks[block]);
         Request {
             job: Job::Read { device, block },
             req,
             frame,
-            expect: 5 + data,
+            expect,
             attempt: 0,
         }
     }

@@ -4,6 +4,7 @@
 //! Framing and CRC are rmodbus's (sans-IO); the tty is `crate::sources::modbus`.
 
 pub mod bus;
+pub mod frame;
 pub mod plan;
 
 pub use bus::{Bus, BusEffect, DeviceStats, Target};

@@ -2,7 +2,8 @@
 //! slaves are rmodbus's server side ([`SimSlave`]) answering after the wire time of the
 //! request and the response.
 
-use super::bus::{exception_name, Bus, BusEffect, Target};
+use super::bus::{Bus, BusEffect, Target};
+use super::frame::exception_name;
 use crate::config::{Config, ModbusConfig};
 use crate::modbus_sim::SimSlave;
 use serde_json::{json, Map, Value};

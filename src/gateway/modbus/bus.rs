@@ -405,9 +405,8 @@ impl Bus {
             return;
         }
         let attempts = request.attempt + 1;
-        let (device, what) = match &request.job {
-            Job::Read { device, .. } => (*device, "poll"),
-            Job::Write { device, .. } => (*device, "write"),
+        let device = match &request.job {
+            Job::Read { device, .. } | Job::Write { device, .. } => *device,
         };
         let d = &mut self.devices[device];
         let reason = match f {
@@ -429,10 +428,10 @@ impl Bus {
                 frame::exception_name(code)
             ),
         };
-        let kind: &'static str = match (what, f) {
-            (_, Failure::Timeout) => "modbus timeout",
-            (_, Failure::Broken) => "modbus crc error",
-            (_, Failure::Exception(_)) => "modbus exception",
+        let kind: &'static str = match f {
+            Failure::Timeout => "modbus timeout",
+            Failure::Broken => "modbus crc error",
+            Failure::Exception(_) => "modbus exception",
         };
         let address = request.req.reg;
         match request.job {

@@ -406,3 +406,23 @@ fn a_write_to_a_dead_or_refusing_slave_fails_with_the_reason() {
     );
     assert!(rig.stats("meter").timeouts >= 1);
 }
+
+#[test]
+fn a_reload_keeps_the_running_buses() {
+    let text = |poll: u64| {
+        format!(
+            "[gateway]\nid = \"g\"\n[[modbus]]\nname = \"bus1\"\npath = \"/dev/null\"\n\
+             [[modbus.device]]\nname = \"m\"\nunit = 1\npoll_ms = {poll}\n\
+             [[modbus.device.register]]\nname = \"v\"\nkind = \"input\"\naddress = 0\n"
+        )
+    };
+    let old = Config::parse(&text(1000), "t").unwrap();
+    let new = Config::parse(&text(500), "t").unwrap();
+    let plan = crate::gateway::reload::ReloadPlan::new(&old, new);
+    assert!(
+        plan.refused.iter().any(|r| r.key == "modbus"),
+        "{:?}",
+        plan.refused
+    );
+    assert_eq!(plan.config.modbus, old.modbus, "the running buses stay");
+}

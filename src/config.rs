@@ -12,9 +12,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod locate;
+mod modbus;
 mod report;
 mod validate;
 
+pub use modbus::{
+    ModbusConfig, ModbusDeviceConfig, Parity, RegisterConfig, RegisterKind, ValueType, WordOrder,
+};
 pub use report::{ReportConfig, ReportMode};
 
 use locate::toml_error;
@@ -63,6 +67,9 @@ pub struct Config {
     /// `[commands]`: limits on commands from the backend.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// `[[modbus]]`: Modbus RTU buses, each with its polled devices.
+    #[serde(default)]
+    pub modbus: Vec<ModbusConfig>,
 }
 
 /// `[gateway]`.
@@ -552,3 +559,5 @@ pub const TEMPLATE: &str = include_str!("config_template.toml");
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_modbus;

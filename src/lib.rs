@@ -24,6 +24,7 @@ pub mod demo;
 pub mod gateway;
 pub mod hw;
 pub mod limit;
+pub mod modbus_sim;
 pub mod protocol;
 pub mod sd_notify;
 pub mod security;

@@ -22,7 +22,9 @@
 //! 9. CPU per reading against the minimal Python forwarder (`benches/py_forwarder.py`), at
 //!    1,000 and at 100 lines/s, same feed and same acking ROUTER: the ratio, budget ≥ 4;
 //! 10. command latency while another process floods the spool's file system with buffered
-//!     writes (dirty-page throttling), for `fsync = "interval"` and `"always"`.
+//!     writes (dirty-page throttling), for `fsync = "interval"` and `"always"`;
+//! 11. a Modbus RTU bus of 4 devices at 9600 baud polled as fast as the bus allows: polls/s
+//!     against the wire-time limit (`items/modbus.rs`).
 //!
 //! Rows marked S: the spool in process (issue 3, `spool.rs`): append throughput per fsync
 //! policy, the loop stall of compaction (`ack()` deleting segments) and of `tick()`.
@@ -60,6 +62,7 @@ use items::forwarder::bench_forwarder;
 use items::idle::bench_idle;
 use items::instructions::bench_instructions;
 use items::latency::{bench_latency, null_gateway};
+use items::modbus::bench_modbus;
 use items::size::bench_size;
 use items::steady::bench_steady;
 use items::syscalls::bench_syscalls;
@@ -216,6 +219,11 @@ fn main() {
     if want("10") {
         if let Err(e) = bench_diskflood(&o, &mut r) {
             r.fail("10", "command latency under a disk write flood", e);
+        }
+    }
+    if want("11") {
+        if let Err(e) = bench_modbus(&o, &mut r) {
+            r.fail("11", "Modbus RTU polling rate", e);
         }
     }
     if want("3") || want("5") {

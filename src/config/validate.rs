@@ -5,7 +5,7 @@ use super::*;
 use crate::config::locate::locate;
 
 /// Builds a ConfigError from (section, table index, key, message).
-type ErrAt<'a> = dyn Fn(&str, Option<usize>, &str, String) -> ConfigError + 'a;
+pub(super) type ErrAt<'a> = dyn Fn(&str, Option<usize>, &str, String) -> ConfigError + 'a;
 
 impl Config {
     /// Checks the parsed config as a whole; `text` locates the offending key for the error.
@@ -106,7 +106,7 @@ impl Config {
                     section,
                     Some(i),
                     "name",
-                    format!("{name:?} is used twice (names are unique across inputs, outputs and serial ports)"),
+                    format!("{name:?} is used twice (names are unique across inputs, outputs, serial ports, Modbus buses and devices)"),
                 ));
             }
             Ok(())
@@ -120,7 +120,16 @@ impl Config {
         for (i, serial) in self.serial.iter().enumerate() {
             check_name("serial", i, &serial.name)?;
         }
+        let devices = self.modbus.iter().flat_map(|b| &b.device);
+        for (i, bus) in self.modbus.iter().enumerate() {
+            check_name("modbus", i, &bus.name)?;
+        }
+        for (i, dev) in devices.enumerate() {
+            check_name("modbus.device", i, &dev.name)?;
+        }
         self.validate_lines(&err)?;
+        let serial_paths: Vec<&PathBuf> = self.serial.iter().map(|s| &s.path).collect();
+        super::modbus::validate(&self.modbus, &serial_paths, &err)?;
         // On a chip named by path the offsets are that chip's; otherwise they are BCM numbers
         // of a Pi's header.
         let any_offset = self.gpio.backend == GpioBackendKind::Cdev

@@ -215,7 +215,7 @@ fn restart_keeps_replies_and_digests() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let set1 = br#"{"id":"d-1","target":"relay1","action":"set","value":1}"#;
-    let bad = br#"{"id":"d-2","target":"relay1","action":"set","value":7}"#;
+    let bad = br#"{"id":"d-2","target":"relay1","action":"set","value":"7"}"#;
     let (first, refusal) = {
         let mut c = Commands::new(100, t0);
         let mut log = CommandLog::open_into(dir.path(), &mut c).unwrap();

@@ -447,7 +447,7 @@ mod tests {
             c.on_command(toggle, t0, &mut fx).is_none(),
             "second: not executed"
         );
-        let bad = br#"{"id":"c-2","target":"relay1","action":"set","value":7}"#;
+        let bad = br#"{"id":"c-2","target":"relay1","action":"set","value":"7"}"#;
         assert!(c.on_command(bad, t0, &mut fx).is_none());
         assert!(c.on_command(bad, t0, &mut fx).is_none());
         assert_eq!((c.ok, c.failed), (1, 1));
@@ -505,7 +505,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Commands::new(100, t0);
         let mut fx = Effects::default();
-        let bad = br#"{"id":"b-1","target":"relay1","action":"set","value":7}"#;
+        let bad = br#"{"id":"b-1","target":"relay1","action":"set","value":"7"}"#;
         assert!(c.on_command(bad, t0, &mut fx).is_none());
         let r1 = sent(&mut fx);
         assert!(c.on_command(bad, t0, &mut fx).is_none());

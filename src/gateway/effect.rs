@@ -31,6 +31,8 @@ pub enum TimerId {
     Reconnect,
     /// A held reading's minimum interval ended, or a heartbeat is due (see `report`).
     Report,
+    /// The next step of Modbus bus number `n` (see `modbus::Bus`).
+    Modbus(usize),
 }
 
 /// One thing to do.

@@ -45,6 +45,7 @@ impl Gateway {
             spool: self.spool.stats(),
             view: self.view(),
             ports: &self.ports,
+            modbus: self.modbus_stats(),
             now_ms,
             clock,
             suppressed: self.suppressed(),
@@ -161,6 +162,9 @@ impl Gateway {
             })?;
             self.commands.write_queued(token, &cmd.id);
             return Ok(false);
+        }
+        if let Some(result) = self.modbus_execute(cmd, now) {
+            return result;
         }
         if self.inputs.has_name(&cmd.target) {
             return Err(format!(

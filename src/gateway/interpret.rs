@@ -76,6 +76,33 @@ impl Gateway {
         }
     }
 
+    /// Applies what Modbus bus `b` asked for (see [`modbus::BusEffect`]), then the effects
+    /// that queued.
+    pub(super) fn apply_bus(&mut self, b: usize, now: Instant) {
+        let mut out = std::mem::take(&mut self.modbus[b].out);
+        for e in out.drain(..) {
+            match e {
+                modbus::BusEffect::Send(frame) => self.modbus_send(b, &frame, now),
+                modbus::BusEffect::Wake(at) => self.arm(TimerId::Modbus(b), at),
+                modbus::BusEffect::Reading { device, values } => {
+                    self.modbus_reading(b, device, &values, now)
+                }
+                modbus::BusEffect::WriteDone { id, result } => {
+                    self.commands.finish(&id, result, now, &mut self.fx)
+                }
+            }
+        }
+        // Kept, so the steady state allocates nothing for it.
+        self.modbus[b].out = out;
+        self.apply_effects();
+    }
+
+    /// The one path from a completed Modbus poll (device `device` of bus `b`) to a reading.
+    fn modbus_reading(&mut self, b: usize, device: usize, values: &Values, now: Instant) {
+        let name = self.modbus[b].bus.device_name(device).to_string();
+        self.emit_reading(&name, values, now);
+    }
+
     /// Arms (or moves) the one-shot timer `id`.
     pub(super) fn arm(&mut self, id: TimerId, at: Instant) {
         if let Some(t) = self.timers.remove(&id) {
@@ -125,6 +152,7 @@ impl Gateway {
             TimerId::HelloTimeout => self.link.on_hello_timer(now, &mut self.fx),
             TimerId::Reconnect => self.link.on_reconnect_timer(now, &mut self.fx),
             TimerId::Report => self.on_report_timer(now),
+            TimerId::Modbus(b) => self.on_modbus_timer(b),
         }
         self.apply_effects();
     }

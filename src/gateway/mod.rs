@@ -21,6 +21,8 @@ mod handlers;
 pub mod inputs;
 mod interpret;
 pub mod link;
+pub mod modbus;
+mod modbus_io;
 pub mod outputs;
 pub mod ports;
 pub mod reload;
@@ -86,6 +88,8 @@ pub struct Gateway {
     outputs: Outputs,
     inputs: Inputs,
     ports: BTreeMap<String, PortState>,
+    /// The Modbus buses, in configuration order (`TimerId::Modbus(n)` is bus `n`'s timer).
+    modbus: Vec<modbus_io::BusIo>,
     /// Reading sources removed on shutdown.
     reader_tokens: Vec<RegistrationToken>,
     /// The config file and the sources a reload replaces.
@@ -189,13 +193,14 @@ impl Gateway {
         )?);
 
         log::info!(
-            "gateway starting id={} endpoint={} security={} inputs={} outputs={} serial={} gpio={:?}",
+            "gateway starting id={} endpoint={} security={} inputs={} outputs={} serial={} modbus={} gpio={:?}",
             cfg.gateway.id,
             cfg.backend.endpoint,
             if cfg.backend.curve() { "curve" } else { "none" },
             cfg.gpio.input.len(),
             cfg.gpio.output.len(),
             cfg.serial.len(),
+            cfg.modbus.len(),
             cfg.gpio.backend
         );
         let now = Instant::now();
@@ -218,6 +223,11 @@ impl Gateway {
             command_log,
             outputs: Outputs::new(&cfg.gpio.output),
             inputs: Inputs::new(&cfg.gpio.input),
+            modbus: cfg
+                .modbus
+                .iter()
+                .map(|c| modbus_io::BusIo::new(c, now))
+                .collect(),
             cfg,
             handle,
             outbox,
@@ -246,6 +256,7 @@ impl Gateway {
         // Until the first handshake is reported.
         gw.link.start(now, &mut gw.fx);
         gw.apply_effects();
+        gw.start_modbus(now);
         Ok(gw)
     }
 

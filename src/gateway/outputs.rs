@@ -169,6 +169,12 @@ impl Outputs {
         let base = out.pulse.map_or(out.level, |p| p.restore);
         let level = match *action {
             Action::Set(v) => Level::try_from(v).map_err(|e| e.to_string())?,
+            Action::SetNumber(v) => {
+                return Err(format!(
+                    "set: value must be 0, 1, false or true, got {v} ({} is a GPIO output)",
+                    out.name
+                ))
+            }
             Action::Toggle => !base,
             Action::Pulse(ms) if ms > out.max_pulse_ms => {
                 return Err(format!(

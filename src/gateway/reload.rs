@@ -196,6 +196,9 @@ impl ReloadPlan {
         refuse(r, "spool.replay_max_per_s", ov, nv);
         refuse(r, "spool", o, n);
 
+        // Buses are opened and scheduled at start only.
+        refuse(r, "modbus", &old.modbus, &mut new.modbus);
+
         let (o, n) = (&old.gpio, &mut new.gpio);
         refuse(r, "gpio.backend", &o.backend, &mut n.backend);
         refuse(r, "gpio.sim_dir", &o.sim_dir, &mut n.sim_dir);

@@ -52,6 +52,8 @@ pub struct StatsInput<'a> {
     pub view: SpoolView,
     /// Serial ports by name.
     pub ports: &'a BTreeMap<String, PortState>,
+    /// Modbus poll counters: bus → device → counters.
+    pub modbus: Map<String, Value>,
     /// Wall-clock time now, in ms since the epoch.
     pub now_ms: u64,
     /// `clock`, `boot_id`, `mono_ms`, merged into the top level.
@@ -125,6 +127,7 @@ pub fn stats_message(s: &StatsInput<'_>) -> Message {
             "corrupt_records": sp.corrupt_records,
         },
         "serial": ports,
+        "modbus": s.modbus,
     });
     if let (Some(b), Some(c)) = (body.as_object_mut(), s.clock.as_object()) {
         b.extend(c.clone());

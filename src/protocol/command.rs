@@ -219,8 +219,11 @@ pub fn check_write_value(text: &str, allow_binary: bool) -> Result<(), String> {
 /// What a command asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Drive an output to 0 or 1.
+    /// Drive an output to 0 or 1 (or write 0 or 1 to a Modbus register or coil).
     Set(u8),
+    /// Write a number other than 0 and 1 to a Modbus register (`set` with such a value;
+    /// refused by GPIO outputs).
+    SetNumber(f64),
     /// Invert an output.
     Toggle,
     /// Invert an output for `ms` milliseconds, then restore the previous level.
@@ -233,7 +236,7 @@ impl Action {
     /// The action's name as written in a command (`set`, `toggle`, `pulse`, `write`).
     pub fn name(&self) -> &'static str {
         match self {
-            Action::Set(_) => "set",
+            Action::Set(_) | Action::SetNumber(_) => "set",
             Action::Toggle => "toggle",
             Action::Pulse(_) => "pulse",
             Action::Write(_) => "write",
@@ -265,6 +268,7 @@ impl Command {
         h.field(self.action.name().as_bytes());
         match &self.action {
             Action::Set(level) => h.field(&[*level]),
+            Action::SetNumber(v) => h.field(&v.to_bits().to_le_bytes()),
             Action::Toggle => {}
             Action::Pulse(ms) => h.field(&ms.to_le_bytes()),
             Action::Write(text) => h.field(text.as_bytes()),
@@ -405,10 +409,14 @@ pub fn parse_command(body: &[u8]) -> Result<Command, CommandError> {
             Some(Value::Number(n)) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
                 Action::Set(n.as_u64().unwrap_or(0) as u8)
             }
+            // Any other number is for a Modbus register; a GPIO output refuses it.
+            Some(Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {
+                Action::SetNumber(n.as_f64().unwrap_or(0.0))
+            }
             Some(other) => {
                 return Err(bad(
                     Some(id),
-                    format!("set: value must be 0, 1, false or true, got {other}"),
+                    format!("set: value must be a number, false or true, got {other}"),
                 ))
             }
             None => return Err(bad(Some(id), "set: missing \"value\"".into())),

@@ -59,6 +59,11 @@ fn commands_parse() {
     let c =
         parse_command(br#"{"id":"c-1","target":"relay1","action":"set","value":false}"#).unwrap();
     assert_eq!(c.action, Action::Set(0));
+    // Other numbers are for Modbus registers (a GPIO output refuses them).
+    let c = parse_command(br#"{"id":"c","target":"m.sp","action":"set","value":12.5}"#).unwrap();
+    assert_eq!(c.action, Action::SetNumber(12.5));
+    let c = parse_command(br#"{"id":"c","target":"m.sp","action":"set","value":-3}"#).unwrap();
+    assert_eq!(c.action, Action::SetNumber(-3.0));
     let c = parse_command(br#"{"id":"c","target":"r","action":"toggle"}"#).unwrap();
     assert_eq!(c.action, Action::Toggle);
     let c =
@@ -77,7 +82,10 @@ fn bad_commands_are_refused_with_id_when_known() {
         (br#"{"id":5,"target":"r","action":"set","value":1}"#, false),
         (br#"{"id":"c","action":"set","value":1}"#, true),
         (br#"{"id":"c","target":"r","action":"fly"}"#, true),
-        (br#"{"id":"c","target":"r","action":"set","value":2}"#, true),
+        (
+            br#"{"id":"c","target":"r","action":"set","value":[2]}"#,
+            true,
+        ),
         (
             br#"{"id":"c","target":"r","action":"set","value":"1"}"#,
             true,

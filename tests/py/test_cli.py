@@ -131,6 +131,11 @@ def test_demo_runs_and_stops_cleanly():
         assert set(m["values"]) == {"temperature", "humidity", "pressure"}, m
         assert all(isinstance(v, float) for v in m["values"].values()), m
         assert TIME_RE.match(m["time"])
+    meter = [m for m in msgs if m["kind"] == "reading" and m["source"] == "meter1"]
+    assert len(meter) >= 2, f"the simulated Modbus meter is polled every 2 s, got {len(meter)}"
+    for m in meter:
+        assert list(m["values"]) == ["voltage", "current", "power", "energy_kwh", "setpoint"], m
+        assert 215 <= m["values"]["voltage"] <= 245, m
     replies = [m for m in msgs if m["kind"] == "reply"]
     assert {"kind": "reply", "gateway": "gw-01", "id": "demo-1", "ok": True} in replies, replies
     assert "stopped cleanly" in r.stderr

@@ -8,6 +8,7 @@ pub mod forwarder;
 pub mod idle;
 pub mod instructions;
 pub mod latency;
+pub mod modbus;
 pub mod size;
 pub mod steady;
 pub mod syscalls;

@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(!cmd.id.is_empty() && cmd.id.len() <= MAX_ID_LEN);
             match cmd.action {
                 Action::Set(v) => assert!(v <= 1),
+                Action::SetNumber(v) => assert!(v.is_finite()),
                 Action::Pulse(ms) => assert!(ms > 0),
                 Action::Write(ref s) => {
                     let _ = check_write_value(s, false);

@@ -18,6 +18,7 @@ use crate::config::{ModbusConfig, Parity, RegisterConfig};
 use crate::limit::LogLimits;
 use crate::protocol::Values;
 use rmodbus::client::ModbusRequest;
+use rmodbus::ErrorKind;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -319,9 +320,13 @@ impl Bus {
         let (request, _) = self.in_flight.take().expect("checked above");
         let frame = &self.rx[..need];
         let result = if exception {
+            // rmodbus checks CRC and unit, then reports the exception as an error of its
+            // own (it knows codes 1 to 9 only: any code is taken from the frame).
             match request.req.parse_ok(frame) {
-                Err(e) if e.is_modbus_error() => Err(Failure::Exception(frame[2])),
-                _ => Err(Failure::Broken),
+                Err(ErrorKind::FrameCRCError | ErrorKind::FrameBroken) | Ok(()) => {
+                    Err(Failure::Broken)
+                }
+                Err(_) => Err(Failure::Exception(frame[2])),
             }
         } else {
             match request.job {

@@ -426,3 +426,52 @@ fn a_reload_keeps_the_running_buses() {
     );
     assert_eq!(plan.config.modbus, old.modbus, "the running buses stay");
 }
+
+/// The Modbus CRC-16 (polynomial 0xA001), to build frames by hand.
+fn crc(frame: &[u8]) -> [u8; 2] {
+    let mut crc: u16 = 0xFFFF;
+    for &b in frame {
+        crc ^= u16::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc.to_le_bytes()
+}
+
+#[test]
+fn every_exception_code_is_an_exception_and_a_bad_crc_is_not() {
+    for (code, name) in [(2u8, "illegal data address"), (11, "gateway target device")] {
+        let mut rig = Rig::new(METER, vec![]);
+        let (_, first) = rig.sent[0].clone();
+        let mut resp = vec![1, first[1] | 0x80, code];
+        resp.extend(crc(&resp));
+        let mut out = Vec::new();
+        rig.bus.on_bytes(&resp, rig.now, &mut out);
+        rig.out = out;
+        rig.absorb();
+        let s = rig.stats("meter");
+        assert_eq!((s.exceptions, s.crc_errors), (1, 0), "code {code}");
+        assert!(exception_name(code).starts_with(name));
+    }
+    let mut rig = Rig::new(METER, vec![]);
+    let (_, first) = rig.sent[0].clone();
+    let mut resp = vec![1, first[1] | 0x80, 2];
+    resp.extend(crc(&resp));
+    resp[4] ^= 1;
+    let mut out = Vec::new();
+    rig.bus.on_bytes(&resp, rig.now, &mut out);
+    rig.out = out;
+    rig.absorb();
+    let s = rig.stats("meter");
+    assert_eq!(
+        (s.exceptions, s.crc_errors),
+        (0, 0),
+        "retried first (retries = 1)"
+    );
+    assert_eq!(rig.sent.len(), 1, "the retry waits for the gap");
+}

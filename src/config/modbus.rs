@@ -64,6 +64,10 @@ pub struct ModbusDeviceConfig {
     /// `[[modbus.device.register]]`: the values read at each poll.
     #[serde(default)]
     pub register: Vec<RegisterConfig>,
+    /// Which polls are sent and when (`report`, `deadband`, `deadbands`, `min_interval_ms`,
+    /// `max_interval_s`).
+    #[serde(flatten)]
+    pub report: super::ReportConfig,
 }
 
 /// `[[modbus.device.register]] kind`: which Modbus table the address is in.
@@ -258,6 +262,7 @@ pub(super) fn validate(
                     format!("unit {} is used twice on bus {:?}", dev.unit, bus.name),
                 );
             }
+            dev.report.check(true).or_else(|(key, msg)| at(&key, msg))?;
             if !(10..=86_400_000).contains(&dev.poll_ms) {
                 return at("poll_ms", "must be between 10 and 86400000".into());
             }

@@ -100,7 +100,7 @@ impl Gateway {
     /// The one path from a completed Modbus poll (device `device` of bus `b`) to a reading.
     fn modbus_reading(&mut self, b: usize, device: usize, values: &Values, now: Instant) {
         let name = self.modbus[b].bus.device_name(device).to_string();
-        self.emit_reading(&name, values, now);
+        self.report_reading(&name, values, now);
     }
 
     /// Arms (or moves) the one-shot timer `id`.

@@ -1,15 +1,15 @@
 //! The interpreter's side of report on change ([`report`](super::report)) and of honest
-//! timestamps ([`crate::clock`]): readings of serial ports and GPIO inputs pass their
-//! source's [`Reporter`](super::report::Reporter) before they are stored; held readings and
-//! heartbeats leave on [`TimerId::Report`]; every reading made while the clock is not
-//! synchronised carries `clock`, `mono_ms` and `boot_id`.
+//! timestamps ([`crate::clock`]): readings of serial ports, GPIO inputs and Modbus devices
+//! pass their source's [`Reporter`](super::report::Reporter) before they are stored; held
+//! readings and heartbeats leave on [`TimerId::Report`]; every reading made while the clock
+//! is not synchronised carries `clock`, `mono_ms` and `boot_id`.
 
 use super::report::{Decision, Kind, Released};
 use super::*;
 use crate::protocol::ReadingExtra;
 
 impl Gateway {
-    /// One reporter per serial port and GPIO input of `cfg`; those of sources no longer
+    /// One reporter per serial port, GPIO input and Modbus device of `cfg`; those of sources no longer
     /// configured are dropped, their held readings sent now.
     pub(super) fn sync_reports(&mut self, now: Instant) {
         let cfg = &self.cfg;
@@ -18,6 +18,7 @@ impl Gateway {
             .iter()
             .map(|s| s.name.clone())
             .chain(cfg.gpio.input.iter().map(|i| i.name.clone()))
+            .chain(cfg.modbus.iter().flat_map(|b| b.device.iter().map(|d| d.name.clone())))
             .collect();
         let gone = self.reports.retain(|s| names.iter().any(|n| n == s));
         for sc in &cfg.serial {
@@ -25,6 +26,9 @@ impl Gateway {
         }
         for ic in &cfg.gpio.input {
             self.reports.set(&ic.name, &ic.report, Kind::Events, now);
+        }
+        for dc in cfg.modbus.iter().flat_map(|b| &b.device) {
+            self.reports.set(&dc.name, &dc.report, Kind::Samples, now);
         }
         self.reports.rearm(&mut self.fx);
         for r in gone {

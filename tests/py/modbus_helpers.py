@@ -168,7 +168,8 @@ def words_32(x, little=False):
 
 
 def bus_toml(name, path, devices, timeout_ms=100, retries=1, baud=9600):
-    """``[[modbus]]`` text; ``devices``: (name, unit, poll_ms, [register dicts])."""
+    """``[[modbus]]`` text; ``devices``: (name, unit, poll_ms, [register dicts][, {device
+    keys}])."""
     def val(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -178,9 +179,11 @@ def bus_toml(name, path, devices, timeout_ms=100, retries=1, baud=9600):
 
     lines = ["[[modbus]]", f'name = "{name}"', f'path = "{path}"', f"baud = {baud}",
              f"timeout_ms = {timeout_ms}", f"retries = {retries}"]
-    for dname, unit, poll_ms, regs in devices:
+    for dname, unit, poll_ms, regs, *more in devices:
         lines += ["", "[[modbus.device]]", f'name = "{dname}"', f"unit = {unit}",
                   f"poll_ms = {poll_ms}"]
+        for extra in more:
+            lines += [f"{k} = {val(v)}" for k, v in extra.items()]
         for r in regs:
             lines += ["", "[[modbus.device.register]]"]
             lines += [f"{k} = {val(v)}" for k, v in r.items()]

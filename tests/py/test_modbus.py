@@ -188,3 +188,32 @@ def test_garbage_link_counts_crc_errors_without_panic(modbus_rig):
     peer.recv_until(lambda: len([1 for k, b in peer.history if k == "reading"]) > n + 5)
     gw.assert_alive()
     assert "panicked" not in gw.log(since_start=True)
+
+
+def test_report_on_change_with_a_deadband(modbus_rig):
+    """A device polled every 50 ms with report = "on_change": a value that stays within the
+    deadband sends nothing (counted as suppressed), one that moves beyond it is sent once."""
+    regs = [{"name": "volts", "kind": "holding", "address": 10, "type": "u16", "scale": 0.1}]
+    gw, peer, server, _ = modbus_rig(
+        [("meter1", 1, 50, regs, {"report": "on_change", "deadband": 0.5})], [1])
+    server.set(1, HR, 10, [2300])
+    first = peer.expect("reading", lambda b: b["source"] == "meter1"
+                        and b["values"]["volts"] == 230.0, timeout=5)
+    # Within the deadband (0.3 V): polled, not sent.
+    server.set(1, HR, 10, [2303])
+    stats = peer.expect("stats", lambda b: b["counters"]["suppressed"].get("meter1", 0) >= 10,
+                        timeout=5)
+    assert stats["modbus"]["bus1"]["meter1"]["ok"] >= 10
+    # Beyond it (1.0 V from the value last sent): sent once.
+    server.set(1, HR, 10, [2310])
+    moved = peer.expect("reading", lambda b: b["source"] == "meter1"
+                        and b["seq"] > first["seq"], timeout=5)
+    assert moved["values"]["volts"] == 231.0, moved
+    # The next stats interval: still that one reading since.
+    later = peer.expect("stats", lambda b: b["modbus"]["bus1"]["meter1"]["ok"]
+                        >= stats["modbus"]["bus1"]["meter1"]["ok"] + 10, timeout=5)
+    sent = [r for r in peer.of_kind("reading")
+            if r["source"] == "meter1" and r["seq"] >= first["seq"]]
+    assert [r["values"]["volts"] for r in sent] == [230.0, 231.0], sent
+    assert later["counters"]["suppressed"]["meter1"] >= 20
+    gw.assert_alive()

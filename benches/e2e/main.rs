@@ -47,6 +47,7 @@ mod backend;
 mod items;
 mod outbox;
 mod process;
+mod profile;
 mod pty;
 mod report;
 mod spool;

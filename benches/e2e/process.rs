@@ -327,11 +327,15 @@ impl Drop for Gw {
 // The sim GPIO observer
 
 /// Records the time of every write to `<dir>/gpio27` (the sim writes a level in place).
-pub fn watch_pin(dir: &Path, stop: Arc<AtomicBool>) -> Res<thread::JoinHandle<Vec<u64>>> {
+/// A write of the pin file seen by [`watch_pin`]: when (ns), and the level it held.
+pub type PinWrite = (u64, Option<u8>);
+
+pub fn watch_pin(dir: &Path, stop: Arc<AtomicBool>) -> Res<thread::JoinHandle<Vec<PinWrite>>> {
     let ino =
         Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|e| e.to_string())?;
     ino.add_watch(dir, AddWatchFlags::IN_MODIFY)
         .map_err(|e| e.to_string())?;
+    let file = dir.join("gpio27");
     Ok(thread::spawn(move || {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         realtime_observer();
@@ -340,16 +344,39 @@ pub fn watch_pin(dir: &Path, stop: Arc<AtomicBool>) -> Res<thread::JoinHandle<Ve
             let mut fds = [PollFd::new(ino.as_fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(50u16));
             let at = now_ns();
+            let mut modified = false;
             while let Ok(events) = ino.read_events() {
-                for e in events {
-                    if e.name.as_deref().and_then(|n| n.to_str()) == Some("gpio27") {
-                        seen.push(at);
-                    }
-                }
+                modified |= events
+                    .iter()
+                    .any(|e| e.name.as_deref().and_then(|n| n.to_str()) == Some("gpio27"));
+            }
+            if modified {
+                // The level written, so a command is paired with the write that carried its
+                // value: inotify merges identical events the reader has not read yet, so a
+                // count of events may fall behind the writes.
+                let level = std::fs::read_to_string(&file)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u8>().ok());
+                seen.push((at, level));
             }
         }
         seen
     }))
+}
+
+/// For each command (sent at `t`, setting level `v`): the time from `t` to the first
+/// observed write of `v` at or after `t` (`None`: never seen). A write merged with a later
+/// one is found at the next write of the same level (an overestimate); a write delayed past
+/// the next command of the same level (20 ms on) is counted for both, and its own latency
+/// shows the delay.
+pub fn pin_latencies(sent: &[(u64, u8)], seen: &[PinWrite]) -> Vec<Option<u64>> {
+    sent.iter()
+        .map(|&(t, v)| {
+            seen.iter()
+                .find(|&&(at, level)| at >= t && level == Some(v))
+                .map(|&(at, _)| at - t)
+        })
+        .collect()
 }
 
 /// Makes the calling (observer) thread SCHED_FIFO if allowed, so that its timestamps do not

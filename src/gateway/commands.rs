@@ -114,6 +114,8 @@ pub struct Commands {
     pending_writes: HashMap<u64, (String, Option<BodyDigest>)>,
     next_write_token: u64,
     logs: LogLimits,
+    /// The gateway is shutting down: new commands are refused, not remembered.
+    stopping: bool,
     /// Commands answered `ok: true`.
     pub ok: u64,
     /// Commands answered `ok: false`.
@@ -132,10 +134,18 @@ impl Commands {
             pending_writes: HashMap::new(),
             next_write_token: 1,
             logs: LogLimits::default(),
+            stopping: false,
             ok: 0,
             failed: 0,
             bad_messages: 0,
         }
+    }
+
+    /// The gateway is shutting down: from now on a new command is refused with a reply and
+    /// not remembered, so the backend may send it again (same id) once the gateway is back. A
+    /// pulse started now would be cut short at exit, and a reply could miss the flush.
+    pub fn set_stopping(&mut self) {
+        self.stopping = true;
     }
 
     /// Remembers the answered commands of an earlier run (the command log, oldest first), as
@@ -182,8 +192,19 @@ impl Commands {
                 return None;
             }
         }
-        // The rate limit comes after the duplicate check (a retry of an executed command is
-        // answered as before) and is not remembered (the same id may be retried later).
+        // Shutdown and the rate limit come after the duplicate check (a retry of an executed
+        // command is answered as before) and are not remembered (the same id may be retried).
+        if self.stopping {
+            self.failed += 1;
+            let msg = "gateway is shutting down: not executed; send it again (same id) once                        the gateway is back";
+            if self.logs.allow("command during shutdown", now) {
+                log::warn!("command refused id={} error=\"{msg}\"", id.unwrap_or("-"));
+            }
+            if let Some(id) = id {
+                fx.push(Effect::Send(protocol::reply_err(id, msg)));
+            }
+            return None;
+        }
         if !self.rate.try_take(now) {
             self.failed += 1;
             let msg = format!("rate limit exceeded (max_per_s={})", self.max_per_s);
@@ -580,6 +601,32 @@ mod tests {
         assert!(r[0].contains("rate limit exceeded (max_per_s=2)"), "{r:?}");
         let later = t0 + std::time::Duration::from_secs(1);
         assert!(c.on_command(body(3).as_bytes(), later, &mut fx).is_some());
+    }
+
+    /// During shutdown: a new command is refused and forgotten (a retry after the restart
+    /// runs); a retry of one answered before is answered as before.
+    #[test]
+    fn shutdown_refuses_new_commands_and_forgets_them() {
+        let t0 = Instant::now();
+        let mut c = Commands::new(10, t0);
+        let mut fx = Effects::default();
+        let body = |i: u32| format!(r#"{{"id":"s-{i}","target":"relay1","action":"toggle"}}"#);
+        let cmd = c.on_command(body(1).as_bytes(), t0, &mut fx).unwrap();
+        c.finish(&cmd.id, Ok(()), t0, &mut fx);
+        let before = sent(&mut fx);
+        c.set_stopping();
+        assert!(c.on_command(body(2).as_bytes(), t0, &mut fx).is_none());
+        let r = sent(&mut fx);
+        assert!(
+            r[0].contains("shutting down") && r[0].contains(r#""ok":false"#),
+            "{r:?}"
+        );
+        assert!(c.on_command(body(1).as_bytes(), t0, &mut fx).is_none());
+        assert_eq!(sent(&mut fx), before, "answered as before");
+        assert!(c.remembered().all(|(id, _)| id != "s-2"), "not remembered");
+        let mut fresh = Commands::new(10, t0);
+        fresh.restore(c.remembered().map(|(i, e)| (i.to_string(), e.clone())));
+        assert!(fresh.on_command(body(2).as_bytes(), t0, &mut fx).is_some());
     }
 
     #[test]

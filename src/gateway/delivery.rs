@@ -27,6 +27,11 @@ pub struct SpoolView {
     pub first_unacked: Option<u64>,
     /// The seq the next appended reading gets.
     pub next_seq: u64,
+    /// Readings below this seq are on disk and may be sent ([`Spool::sendable_end`]): under
+    /// `fsync = "always"` a reading waits for its `fdatasync` before it is queued.
+    ///
+    /// [`Spool::sendable_end`]: crate::spool::Spool::sendable_end
+    pub sendable_end: u64,
 }
 
 impl SpoolView {
@@ -103,10 +108,10 @@ impl Delivery {
         self.next_send
     }
 
-    /// Whether every stored reading (up to `next_seq`) was moved into the outbox: then
+    /// Whether every sendable reading (below `sendable_end`) was moved into the outbox: then
     /// [`Delivery::fill`] has nothing to do.
-    pub fn caught_up(&self, next_seq: u64) -> bool {
-        self.next_send >= next_seq
+    pub fn caught_up(&self, sendable_end: u64) -> bool {
+        self.next_send >= sendable_end
     }
 
     /// Whether the backend connection is up, as last reported.
@@ -114,12 +119,13 @@ impl Delivery {
         self.connected
     }
 
-    /// A reading was stored as `seq`. True: nothing older waits in the spool, so the reading
-    /// may go straight into the outbox without being read back from disk; report that with
-    /// [`Delivery::direct_pushed`].
+    /// A reading was stored as `seq`. True: it is sendable already and nothing older waits in
+    /// the spool, so it may go straight into the outbox without being read back from disk;
+    /// report that with [`Delivery::direct_pushed`]. False under `fsync = "always"` until its
+    /// sync is done: [`Delivery::fill`] then reads it back.
     pub fn on_stored(&mut self, seq: u64, view: SpoolView, now: Instant) -> bool {
         self.stored += 1;
-        self.may_go_direct(seq, view, now)
+        seq < view.sendable_end && self.may_go_direct(seq, view, now)
     }
 
     /// Reading `seq` got its seq but is not on disk (file system full). True: it is next in
@@ -160,7 +166,7 @@ impl Delivery {
     /// Moves readings from the spool into the outbox while it has `room`, in seq order,
     /// within the replay pace.
     pub fn fill(&mut self, view: SpoolView, room: usize, now: Instant, fx: &mut Effects) {
-        if room == 0 || self.read_pending || self.next_send >= view.next_seq {
+        if room == 0 || self.read_pending || self.next_send >= view.sendable_end {
             return;
         }
         let mut want = room.min(REPLAY_BATCH);
@@ -185,13 +191,14 @@ impl Delivery {
         });
     }
 
-    /// The answer to [`Effect::ReadSpool`]: `next` is the seq after the last reading queued,
-    /// `None` when nothing from the requested seq on was left (acked or dropped meanwhile).
+    /// The answer to [`Effect::ReadSpool`] (a read below `view.sendable_end`): `next` is the
+    /// seq after the last reading queued, `None` when nothing sendable from the requested seq
+    /// on was left (acked or dropped meanwhile).
     pub fn replayed(&mut self, next: Option<u64>, view: SpoolView) {
         self.read_pending = false;
         self.next_send = match next {
             Some(n) => n.max(self.next_send),
-            None => view.next_seq,
+            None => view.sendable_end.max(self.next_send),
         };
     }
 
@@ -353,6 +360,7 @@ mod tests {
         SpoolView {
             first_unacked,
             next_seq,
+            sendable_end: next_seq,
         }
     }
 
@@ -387,6 +395,33 @@ mod tests {
         d.replayed(Some(7), view(Some(1), 7));
         assert_eq!(d.next_send(), 7);
         assert!(d.on_stored(7, view(Some(1), 8), t0));
+    }
+
+    #[test]
+    fn readings_not_yet_durable_wait_for_their_sync() {
+        let t0 = Instant::now();
+        let mut d = Delivery::new(&cfg(0), view(None, 1), t0);
+        let unsynced = |first, next, end| SpoolView {
+            sendable_end: end,
+            ..view(first, next)
+        };
+        // fsync = "always": seqs 1 and 2 are written, their sync has not returned.
+        assert!(!d.on_stored(1, unsynced(Some(1), 2, 1), t0));
+        assert!(!d.on_stored(2, unsynced(Some(1), 3, 1), t0));
+        let mut fx = Effects::default();
+        d.fill(unsynced(Some(1), 3, 1), 10, t0, &mut fx);
+        assert!(fx.is_empty(), "nothing sendable yet");
+        assert!(d.caught_up(1));
+        // The sync covered seq 1 only: one is read back, up to the sendable end.
+        d.fill(unsynced(Some(1), 3, 2), 10, t0, &mut fx);
+        assert_eq!(fx.drain(), vec![Effect::ReadSpool { from: 1, max: 10 }]);
+        d.replayed(Some(2), unsynced(Some(1), 3, 2));
+        assert_eq!(d.next_send(), 2);
+        // Seq 2 was dropped meanwhile: the read finds nothing below the end.
+        d.fill(unsynced(Some(1), 3, 3), 10, t0, &mut fx);
+        fx.drain();
+        d.replayed(None, unsynced(Some(1), 3, 3));
+        assert_eq!(d.next_send(), 3);
     }
 
     #[test]

@@ -12,6 +12,14 @@ impl Gateway {
         self.apply_effects();
     }
 
+    /// `fsync = "always"`: the spool's helper thread synced readings; queue them.
+    pub(super) fn on_spool_durable(&mut self) {
+        if self.spool.poll_durable() {
+            self.fill_outbox(Instant::now());
+            self.apply_effects();
+        }
+    }
+
     pub(super) fn on_stats_timer(&mut self) {
         let m = self.stats_now();
         self.send(m);

@@ -265,7 +265,7 @@ impl Gateway {
 
     pub(super) fn fill_outbox(&mut self, now: Instant) {
         // Skips the spool look-up on the hot path (nothing waits: nothing to fill).
-        if self.delivery.caught_up(self.spool.next_seq()) {
+        if self.delivery.caught_up(self.spool.sendable_end()) {
             return;
         }
         let (view, room) = (self.view(), self.outbox.room());
@@ -276,7 +276,8 @@ impl Gateway {
     /// room, in seq order, and tells delivery where it stopped.
     pub(super) fn read_spool(&mut self, from: u64, max: usize) {
         let mut batch = Vec::new();
-        if let Err(e) = self.spool.read_from(from, max, &mut batch) {
+        let end = self.spool.sendable_end();
+        if let Err(e) = self.spool.read_range(from, end, max, &mut batch) {
             self.counters.spool_errors += 1;
             if self.logs.allow("spool read failed", Instant::now()) {
                 log::error!("spool read failed from seq={from}: {e}");

@@ -143,6 +143,15 @@ impl Gateway {
         let spool_dir = cfg.gateway.data_dir.join("spool");
         // Spool::open logs what it recovered (segments, records, discarded bytes, next seq).
         let (spool, _recovery) = Spool::open(&spool_dir, cfg.spool.clone())?;
+        // fsync = "always": the spool's helper thread says when readings became durable.
+        let (durable_ping, durable_source) = calloop::ping::make_ping()
+            .map_err(|e| lerr("creating the spool's durable ping")(e.into()))?;
+        handle
+            .insert_source(durable_source, |_, _, gw: &mut Gateway| {
+                gw.on_spool_durable()
+            })
+            .map_err(ierr("adding the spool's durable ping"))?;
+        spool.set_durable_waker(Box::new(move || durable_ping.ping()));
 
         let OpenGpio {
             backend: gpio,
@@ -194,6 +203,7 @@ impl Gateway {
         let view = SpoolView {
             first_unacked: spool.first_unacked(),
             next_seq: spool.next_seq(),
+            sendable_end: spool.sendable_end(),
         };
         // The ids answered before a restart (see `command_log`).
         let mut commands = Commands::new(cfg.commands.max_per_s, now);
@@ -354,6 +364,7 @@ impl Gateway {
         }
         self.end_pulses("shutdown");
         self.release_held();
+        self.commands.set_stopping();
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
         if let Err(e) = sd_notify::stopping() {
@@ -419,6 +430,7 @@ impl Gateway {
         SpoolView {
             first_unacked: self.spool.first_unacked(),
             next_seq: self.spool.next_seq(),
+            sendable_end: self.spool.sendable_end(),
         }
     }
 

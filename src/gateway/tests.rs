@@ -143,8 +143,9 @@ fn readings_reach_the_outbox_and_rewind_from_the_spool() {
     assert!(!gw.timers.contains_key(&TimerId::ConnCheck));
 }
 
-/// Shutdown restores a pulsing output at once (the pin is written, the timer cancelled), and
-/// the exit path restores a pulse started during the flush.
+/// Shutdown restores a pulsing output at once (the pin is written, the timer cancelled) and
+/// refuses a pulse during the flush; the exit path (also taken when the loop stops on an
+/// error, without a shutdown) restores a running pulse.
 #[test]
 fn shutdown_ends_running_pulses() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,6 +165,17 @@ fn shutdown_ends_running_pulses() {
 
     gw.on_command(pulse("p-2").as_bytes(), Instant::now());
     gw.apply_effects();
+    assert_eq!(
+        pin(),
+        Some(crate::hw::Level::Low),
+        "refused during the flush"
+    );
+    gw.finish();
+    drop(gw);
+
+    let (_ev, mut gw) = test_gateway(dir.path());
+    gw.on_command(pulse("p-3").as_bytes(), Instant::now());
+    gw.apply_effects();
     assert_eq!(pin(), Some(crate::hw::Level::High));
     gw.finish();
     assert_eq!(
@@ -171,4 +183,68 @@ fn shutdown_ends_running_pulses() {
         Some(crate::hw::Level::Low),
         "restored on the way out"
     );
+}
+
+/// `fsync = "always"` with the disk stalled in an `fdatasync`: readings are stored but not
+/// queued (durable, then sent), while a command is executed and answered at once; when the
+/// sync returns, the loop is woken and queues the readings in order.
+#[test]
+fn fsync_always_queues_readings_after_their_sync_and_commands_do_not_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"gw-t\"\ndata_dir = \"{0}\"\n\
+         [backend]\nendpoint = \"tcp://127.0.0.1:1\"\n\
+         [spool]\nfsync = \"always\"\n\
+         [gpio]\nbackend = \"sim\"\nsim_dir = \"{0}\"\n\
+         [[gpio.output]]\nname = \"relay1\"\npin = 27\n",
+        dir.path().display()
+    );
+    let cfg = Config::parse(&text, "t.toml").unwrap();
+    let mut ev = EventLoop::try_new().unwrap();
+    let mut gw = Gateway::new(cfg, &ev).unwrap();
+    let readings = |gw: &Gateway| -> Vec<String> {
+        gw.outbox.peek(|o| {
+            o.iter()
+                .filter(|m| m.kind == protocol::KIND_READING)
+                .map(|m| m.body.clone())
+                .collect()
+        })
+    };
+    // relay1's start reading (seq 1) is durable and queued once the loop has run.
+    gw.spool.wait_for_deletions();
+    ev.dispatch(Some(Duration::ZERO), &mut gw).unwrap();
+    assert_eq!(readings(&gw).len(), 1);
+
+    let hold = gw.spool.hold_helper();
+    let now = Instant::now();
+    for i in 0..3 {
+        gw.emit_reading("s", &Values::single("n", &json!(i)), now);
+    }
+    ev.dispatch(Some(Duration::from_millis(20)), &mut gw)
+        .unwrap();
+    assert_eq!(readings(&gw).len(), 1, "not synced: not queued");
+    assert_eq!(gw.spool.next_seq(), 5, "stored");
+
+    gw.on_command(
+        br#"{"id":"c-1","target":"relay1","action":"set","value":1}"#,
+        now,
+    );
+    gw.apply_effects();
+    assert_eq!(
+        crate::hw::sim::read_pin_file(dir.path(), 27).unwrap(),
+        Some(crate::hw::Level::High),
+        "the command did not wait for the disk"
+    );
+    assert_eq!(replies(&gw).len(), 1);
+
+    drop(hold);
+    gw.spool.wait_for_deletions();
+    ev.dispatch(Some(Duration::from_millis(100)), &mut gw)
+        .unwrap();
+    let r = readings(&gw);
+    // seqs 2..4, then the output's level reading the command caused (seq 5).
+    assert!(r.len() >= 4, "{r:?}");
+    for (i, seq) in (1..=4).enumerate() {
+        assert!(r[i].contains(&format!("\"seq\":{seq}")), "{r:?}");
+    }
 }

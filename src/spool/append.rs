@@ -246,20 +246,27 @@ impl Spool {
         self.live += 1;
         match self.cfg.fsync {
             FsyncPolicy::Always => {
-                // The record is stored (its seq used): a failure here is no reason to write it
+                // Durable, then queued: the helper thread syncs (one sync covers every record
+                // written before it starts) and then moves `sendable_end` past this seq. The
+                // record is stored (its seq used): a failure here is no reason to write it
                 // again.
                 let a = self.active.as_ref().expect("active");
-                a.file
-                    .sync_data()
-                    .map_err(|e| Unwritten::Failed(io_err(&a.path)(e)))?;
-                self.fsyncs += 1;
-                if fresh {
-                    self.sync_dir().map_err(Unwritten::Failed)?;
+                match self
+                    .deleter
+                    .sync_durable(&a.path, || a.file.try_clone(), fresh, seq + 1)
+                    .map_err(|e| Unwritten::Failed(io_err(&a.path)(e)))?
+                {
+                    Some(counted) => self.fsyncs += u64::from(counted) + u64::from(fresh),
+                    None => {
+                        self.fsyncs += 1 + u64::from(fresh);
+                        self.durable_next = seq + 1;
+                    }
                 }
             }
             FsyncPolicy::Interval => {
                 self.dirty = true;
                 self.dir_dirty |= fresh;
+                self.durable_next = seq + 1;
             }
         }
         Ok(())

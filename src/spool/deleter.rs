@@ -11,9 +11,14 @@
 //! * The periodic syncs of `fsync = "interval"`: the `fdatasync` of the active segment (on a
 //!   duplicated descriptor), of a segment closed by a roll, of the directory, and the
 //!   atomic `state` write (two fsyncs). Each of these measured 1–35 ms on a development
-//!   machine's disk, all of it time the loop could not serve a serial line or a command. Under
-//!   `fsync = "always"` the per-append fsync stays on the loop thread: the record must be
-//!   durable before `append_with` returns (and so before it is sent).
+//!   machine's disk, all of it time the loop could not serve a serial line or a command.
+//! * The syncs of `fsync = "always"` ("durable, then queued"): each append asks for an
+//!   `fdatasync` of its segment (and of the directory for a new segment) with the seq it must
+//!   cover. Once the syncs taken with that request have returned, the thread publishes the
+//!   seq below which everything is durable ([`Deleter::durable`]) and calls the waker, so the
+//!   loop queues those readings for sending. One sync covers every record written before it
+//!   started (a group commit), and an `fdatasync` that takes seconds under write pressure
+//!   delays only the readings it covers, never a command or a serial line.
 //!
 //! The work waiting for the thread is a small set, not a queue of requests: at most one
 //! pending `fdatasync` per segment file (a request for a file whose sync has not started yet is
@@ -23,8 +28,9 @@
 //! come meanwhile. Unlinks are one per deleted segment, and a deletion cancels the segment's
 //! pending sync.
 //!
-//! The thread takes all pending work at once and does it in this order: unlinks (they free
-//! space a `state` write may need), data syncs, directory fsync, `state`. While one operation
+//! The thread takes all pending work at once and does it in this order: data syncs and the
+//! directory fsync a new segment needs (then the durable seq is published), unlinks (they
+//! free space a `state` write may need), the directory fsync after unlinks, `state`. While one operation
 //! runs longer than the stall threshold the disk is reported as stalled (see
 //! [`Deleter::status`]). An error is logged here and also kept for the loop, which reports it
 //! from the next [`Spool::tick`](super::Spool::tick); a `state` write that failed is marked so
@@ -54,11 +60,17 @@ struct Work {
     sync_dir: bool,
     /// The newest state to write.
     state: Option<State>,
+    /// `fsync = "always"`: once the syncs above returned, every seq below this is durable.
+    durable: Option<u64>,
 }
 
 impl Work {
     fn is_empty(&self) -> bool {
-        self.deletes.is_empty() && self.syncs.is_empty() && !self.sync_dir && self.state.is_none()
+        self.deletes.is_empty()
+            && self.syncs.is_empty()
+            && !self.sync_dir
+            && self.state.is_none()
+            && self.durable.is_none()
     }
     fn len(&self) -> usize {
         self.deletes.len() + self.syncs.len() + usize::from(self.sync_dir) + self.state.iter().len()
@@ -92,6 +104,10 @@ struct Shared {
     failed: Option<(PathBuf, io::Error)>,
     /// A `state` write failed since the loop last looked; `Some(true)` if for lack of space.
     state_failed: Option<bool>,
+    /// Every seq below this is durable (`fsync = "always"`), as last published.
+    durable: u64,
+    /// Called after `durable` moved: wakes the loop.
+    waker: Option<Box<dyn Fn() + Send>>,
 }
 
 impl Shared {
@@ -229,6 +245,26 @@ impl Worker {
     }
 
     fn run(&mut self, w: Work) {
+        for (path, file) in w.syncs {
+            // A failed fdatasync is reported (the loop logs it from its next tick); the
+            // readings it covered are still released for sending: holding them back would
+            // not bring the data back, and would stop delivery for good.
+            if let Err(e) = self.op("fdatasync", &path, || file.sync_data()) {
+                self.fail(path, e, "fdatasync of");
+            }
+        }
+        if w.sync_dir {
+            self.sync_dir();
+        }
+        if let Some(upto) = w.durable {
+            let mut s = self.inner.lock();
+            if upto > s.durable {
+                s.durable = upto;
+                if let Some(wake) = &s.waker {
+                    wake();
+                }
+            }
+        }
         let mut unlinked = false;
         for path in w.deletes {
             match self.op("unlink", &path, || fs::remove_file(&path)) {
@@ -240,12 +276,7 @@ impl Worker {
                 ),
             }
         }
-        for (path, file) in w.syncs {
-            if let Err(e) = self.op("fdatasync", &path, || file.sync_data()) {
-                self.fail(path, e, "fdatasync of");
-            }
-        }
-        if w.sync_dir || (unlinked && self.sync_dir_after_unlink) {
+        if unlinked && self.sync_dir_after_unlink {
             self.sync_dir();
         }
         if let Some(s) = w.state {
@@ -294,6 +325,8 @@ impl Deleter {
                 stall_after: STALL_AFTER,
                 failed: None,
                 state_failed: None,
+                durable: 0,
+                waker: None,
             }),
             wake: Condvar::new(),
             idle: Condvar::new(),
@@ -404,6 +437,52 @@ impl Deleter {
         }
         File::open(&self.dir).and_then(|d| d.sync_all())?;
         Ok(true)
+    }
+
+    /// `fsync = "always"`: makes sure an `fdatasync` of the segment `path` (as
+    /// [`Deleter::sync_data`]) and, for a new segment (`new_file`), of the directory is
+    /// pending, to be followed by publishing every seq below `durable_to` as durable
+    /// ([`Deleter::durable`]) and calling the waker. Returns `Some(counted)` when queued
+    /// (`counted`: a new sync of `path` was queued, not one already pending), or `None` when
+    /// the thread is not running and the syncs were done inline (durable now).
+    pub fn sync_durable(
+        &self,
+        path: &Path,
+        file: impl FnOnce() -> io::Result<File>,
+        new_file: bool,
+        durable_to: u64,
+    ) -> io::Result<Option<bool>> {
+        if self.handle.is_none() {
+            file()?.sync_data()?;
+            if new_file {
+                File::open(&self.dir).and_then(|d| d.sync_all())?;
+            }
+            return Ok(None);
+        }
+        let mut s = self.inner.lock();
+        // A sync of `path` not started yet covers this record too.
+        let counted = !s.work.syncs.iter().any(|(p, _)| p == path);
+        if counted {
+            let f = file()?;
+            s.work.syncs.push((path.to_path_buf(), f));
+        }
+        s.work.sync_dir |= new_file;
+        s.work.durable = Some(s.work.durable.unwrap_or(0).max(durable_to));
+        s.queued += 1;
+        self.inner.wake.notify_one();
+        Ok(Some(counted))
+    }
+
+    /// Every seq below this is durable, as published by the thread after the syncs of
+    /// [`Deleter::sync_durable`].
+    pub fn durable(&self) -> u64 {
+        self.inner.lock().durable
+    }
+
+    /// Sets the function the thread calls each time [`Deleter::durable`] moves (it must be
+    /// cheap and must not block: it runs on the helper thread).
+    pub fn set_waker(&self, wake: Box<dyn Fn() + Send>) {
+        self.inner.lock().waker = Some(wake);
     }
 
     /// Queues an atomic write of the `state` file (replacing one not yet written); writes

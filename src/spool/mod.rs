@@ -32,6 +32,8 @@ mod tests_budget;
 #[cfg(test)]
 mod tests_disk;
 #[cfg(test)]
+mod tests_durable;
+#[cfg(test)]
 mod tests_recovery;
 
 pub use crate::spool::config::{FsyncPolicy, SpoolConfig, WhenFull, DEFAULT_REPLAY_MAX_PER_S};
@@ -109,7 +111,8 @@ pub struct Recovery {
 /// What [`Spool::append_with`] did with a reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored (written to the OS; also fsynced under `fsync = "always"`). `dropped_oldest`
+    /// Stored (written to the OS; under `fsync = "always"` its sync is queued: it becomes
+    /// sendable later, see [`Spool::sendable_end`]). `dropped_oldest`
     /// unacked readings were discarded to make room.
     Stored {
         /// The reading's seq.
@@ -204,6 +207,10 @@ pub struct Spool {
     state_dirty: bool,
     last_state_write: Option<Instant>,
     fsyncs: u64,
+    /// Every seq below this is on disk and may be sent: `next_seq` under `fsync =
+    /// "interval"`; under `"always"`, what the helper thread's syncs have covered so far (see
+    /// [`Spool::sendable_end`]).
+    durable_next: u64,
     reader: Option<CachedReader>,
     drop_log: DropLog,
     scratch: Vec<u8>,
@@ -232,6 +239,40 @@ impl Spool {
     /// The seq the next append gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// Readings below this seq may be sent. Under `fsync = "interval"` that is every stored
+    /// reading (`next_seq`). Under `fsync = "always"` a reading is durable before it is sent:
+    /// `append_with` only writes it and asks the helper thread for the `fdatasync`, and the
+    /// seq moves on when [`Spool::poll_durable`] sees the sync done (the waker set with
+    /// [`Spool::set_durable_waker`] says when to look).
+    pub fn sendable_end(&self) -> u64 {
+        self.durable_next
+    }
+
+    /// Takes in what the helper thread has made durable; true if [`Spool::sendable_end`]
+    /// moved. Costs one uncontended lock.
+    pub fn poll_durable(&mut self) -> bool {
+        let d = self.deleter.durable().min(self.next_seq);
+        if d > self.durable_next {
+            self.durable_next = d;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Sets what the helper thread calls (on its own thread) when readings became durable
+    /// under `fsync = "always"`: the loop's cue to call [`Spool::poll_durable`].
+    pub fn set_durable_waker(&self, wake: Box<dyn Fn() + Send>) {
+        self.deleter.set_waker(wake);
+    }
+
+    /// Blocks the helper thread in its next operation until the guard is dropped (tests: a
+    /// stalled disk).
+    #[cfg(test)]
+    pub(crate) fn hold_helper(&self) -> impl Drop {
+        self.deleter.hold()
     }
 
     /// The highest acked seq (cumulative).
@@ -467,6 +508,7 @@ impl Spool {
         self.deleter.take_state_failure(); // written again below
         self.dirty |= earlier.is_some() && self.active.is_some();
         self.sync_pending(true)?;
+        self.poll_durable();
         let written = self.write_state(self.next_seq, true);
         if matches!(&written, Err(SpoolError::Io { source, .. }) if is_disk_full(source)) {
             self.disk_full += 1;

@@ -91,10 +91,22 @@ impl Spool {
         max: usize,
         out: &mut Vec<(u64, Vec<u8>)>,
     ) -> Result<(), SpoolError> {
+        self.read_range(from, u64::MAX, max, out)
+    }
+
+    /// As [`Spool::read_from`], but only records with seq < `end` (e.g.
+    /// [`Spool::sendable_end`]).
+    pub fn read_range(
+        &mut self,
+        from: u64,
+        end: u64,
+        max: usize,
+        out: &mut Vec<(u64, Vec<u8>)>,
+    ) -> Result<(), SpoolError> {
         let mut want = from.max(self.low() + 1);
         let mut got = 0usize;
 
-        while got < max {
+        while got < max && want < end {
             let Some(key) = self.segment_for(want) else {
                 break;
             };
@@ -117,9 +129,15 @@ impl Spool {
             let r = self.reader.as_mut().expect("reader");
             loop {
                 match r.sc.next().map_err(io_err(&seg.path))? {
-                    Item::Record { rec, .. } => {
+                    Item::Record { rec, offset, .. } => {
                         if rec.seq <= r.last {
                             continue;
+                        }
+                        if rec.seq >= end {
+                            // Not taken: the cached reader stays before it for the next call.
+                            r.sc.back_to(offset).map_err(io_err(&seg.path))?;
+                            want = end;
+                            break;
                         }
                         r.last = rec.seq;
                         if rec.seq >= want && seg.contains(rec.seq) {

@@ -260,6 +260,7 @@ impl Spool {
             state_dirty: false,
             last_state_write: None,
             fsyncs: 0,
+            durable_next: next_seq,
             reader: None,
             drop_log: DropLog::default(),
             scratch: Vec::new(),

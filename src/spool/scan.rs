@@ -71,6 +71,18 @@ impl Scanner {
         Ok(())
     }
 
+    /// Goes back to `offset`, the start of a record this scanner just returned, so the next
+    /// call returns it again: from the buffer when it still holds it, else by seeking.
+    pub fn back_to(&mut self, offset: u64) -> io::Result<()> {
+        if offset >= self.base && offset <= self.offset() {
+            self.pos = (offset - self.base) as usize;
+            self.garbage_start = None;
+            Ok(())
+        } else {
+            self.seek(offset)
+        }
+    }
+
     /// File offset of the next unexamined byte.
     pub fn offset(&self) -> u64 {
         self.base + self.pos as u64

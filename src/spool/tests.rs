@@ -350,10 +350,15 @@ fn fsync_always_syncs_every_append() {
     c.fsync = FsyncPolicy::Always;
     let (mut sp, _) = Spool::open(d.path(), c).unwrap();
     append_n(&mut sp, 1, 10); // state reservation (2) + file (1) + new segment dir (1)
+    sp.wait_for_deletions();
     let base = sp.fsync_count();
     for i in 1..=20 {
         append_n(&mut sp, 1, 10);
         assert_eq!(sp.fsync_count(), base + i);
+        // Each sync done before the next append: none covers another.
+        sp.wait_for_deletions();
+        sp.poll_durable();
+        assert_eq!(sp.sendable_end(), sp.next_seq());
     }
     sp.tick().unwrap();
     assert_eq!(sp.fsync_count(), base + 20, "nothing left to sync");

@@ -85,11 +85,14 @@ def check_values_consistent(arrivals):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_kill9_under_load_no_gap(tmp_path, gateways, peers, pty_factory, feeds):
+@pytest.mark.parametrize("fsync", ["interval", "always"])
+def test_kill9_under_load_no_gap(tmp_path, gateways, peers, pty_factory, feeds, fsync):
+    # Under "always" readings are sent only after the spool's helper thread synced them.
     rng = random.Random(SEED)
     peer = acking_peer(peers)
     pty = sensor_pty(pty_factory)
-    gw = start_gateway(gateways, config(tmp_path, peer.endpoint, pty, spool={"retransmit_s": 2}))
+    gw = start_gateway(gateways, config(tmp_path, peer.endpoint, pty,
+                                        spool={"retransmit_s": 2, "fsync": fsync}))
     sensor = feeds(pty, rate=200)
     sensor.start()
     kills = 6

@@ -68,7 +68,7 @@ pub fn bench_backlog(o: &Opts, r: &mut Report, n: u64, replay: u32) -> Res<()> {
             let cid = format!("drain-{k}");
             let t = now_ns();
             be.command(&cid, "relay1", (k % 2) as u8);
-            sent.push(t);
+            sent.push((t, (k % 2) as u8));
             next_cmd = now + Duration::from_millis(10);
         }
         let before = be.distinct;
@@ -156,13 +156,12 @@ pub fn bench_backlog(o: &Opts, r: &mut Report, n: u64, replay: u32) -> Res<()> {
             Status::Fail
         },
     );
-    let mut lat: Vec<u64> = sent
-        .iter()
-        .zip(&seen)
-        .map(|(t, s)| s.saturating_sub(*t))
+    let mut lat: Vec<u64> = crate::process::pin_latencies(&sent, &seen)
+        .into_iter()
+        .flatten()
         .collect();
     lat.sort_unstable();
-    let missing = sent.len().saturating_sub(seen.len());
+    let missing = sent.len() - lat.len();
     let (p50, p99, max) = (pct(&lat, 50.0), pct(&lat, 99.0), pct(&lat, 100.0));
     let what = format!(
         "backlog drain {pacing} (spool read-back + acks + segment deletion): command set → \

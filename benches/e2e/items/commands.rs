@@ -2,7 +2,7 @@
 //! readings/s flow, and while the backend has stopped reading.
 
 use crate::backend::{setup, Backend};
-use crate::process::{watch_pin, Gw};
+use crate::process::{pin_latencies, watch_pin, Gw};
 use crate::pty::{now_ns, writer};
 use crate::report::{median_of_runs, pct, us, Report};
 use crate::{Opts, Res};
@@ -35,7 +35,7 @@ pub fn command_round(
         let cid = format!("c-{id}");
         let t = now_ns();
         be.command(&cid, "relay1", (k % 2) as u8);
-        sent.push((cid, t));
+        sent.push((cid, t, (k % 2) as u8));
         let next = Instant::now() + Duration::from_millis(10);
         while Instant::now() < next {
             if reading {
@@ -55,20 +55,20 @@ pub fn command_round(
     }
     stop.store(true, Ordering::Relaxed);
     let seen = watcher.join().map_err(|_| "watcher panicked")?;
-    let file: Vec<u64> = sent
-        .iter()
-        .zip(&seen)
-        .map(|((_, t), s)| s.saturating_sub(*t))
-        .collect();
+    let pin = pin_latencies(
+        &sent.iter().map(|&(_, t, v)| (t, v)).collect::<Vec<_>>(),
+        &seen,
+    );
+    let file: Vec<u64> = pin.iter().flatten().copied().collect();
     let reply: Vec<u64> = if reading {
         sent.iter()
-            .filter_map(|(cid, t)| be.replies.get(cid).map(|at| at.saturating_sub(*t)))
+            .filter_map(|(cid, t, _)| be.replies.get(cid).map(|at| at.saturating_sub(*t)))
             .collect()
     } else {
         Vec::new()
     };
     Ok(CommandRound {
-        file_missing: ncmd.saturating_sub(seen.len()),
+        file_missing: ncmd - file.len(),
         reply_missing: if reading { ncmd - reply.len() } else { 0 },
         file,
         reply,

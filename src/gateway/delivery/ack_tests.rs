@@ -8,6 +8,7 @@ fn view(first_unacked: Option<u64>, next_seq: u64) -> SpoolView {
     SpoolView {
         first_unacked,
         next_seq,
+        sendable_end: next_seq,
     }
 }
 

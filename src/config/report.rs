@@ -124,8 +124,8 @@ impl ReportConfig {
         for (key, d) in &self.deadbands {
             if !(d.is_finite() && *d >= 0.0) {
                 return bad(
-                    &format!("deadbands.{key}"),
-                    "must be a number, 0 or more".into(),
+                    "deadbands",
+                    format!("{key} = {d}: a deadband must be a number, 0 or more"),
                 );
             }
         }
@@ -224,7 +224,7 @@ mod tests {
         );
         assert_eq!(
             key("deadbands = { t = -0.1 }\nreport = \"on_change\"", true),
-            "deadbands.t"
+            "deadbands"
         );
         assert_eq!(key("deadband = 1.0", true), "deadband");
         assert_eq!(

@@ -9,7 +9,8 @@
 //! Structure: each concern is a plain state machine that takes its input and `now` and
 //! returns [`Effect`]s — [`link`] (connection checks), [`delivery`] (spool → outbox, rewind,
 //! retransmit, replay pace), [`commands`] (duplicates, rate limit, replies), [`outputs`]
-//! (levels, pulses), [`inputs`] (debounce). [`Gateway`] is the interpreter: the only part that
+//! (levels, pulses), [`inputs`] (debounce), [`report`] (report on change: deadband, minimum
+//! interval, heartbeat). [`Gateway`] is the interpreter: the only part that
 //! touches the `LoopHandle`, the socket, the spool and the hardware.
 
 pub mod command_log;
@@ -373,8 +374,8 @@ impl Gateway {
             return;
         }
         self.end_pulses("shutdown");
-        self.commands.set_stopping();
         self.release_held();
+        self.commands.set_stopping();
         let flush = Duration::from_millis(self.cfg.backend.shutdown_flush_ms);
         self.shutdown_deadline = Some(Instant::now() + flush);
         if let Err(e) = sd_notify::stopping() {

@@ -177,10 +177,13 @@ impl Reporter {
             if self.held.take().is_some() {
                 self.suppressed += 1;
             }
-            self.latest = Some(Kept {
-                values: values.clone(),
-                at: now,
-            });
+            if self.max_interval.is_some() {
+                // Heartbeat material; without a heartbeat nothing ever sends it.
+                self.latest = Some(Kept {
+                    values: values.clone(),
+                    at: now,
+                });
+            }
             return Decision::Suppress;
         }
         if self.sent_any && now < self.last_at + self.min_interval {

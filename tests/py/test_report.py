@@ -85,7 +85,7 @@ def test_min_interval_holds_the_last_change_and_heartbeats_repeat_it(
     assert hb["seq"] == 3 and hb["values"] == {"p": 3} and hb["heartbeat"] is True, hb
     assert set(hb) == reading_keys() | {"heartbeat"}, hb
     assert got_hb - got_held >= 2.8, got_hb - got_held
-    assert abs(ms_of(hb["time"]) / 1000 - repeat_at) < 0.5, (hb, repeat_at)
+    assert abs(ms_of(hb["time"]) / 1000 - repeat_at) < 1.0, (hb, repeat_at)
     # Nothing read since: no heartbeat (the silence shows).
     peer.expect_none("reading", within=4)
     # The next line is sent at once, as the heartbeat that is overdue (it changed nothing).
@@ -128,10 +128,13 @@ def test_clock_fields_follow_the_kernel(tmp_path, gateways, peers, pty_factory):
     word = "synced" if synced else "unsynced"
     gw, peer, s = start(tmp_path, gateways, peers, pty_factory, [("weather", [])])
     hello = peer.hellos[-1]
+    stats = peer.expect("stats")
     now_mono = time.clock_gettime(time.CLOCK_BOOTTIME) * 1000
-    for m in (hello, peer.expect("stats")):
+    for m in (hello, stats):
         assert (m["clock"], m["boot_id"]) == (word, BOOT_ID), m
-        assert 0 < now_mono - m["mono_ms"] < 10_000 or abs(now_mono - m["mono_ms"]) < 2000, m
+        # The same clock as ours, read when the message was made (within the last seconds).
+        assert 0 <= now_mono - m["mono_ms"] < 10_000, (now_mono, m)
+    assert hello["mono_ms"] <= stats["mono_ms"], (hello, stats)
     before = time.clock_gettime(time.CLOCK_BOOTTIME) * 1000
     s["weather"].line(b"t=1")
     r = peer.reading()

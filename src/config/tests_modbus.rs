@@ -73,10 +73,10 @@ fn modbus_parses_with_defaults() {
 
 #[test]
 fn modbus_unknown_keys_name_file_line_key() {
-    let e = err(&BUS.replace("unit = 2", "unit = 2\nreport = \"on_change\""));
+    let e = err(&BUS.replace("unit = 2", "unit = 2\ninterval_ms = 5"));
     assert_eq!(
         (e.line, e.key.as_str()),
-        (34, "modbus.device.report"),
+        (34, "modbus.device.interval_ms"),
         "{e}"
     );
     let e = err(&BUS.replace("scale = 0.1", "scale = 0.1\nbits = 3"));
@@ -183,4 +183,23 @@ fn modbus_checks_name_line_and_key() {
         .replace("parity = ", "x")
         .replace(p, &format!("{p}\nparity = \"mark\"")));
     assert_eq!(e.key, "modbus.parity", "{e}");
+}
+
+#[test]
+fn modbus_devices_take_the_report_keys() {
+    let c = Config::parse(
+        &BUS.replace(
+            "unit = 2",
+            "unit = 2\nreport = \"on_change\"\ndeadband = 0.5\nmax_interval_s = 60",
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let r = &c.modbus[0].device[1].report;
+    assert_eq!(
+        (r.report, r.deadband, r.max_interval_s),
+        (ReportMode::OnChange, 0.5, 60)
+    );
+    let e = err(&BUS.replace("unit = 2", "unit = 2\ndeadband = 0.5"));
+    assert_eq!(e.key.as_str(), "modbus.device.deadband", "{e}");
 }

@@ -18,7 +18,11 @@ impl Gateway {
             .iter()
             .map(|s| s.name.clone())
             .chain(cfg.gpio.input.iter().map(|i| i.name.clone()))
-            .chain(cfg.modbus.iter().flat_map(|b| b.device.iter().map(|d| d.name.clone())))
+            .chain(
+                cfg.modbus
+                    .iter()
+                    .flat_map(|b| b.device.iter().map(|d| d.name.clone())),
+            )
             .collect();
         let gone = self.reports.retain(|s| names.iter().any(|n| n == s));
         for sc in &cfg.serial {

@@ -28,6 +28,8 @@ const LOG_NO_HELLO: &str = "reading before hello";
 struct Gateway {
     flow: Flow,
     connected: bool,
+    /// The fd of the connection its last verified message came from.
+    fd: Option<i32>,
     /// Touched in this batch: an ack may be due.
     dirty: bool,
 }
@@ -116,6 +118,7 @@ impl Gateways {
         if r.frames.len() != 3 {
             return self.bad(Some(&id), &format!("{} frames, expected 3", r.frames.len()));
         }
+        let fd = r.fd;
         let kind = String::from_utf8_lossy(&r.frames[1]).into_owned();
         let body = Bytes::from(r.frames.into_iter().nth(2).unwrap_or_default());
         let value: Value = match serde_json::from_slice(&body) {
@@ -126,9 +129,13 @@ impl Gateways {
         let gw = self.gateways.entry(id.clone()).or_insert_with(|| Gateway {
             flow: Flow::new(max, INFLIGHT_TIMEOUT),
             connected: false,
+            fd: None,
             dirty: false,
         });
         gw.dirty = true;
+        if fd.is_some() {
+            gw.fd = fd;
+        }
         match kind.as_str() {
             protocol::KIND_HELLO => {
                 let spool_id = value.get("spool_id").and_then(Value::as_str).unwrap_or("");
@@ -368,18 +375,43 @@ impl Gateways {
         }
     }
 
-    /// A connection closed somewhere: probe connected gateways for a while (libzmq removes
-    /// the routing id shortly after the monitor event).
-    pub fn connection_closed(&mut self, now: Instant) {
-        self.probe_until = Some(now + PROBE_FOR);
-        self.probe();
+    /// Connections closed (their fds): a gateway whose messages came over one of them is
+    /// disconnected. This also covers a peer taking a gateway's routing id over (handover
+    /// closes the old connection): commands stop until the gateway's own key speaks again.
+    /// Gateways whose fd is unknown are probed for a while instead (libzmq removes a routing
+    /// id shortly after the monitor event).
+    pub fn connection_closed(&mut self, fds: &[i32], now: Instant) {
+        let lost: Vec<String> = self
+            .gateways
+            .iter()
+            .filter(|(_, g)| g.connected && g.fd.is_some_and(|fd| fds.contains(&fd)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            if let Some(g) = self.gateways.get_mut(&id) {
+                g.fd = None;
+            }
+            self.disconnected(&id);
+        }
+        if self
+            .gateways
+            .values()
+            .any(|g| g.connected && g.fd.is_none())
+        {
+            self.probe_until = Some(now + PROBE_FOR);
+            self.probe();
+        }
     }
 
     /// Re-sends each connected gateway its last ack (which changes nothing at the gateway):
     /// EHOSTUNREACH says its connection is gone.
     fn probe(&mut self) {
         let mut lost = Vec::new();
-        for (id, gw) in self.gateways.iter().filter(|(_, g)| g.connected) {
+        for (id, gw) in self
+            .gateways
+            .iter()
+            .filter(|(_, g)| g.connected && g.fd.is_none())
+        {
             let Some(seq) = gw.flow.last_ack() else {
                 continue;
             };

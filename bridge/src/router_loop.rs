@@ -41,8 +41,8 @@ fn pump(st: &mut State) {
             log::error!("ZAP handler: {e}");
         }
         match r.drain_monitor() {
-            Ok(0) => {}
-            Ok(_) => st.gw.connection_closed(now),
+            Ok(fds) if fds.is_empty() => {}
+            Ok(fds) => st.gw.connection_closed(&fds, now),
             Err(e) => log::error!("monitor: {e}"),
         }
         let mut n = 0;

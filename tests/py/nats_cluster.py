@@ -279,6 +279,8 @@ def nats_run(coro_fn, urls, timeout=30):
 def stream_messages(urls, subject="zgate.>", stream="ZGATE"):
     """Every message of ``stream`` matching ``subject``, read from the start by an ephemeral
     nats-py pull consumer: a list of (subject, headers dict, body bytes)."""
+    import asyncio
+
     from nats.errors import TimeoutError as NatsTimeout
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -291,7 +293,7 @@ def stream_messages(urls, subject="zgate.>", stream="ZGATE"):
         while True:
             try:
                 msgs = await sub.fetch(1000, timeout=1)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):
                 break
             out += [(m.subject, dict(m.headers or {}), m.data) for m in msgs]
         await sub.unsubscribe()

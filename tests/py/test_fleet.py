@@ -350,3 +350,51 @@ def test_identity_is_the_key_not_the_claimed_id(tmp_path, fleet, gateways):
         assert not stream_messages(cluster.urls, "zgate.gw-rogue.hello")
     finally:
         ctx.destroy(linger=0)
+
+
+# ---------------------------------------------------------------- subject tokens
+
+
+def token(name):
+    """The bridge's subject token (docs: A-Z a-z 0-9 _ - kept, every other byte =XX)."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "_-")
+                   else f"={b:02X}" for b in name.encode())
+
+
+def test_ids_and_sources_that_would_break_a_subject_are_escaped(tmp_path, fleet, gateways,
+                                                                 pty_factory, feeds):
+    cluster, bridge = fleet
+    port = free_port()
+    b = bridge("bridge-5", port)
+    gw_id, source = "site.A*>=1", "rain.gauge"
+    assert (token(gw_id), token(source)) == ("site=2EA=2A=3E=3D1", "rain=2Egauge")
+    pty = pty_factory("rain", nonblocking=True)
+    feed = feeds(pty, rate=50).start()
+    cfg = make_config(tmp_path / "gw5", f"tcp://127.0.0.1:{port}",
+                      serial=[(source, pty.path, "kv", "lf")], stats_interval_s=3600,
+                      outbox_max=None, shutdown_flush_ms=200, inputs=(),
+                      outputs=(("relay1", 27, 0, 2000),), gateway_id=gw_id,
+                      spool={"retransmit_s": 2})
+    gateways(cfg, "gw5")
+    b.wait_log(f"gateway connected gateway={gw_id}", 20)
+    time.sleep(2)
+    feed.stop()
+    subject = f"zgate.{token(gw_id)}.reading.{token(source)}"
+
+    def complete():
+        rs = stream_messages(cluster.urls, subject)
+        return rs if {json.loads(m[2])["values"]["n"] for m in rs} >= set(feed.written) else None
+
+    rs = wait_until(complete, 30, "every reading under the escaped subject", interval=1)
+    assert len(rs) == len(feed.written) > 20
+    for s, h, body in rs:
+        d = json.loads(body)
+        assert s == subject and (d["gateway"], d["source"]) == (gw_id, source)
+        assert h["Nats-Msg-Id"].startswith(f"{token(gw_id)}:") and \
+            h["Nats-Msg-Id"].endswith(f":{d['seq']}")
+    cmd = {"id": "e-1", "target": "relay1", "action": "set", "value": 1}
+    kind, body = wait_until(
+        lambda: (r := request(cluster.urls, f"zgate.{token(gw_id)}.command", cmd))[0]
+        == "reply" and r, 10, "a reply through the escaped command subject", interval=0.2)
+    assert body == {"id": "e-1", "ok": True}
+    assert kv_get(cluster.urls, token(gw_id))["connected"] is True

@@ -66,16 +66,22 @@ async fn ensure_stream(js: jetstream::Context, cfg: BridgeConfig, wake: Arc<Noti
         storage: stream::StorageType::File,
         ..Default::default()
     };
+    let mut first = true;
     loop {
         let mut backoff = Duration::from_millis(100);
         loop {
             match js.get_or_create_stream(config.clone()).await {
-                Ok(_) => {
+                Ok(_) if first => {
                     log::info!(
                         "stream ready stream={} replicas={}",
                         cfg.nats.stream,
                         cfg.nats.replicas
                     );
+                    first = false;
+                    break;
+                }
+                Ok(_) => {
+                    log::debug!("stream checked stream={}", cfg.nats.stream);
                     break;
                 }
                 Err(e) => {

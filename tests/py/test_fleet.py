@@ -396,3 +396,24 @@ def test_ids_and_sources_that_would_break_a_subject_are_escaped(tmp_path, fleet,
         == "reply" and r, 10, "a reply through the escaped command subject", interval=0.2)
     assert body == {"id": "e-1", "ok": True}
     assert kv_get(cluster.urls, token(gw_id))["connected"] is True
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_config_template_and_check_config(tmp_path):
+    import subprocess
+    from nats_cluster import BRIDGE_BIN
+    t = subprocess.run([BRIDGE_BIN, "config-template"], capture_output=True, text=True)
+    assert t.returncode == 0 and "[bridge]" in t.stdout and "duplicate_window_s" in t.stdout
+    good = tmp_path / "bridge.toml"
+    good.write_text(t.stdout)
+    r = subprocess.run([BRIDGE_BIN, "check-config", str(good)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(t.stdout.replace("max_inflight = 1024", "max_inflight = 1024\nmax_inflite = 9"))
+    r = subprocess.run([BRIDGE_BIN, "check-config", str(bad)], capture_output=True, text=True)
+    line = t.stdout.splitlines().index(next(x for x in t.stdout.splitlines()
+                                            if x.startswith("max_inflight"))) + 2
+    assert r.returncode != 0
+    assert f"{bad}:{line}: key bridge.max_inflite: unknown field" in r.stderr, r.stderr

@@ -284,6 +284,15 @@ impl Gateways {
         }
     }
 
+    /// Sends a command to a gateway connected here, and remembers where its reply goes.
+    ///
+    /// Refused (with an `ok: false` answer) when the gateway is not connected, or when its
+    /// routing id last carried another key's message (a peer with another allowed key took the
+    /// id over: ROUTER_HANDOVER hands an id to the newest connection that claims it). libzmq
+    /// tells nothing when such a takeover happens, only the taker's first message shows it: a
+    /// command sent between a silent takeover and that message reaches the taker. Closing
+    /// that window needs the routing id of a connection at its handshake, which the ROUTER does
+    /// not expose.
     fn command(&mut self, gateway: String, body: Bytes, reply: Option<String>, now: Instant) {
         let mut cmd = match serde_json::from_slice::<Value>(&body) {
             Ok(v @ Value::Object(_)) => v,

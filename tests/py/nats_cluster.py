@@ -303,13 +303,19 @@ def stream_messages(urls, subject="zgate.>", stream="ZGATE"):
 
 
 def kv_get(urls, key, bucket="zgate_gateways"):
-    """The JSON value of ``key`` in the bucket, or None when absent."""
+    """The JSON value of ``key`` in the bucket, or None when absent (or not answering yet)."""
     async def go(nc):
+        import asyncio
+
+        from nats.errors import TimeoutError as NatsTimeout
         from nats.js.errors import BucketNotFoundError, KeyNotFoundError
         try:
             kv = await nc.jetstream().key_value(bucket)
             e = await kv.get(key)
         except (KeyNotFoundError, BucketNotFoundError):
+            return None
+        except (NatsTimeout, asyncio.TimeoutError):
+            # A bucket just created answers once its replicas elected a leader.
             return None
         return json.loads(e.value)
 

@@ -299,7 +299,15 @@ def stream_messages(urls, subject="zgate.>", stream="ZGATE"):
         await sub.unsubscribe()
         return out
 
-    return nats_run(go, urls)
+    # Right after a node restart or an election JetStream may time out creating the consumer:
+    # a few more attempts, then the error stands.
+    for attempt in range(5):
+        try:
+            return nats_run(go, urls)
+        except (NatsTimeout, asyncio.TimeoutError):
+            if attempt == 4:
+                raise
+            time.sleep(1)
 
 
 def kv_get(urls, key, bucket="zgate_gateways"):

@@ -385,8 +385,8 @@ impl Gateways {
     }
 
     /// Connections closed (their fds): a gateway whose messages came over one of them is
-    /// disconnected. This also covers a peer taking a gateway's routing id over (handover
-    /// closes the old connection): commands stop until the gateway's own key speaks again.
+    /// disconnected, at once and without guessing. (A takeover of a routing id by ROUTER_HANDOVER
+    /// does not close the old connection: libzmq only detaches its pipe; see [`Self::command`].)
     /// Gateways whose fd is unknown are probed for a while instead (libzmq removes a routing
     /// id shortly after the monitor event).
     pub fn connection_closed(&mut self, fds: &[i32], now: Instant) {

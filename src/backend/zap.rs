@@ -2,8 +2,10 @@
 
 use crate::limit::LogLimits;
 use crate::security;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Log-limit kind of connections the allow list refused.
 pub const LOG_ZAP_REJECTED: &str = "connection rejected by the allow list";
@@ -35,6 +37,71 @@ pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
     }
     ids.sort();
     Ok(ids)
+}
+
+/// How long an in-memory copy of the allow list is used while its directory looks unchanged.
+pub const ALLOW_LIST_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// The allow list directory in memory (Z85 key → the ids it is registered under), so a burst
+/// of handshakes does not read every `.pub` file once per handshake. It is read again when the
+/// directory's modification time changed (a file added, removed or renamed: how keys are
+/// installed and revoked) and at the latest [`ALLOW_LIST_MAX_AGE`] after the last read (a file
+/// rewritten in place).
+#[derive(Debug)]
+pub struct AllowList {
+    dir: PathBuf,
+    by_key: HashMap<String, Vec<String>>,
+    read: Option<(Instant, SystemTime)>,
+}
+
+impl AllowList {
+    /// An allow list of `dir`, read on first use.
+    pub fn new(dir: PathBuf) -> AllowList {
+        AllowList {
+            dir,
+            by_key: HashMap::new(),
+            read: None,
+        }
+    }
+
+    /// The ids `key` (Z85) is registered under.
+    pub fn lookup(&mut self, key: &str, now: Instant) -> Result<Vec<String>, String> {
+        let mtime = std::fs::metadata(&self.dir)
+            .and_then(|m| m.modified())
+            .map_err(|e| format!("cannot read {}: {e}", self.dir.display()))?;
+        let fresh = self.read.is_some_and(|(at, m)| {
+            m == mtime && now.saturating_duration_since(at) < ALLOW_LIST_MAX_AGE
+        });
+        if !fresh {
+            self.reload()?;
+            self.read = Some((now, mtime));
+        }
+        Ok(self.by_key.get(key).cloned().unwrap_or_default())
+    }
+
+    fn reload(&mut self) -> Result<(), String> {
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| format!("cannot read {}: {e}", self.dir.display()))?;
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pub") {
+                continue;
+            }
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            match security::load_public_key(&path) {
+                Ok(k) => by_key.entry(k).or_default().push(id.to_string()),
+                Err(e) => log::warn!("allow list: skipping {}: {e}", path.display()),
+            }
+        }
+        for ids in by_key.values_mut() {
+            ids.sort();
+        }
+        self.by_key = by_key;
+        Ok(())
+    }
 }
 
 /// A ZAP decision: status code, status text, user id.
@@ -100,7 +167,7 @@ pub fn zap_decide(
 /// The ZAP handler: a REP socket on [`ZAP_ENDPOINT`], served from the backend's poll loop.
 pub struct Zap {
     pub(super) socket: zmq::Socket,
-    allow_dir: PathBuf,
+    allow: RefCell<AllowList>,
 }
 
 impl Zap {
@@ -109,7 +176,10 @@ impl Zap {
         let socket = ctx.socket(zmq::REP)?;
         socket.set_linger(0)?;
         socket.bind(ZAP_ENDPOINT)?;
-        Ok(Zap { socket, allow_dir })
+        Ok(Zap {
+            socket,
+            allow: RefCell::new(AllowList::new(allow_dir)),
+        })
     }
 
     /// Answers every pending request.
@@ -120,7 +190,8 @@ impl Zap {
                 Err(zmq::Error::EAGAIN) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let d = zap_decide(&frames, |key| allowed_ids(&self.allow_dir, key));
+            let now = Instant::now();
+            let d = zap_decide(&frames, |key| self.allow.borrow_mut().lookup(key, now));
             let address = frames
                 .get(3)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -216,5 +287,34 @@ mod tests {
         let other = security::KeyPair::generate().unwrap();
         assert!(allowed_ids(dir.path(), &other.public).unwrap().is_empty());
         assert!(allowed_ids(&dir.path().join("missing"), &key).is_err());
+    }
+
+    #[test]
+    fn allow_list_follows_keys_added_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let (_, pub_a) = security::keygen(&keys.path().join("a")).unwrap();
+        let key = security::load_public_key(&pub_a).unwrap();
+        let mut list = AllowList::new(dir.path().to_path_buf());
+        let t0 = Instant::now();
+        assert!(list.lookup(&key, t0).unwrap().is_empty());
+        std::fs::copy(&pub_a, dir.path().join("gw-a.pub")).unwrap();
+        // Within the same instant: the directory's new mtime makes it read again.
+        let ids = list.lookup(&key, t0).unwrap();
+        let ids = if ids.is_empty() {
+            // A file system whose mtime did not move (coarse clock): the age bound applies.
+            list.lookup(&key, t0 + ALLOW_LIST_MAX_AGE).unwrap()
+        } else {
+            ids
+        };
+        assert_eq!(ids, vec!["gw-a"]);
+        std::fs::remove_file(dir.path().join("gw-a.pub")).unwrap();
+        let later = t0 + ALLOW_LIST_MAX_AGE * 2;
+        assert!(
+            list.lookup(&key, later).unwrap().is_empty(),
+            "a revoked key is refused"
+        );
+        std::fs::remove_dir(dir.path()).unwrap();
+        assert!(list.lookup(&key, later).is_err());
     }
 }

@@ -26,28 +26,25 @@
 //! the peer's address, with one log limit per kind of rejection.
 
 mod ledger;
+mod router;
 mod stdin;
 mod zap;
 
 pub use ledger::{is_spool_id, GatewayLedger};
+pub use router::{
+    Received, Route, Router, RouterOptions, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS,
+    LOG_HANDSHAKE_FAILED, LOG_IMPERSONATION,
+};
 pub use stdin::LineReader;
 pub use zap::{allowed_ids, zap_decide, Zap, ZapDecision, ZAP_DOMAIN, ZAP_ENDPOINT};
 
-use crate::limit::LogLimits;
 use crate::protocol;
-use crate::security;
-use crate::sources::zmq::{recv_monitor_event, MonitorEvent};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Instant;
-
-/// ZMTP heartbeat interval of the ROUTER (the gateway uses the same).
-pub const HEARTBEAT_IVL_MS: i32 = 10_000;
-/// A connection that sent nothing, heartbeats included, for this long is dropped.
-pub const HEARTBEAT_TIMEOUT_MS: i32 = 30_000;
 
 /// How `zgate backend` runs.
 #[derive(Debug, Clone, Default)]
@@ -65,59 +62,17 @@ pub struct BackendOptions {
     pub allow_dir: Option<PathBuf>,
 }
 
-/// Who last spoke under a routing id (CURVE only).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Route {
-    /// The key registered under this id.
-    Verified,
-    /// A key registered under another id (the user id).
-    Impersonated(String),
-}
-
-/// One received message and what libzmq knows about its sender.
-struct Received {
-    frames: Vec<Vec<u8>>,
-    user_id: Option<String>,
-    peer: Option<String>,
-}
-
-/// The peer address of a socket fd owned by libzmq, if it is still open.
-fn peer_of_fd(fd: i32) -> Option<String> {
-    use std::os::fd::FromRawFd;
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the fd is only borrowed: ManuallyDrop never closes it. If libzmq closed it
-    // meanwhile, peer_addr fails (or names whatever reuses it: used for a log line only).
-    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    stream.peer_addr().ok().map(|a| a.to_string())
-}
-
 /// The reference backend: a ROUTER socket, its ZAP handler and the per-gateway ledgers.
 pub struct Backend {
-    socket: zmq::Socket,
+    router: Router,
     ledgers: HashMap<Vec<u8>, GatewayLedger>,
     opts: BackendOptions,
     /// Random per run: generated command ids never repeat those of an earlier run, which the
     /// gateway would answer from its cache (or refuse) instead of executing.
     run_id: u32,
     next_command: u64,
-    zap: Option<Zap>,
-    monitor: zmq::Socket,
-    routes: HashMap<Vec<u8>, Route>,
-    /// Peer addresses of accepted connections, by fd (for handshake failure logs).
-    accepted: HashMap<i32, String>,
-    /// A handshake failure waiting for its DISCONNECTED event (which names the fd).
-    failed_handshake: Option<String>,
-    /// One log limit per kind of rejection: a flood of one kind (a gateway with a wrong
-    /// server key retrying several times a second) never hides another (an impersonation).
-    logs: LogLimits,
 }
 
-/// Log-limit kind of handshakes that failed before authentication.
-pub const LOG_HANDSHAKE_FAILED: &str = "connection rejected (handshake failed)";
-/// Log-limit kind of messages whose routing id is not the id their key is registered under.
-pub const LOG_IMPERSONATION: &str = "message rejected (impersonation)";
 /// Log-limit kind of commands that could not be sent.
 pub const LOG_NOT_SENT: &str = "command not sent";
 
@@ -138,88 +93,27 @@ fn print_line(v: &Value) {
 impl Backend {
     /// Creates the ROUTER (and with CURVE the ZAP handler, bound first) and binds it.
     pub fn new(ctx: &zmq::Context, opts: BackendOptions) -> Result<Backend, anyhow::Error> {
-        use anyhow::Context as _;
-        let socket = ctx.socket(zmq::ROUTER)?;
-        socket.set_router_mandatory(true)?;
-        // A gateway that reconnects (its link froze, its heartbeat gave up) comes back with
-        // the same routing id while the old pipe may still be alive here: without handover
-        // the ROUTER keeps the stale pipe and silently ignores the new connection.
-        socket.set_router_handover(true)?;
-        // ZMTP heartbeats, as the gateway's: a dead link is found and its pipe dropped.
-        socket.set_heartbeat_ivl(HEARTBEAT_IVL_MS)?;
-        socket.set_heartbeat_timeout(HEARTBEAT_TIMEOUT_MS)?;
-        socket.set_linger(1000)?;
-        let zap = match (&opts.secret_key, &opts.allow_dir) {
-            (Some(key), Some(dir)) => {
-                security::require_curve().map_err(anyhow::Error::msg)?;
-                let pair = security::load_secret_key(key).map_err(anyhow::Error::msg)?;
-                let meta = std::fs::metadata(dir)
-                    .with_context(|| format!("allow list directory {}", dir.display()))?;
-                anyhow::ensure!(meta.is_dir(), "{} is not a directory", dir.display());
-                // The ZAP handler exists before the socket can accept anyone.
-                let zap = Zap::bind(ctx, dir.clone())
-                    .with_context(|| format!("binding the ZAP handler {ZAP_ENDPOINT}"))?;
-                socket.set_curve_server(true)?;
-                socket.set_curve_secretkey(&pair.secret_bytes())?;
-                socket.set_zap_domain(ZAP_DOMAIN)?;
-                log::info!(
-                    "CURVE on: backend public key {} (gateways set it as backend.server_public_key); allow list {}",
-                    pair.public,
-                    dir.display()
-                );
-                Some(zap)
-            }
-            (None, None) => {
-                if !security::endpoint_is_local(&opts.bind) {
-                    log::warn!(
-                        "INSECURE: bind={} without CURVE: the link is plaintext and \
-                         unauthenticated; anyone who can reach this port can read readings, \
-                         send readings as any gateway id and receive its commands; start with \
-                         --secret-key FILE --allow DIR (see {})",
-                        opts.bind,
-                        security::SECURITY_DOC
-                    );
-                }
-                None
-            }
-            _ => anyhow::bail!("--secret-key and --allow go together"),
-        };
-        let monitor_ep = format!("inproc://zgate-backend-monitor-{}", std::process::id());
-        socket.monitor(
-            &monitor_ep,
-            (zmq::SocketEvent::ACCEPTED as u16
-                | zmq::SocketEvent::DISCONNECTED as u16
-                | zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as u16
-                | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as u16
-                | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as u16) as i32,
+        let router = Router::new(
+            ctx,
+            &RouterOptions {
+                bind: opts.bind.clone(),
+                secret_key: opts.secret_key.clone(),
+                allow_dir: opts.allow_dir.clone(),
+            },
+            "backend",
         )?;
-        let monitor = ctx.socket(zmq::PAIR)?;
-        monitor.connect(&monitor_ep)?;
-        socket
-            .bind(&opts.bind)
-            .with_context(|| format!("cannot bind {}", opts.bind))?;
         Ok(Backend {
-            socket,
+            router,
             ledgers: HashMap::new(),
             opts,
             run_id: random_run_id(),
             next_command: 1,
-            zap,
-            monitor,
-            routes: HashMap::new(),
-            accepted: HashMap::new(),
-            failed_handshake: None,
-            logs: LogLimits::default(),
         })
-    }
-
-    fn curve(&self) -> bool {
-        self.zap.is_some()
     }
 
     /// The ROUTER socket.
     pub fn socket(&self) -> &zmq::Socket {
-        &self.socket
+        self.router.socket()
     }
 
     /// Polls the socket and stdin until interrupted.
@@ -230,11 +124,11 @@ impl Backend {
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             let mut items = vec![
-                self.socket.as_poll_item(zmq::POLLIN),
-                self.monitor.as_poll_item(zmq::POLLIN),
+                self.router.socket().as_poll_item(zmq::POLLIN),
+                self.router.monitor().as_poll_item(zmq::POLLIN),
             ];
-            if let Some(zap) = &self.zap {
-                items.push(zap.socket.as_poll_item(zmq::POLLIN));
+            if let Some(zap) = self.router.zap_socket() {
+                items.push(zap.as_poll_item(zmq::POLLIN));
             }
             let stdin_index = items.len();
             if stdin_open {
@@ -243,17 +137,15 @@ impl Backend {
             zmq::poll(&mut items, -1)?;
             let sock_ready = items[0].is_readable();
             let monitor_ready = items[1].is_readable();
-            let zap_ready = self.zap.is_some() && items[2].is_readable();
+            let zap_ready = self.router.curve() && items[2].is_readable();
             let stdin_ready =
                 stdin_open && (items[stdin_index].is_readable() || items[stdin_index].is_error());
             drop(items);
             if zap_ready {
-                if let Some(zap) = &self.zap {
-                    zap.serve(&mut self.logs)?;
-                }
+                self.router.serve_zap()?;
             }
             if monitor_ready {
-                self.drain_monitor()?;
+                self.router.drain_monitor()?;
             }
             if sock_ready {
                 self.drain()?;
@@ -281,106 +173,11 @@ impl Backend {
         }
     }
 
-    /// Logs handshake failures (e.g. a peer without CURVE, or with the wrong server key).
-    fn drain_monitor(&mut self) -> Result<(), zmq::Error> {
-        while let Some(MonitorEvent { event, value, .. }) = recv_monitor_event(&self.monitor)? {
-            use zmq::SocketEvent as E;
-            match event {
-                E::ACCEPTED => {
-                    let fd = value as i32;
-                    let peer = peer_of_fd(fd).unwrap_or_else(|| "unknown".into());
-                    self.accepted.insert(fd, peer);
-                }
-                E::HANDSHAKE_FAILED_PROTOCOL => {
-                    self.failed_handshake = Some(format!(
-                        "protocol error {value:#x}: a peer without CURVE, or one using the \
-                         wrong server public key"
-                    ));
-                }
-                E::HANDSHAKE_FAILED_NO_DETAIL => {
-                    self.failed_handshake = Some(format!(
-                        "errno {value}: peer closed during the handshake or uses another \
-                         security mechanism"
-                    ));
-                }
-                // Logged by the ZAP handler, with the reason.
-                E::HANDSHAKE_FAILED_AUTH => self.failed_handshake = None,
-                E::DISCONNECTED => {
-                    let peer = self.accepted.remove(&(value as i32));
-                    if let Some(why) = self.failed_handshake.take() {
-                        if self.logs.allow(LOG_HANDSHAKE_FAILED, Instant::now()) {
-                            log::warn!(
-                                "connection rejected peer={} reason=\"handshake failed: {why}\"",
-                                peer.as_deref().unwrap_or("unknown")
-                            );
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Receives one multipart message with the sender's ZAP user id and address.
-    fn recv_message(&self) -> Result<Option<Received>, zmq::Error> {
-        let mut frames = Vec::new();
-        let mut user_id = None;
-        let mut peer = None;
-        loop {
-            let mut msg = match self.socket.recv_msg(zmq::DONTWAIT) {
-                Ok(m) => m,
-                Err(zmq::Error::EAGAIN) if frames.is_empty() => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            if frames.len() == 1 {
-                // The first frame the peer sent (after the routing id ROUTER adds).
-                user_id = msg.gets("User-Id").map(str::to_string);
-                peer = msg.gets("Peer-Address").map(str::to_string);
-            }
-            let more = msg.get_more();
-            frames.push(msg.to_vec());
-            if !more {
-                return Ok(Some(Received {
-                    frames,
-                    user_id,
-                    peer,
-                }));
-            }
-        }
-    }
-
-    /// With CURVE: true when the routing id is the id the sender's key is registered under.
-    fn sender_verified(&mut self, r: &Received) -> bool {
-        if !self.curve() {
-            return true;
-        }
-        let Some(id) = r.frames.first() else {
-            return false;
-        };
-        let user = r.user_id.as_deref().unwrap_or("");
-        if user.as_bytes() == id.as_slice() {
-            self.routes.insert(id.clone(), Route::Verified);
-            return true;
-        }
-        self.routes
-            .insert(id.clone(), Route::Impersonated(user.to_string()));
-        if self.logs.allow(LOG_IMPERSONATION, Instant::now()) {
-            log::warn!(
-                "message rejected peer={} reason=\"routing id {:?} but the key is registered as {:?} (impersonation)\"",
-                r.peer.as_deref().unwrap_or("unknown"),
-                String::from_utf8_lossy(id),
-                user
-            );
-        }
-        false
-    }
-
     /// Receives everything available, then acks each gateway once.
     pub fn drain(&mut self) -> Result<(), zmq::Error> {
         let mut to_ack: Vec<Vec<u8>> = Vec::new();
-        while let Some(received) = self.recv_message()? {
-            if !self.sender_verified(&received) {
+        while let Some(received) = self.router.recv_message()? {
+            if !self.router.sender_verified(&received) {
                 continue;
             }
             if let Some(id) = self.handle_message(received.frames) {
@@ -405,13 +202,8 @@ impl Backend {
         }
     }
 
-    /// Sends one message without blocking. With ZMQ_ROUTER_MANDATORY a routing id with no
-    /// connection fails with EHOSTUNREACH instead of being dropped silently.
     fn send(&self, id: &[u8], kind: &str, body: &str) -> Result<(), zmq::Error> {
-        self.socket
-            .send(id, zmq::SNDMORE | zmq::DONTWAIT)
-            .and_then(|_| self.socket.send(kind, zmq::SNDMORE | zmq::DONTWAIT))
-            .and_then(|_| self.socket.send(body, zmq::DONTWAIT))
+        self.router.send(id, kind, body.as_bytes())
     }
 
     /// Prints (stdout) and logs (stderr, rate-limited) a message that could not be sent.
@@ -425,7 +217,7 @@ impl Backend {
             e => format!("{e}"),
         };
         let error = format!("{what} not sent: {why}");
-        if self.logs.allow(LOG_NOT_SENT, Instant::now()) {
+        if self.router.logs().allow(LOG_NOT_SENT, Instant::now()) {
             log::warn!("{error}");
         }
         print_line(&json!({"kind": "error", "gateway": gateway, "error": error}));
@@ -540,7 +332,7 @@ impl Backend {
                 return;
             }
         };
-        if let Some(Route::Impersonated(by)) = self.routes.get(gateway.as_bytes()) {
+        if let Some(Route::Impersonated(by)) = self.router.route(gateway.as_bytes()) {
             print_line(&json!({
                 "kind": "error",
                 "gateway": gateway,

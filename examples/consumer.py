@@ -63,6 +63,14 @@ async def connect(args):
         raise ConnectionError(f"no NATS server reachable within {args.connect_timeout} s")
 
 
+def token(name):
+    """A gateway id or source name as the bridge writes it in a subject: A-Z a-z 0-9 _ - as
+    they are, every other byte of the UTF-8 text as =XX (`gw.01` -> `gw=2E01`)."""
+    kept = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+    t = "".join(chr(b) if b in kept else f"={b:02X}" for b in name.encode())
+    return t or "="
+
+
 def out(obj):
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()
@@ -121,7 +129,7 @@ async def command(args):
            "action": args.action}
     if value is not None:
         cmd["value"] = value
-    subject = f"zgate.{args.gateway}.command"
+    subject = f"zgate.{token(args.gateway)}.command"
     nc = await connect(args)
     try:
         try:

@@ -160,3 +160,11 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     assert rc == 4
     assert "no NATS server reachable within 1.0 s" in err and url in err
     assert err.count("Connect call failed") == 1  # each distinct problem said once
+
+
+def test_command_subject_escapes_the_gateway_id_as_the_bridge_does(tmp_path, nats_server):
+    # '.' would split the subject: the bridge's token escapes it as =2E (docs/fleet.md).
+    rc, out, err = run_consumer(tmp_path, nats_server.url, "command", "site.7 gw", "relay1",
+                                "toggle", name="escaped")
+    assert rc == 3, err
+    assert "no responders on zgate.site=2E7=20gw.command" in err

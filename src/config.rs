@@ -534,6 +534,22 @@ impl Config {
     }
 }
 
+/// Parses TOML `text` into `T` with the errors of [`Config::parse`]: file, line and dotted key
+/// (an unknown key of a `deny_unknown_fields` type included). Other binaries of the workspace
+/// (`zgate-bridge`) read their config files with it.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| toml_error(text, file, &e))
+}
+
+/// The 1-based line where `key` is set in table `[section]` of `text` (the header's line when
+/// the key is absent, 0 when the section is absent): for errors found after parsing.
+pub fn line_of_key(text: &str, section: &str, key: &str) -> usize {
+    locate::locate(text, section, None, key)
+}
+
 /// A fully commented configuration, printed by `zgate config-template`.
 pub const TEMPLATE: &str = include_str!("config_template.toml");
 

@@ -56,6 +56,50 @@ pub struct Received {
     pub user_id: Option<String>,
     /// The sender's address (for log lines).
     pub peer: Option<String>,
+    /// The file descriptor of the sender's connection (libzmq's ZMQ_SRCFD): the value the
+    /// monitor's ACCEPTED and DISCONNECTED events name. `None` when unavailable.
+    pub fd: Option<i32>,
+}
+
+extern "C" {
+    // libzmq's own (linked through the zmq crate), for a property the crate does not wrap.
+    fn zmq_msg_get(msg: *const std::ffi::c_void, property: std::ffi::c_int) -> std::ffi::c_int;
+    fn zmq_msg_size(msg: *const std::ffi::c_void) -> usize;
+}
+
+/// ZMQ_SRCFD (zmq.h): the fd of the connection a received message came from.
+const ZMQ_SRCFD: std::ffi::c_int = 2;
+
+/// The C `zmq_msg_t` inside a [`zmq::Message`]: the crate's `Message` is a struct whose only
+/// field is that `zmq_msg_t`, so it sits at offset 0. [`srcfd_usable`] checks this once at
+/// run time (a message's size read through the pointer must match), and the fd is not read
+/// when it fails.
+fn raw_msg(msg: &zmq::Message) -> *const std::ffi::c_void {
+    (msg as *const zmq::Message).cast()
+}
+
+/// True when [`raw_msg`] gives the real `zmq_msg_t` (checked once).
+fn srcfd_usable() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        let probe = zmq::Message::from(&b"zgate-srcfd-probe"[..]);
+        // SAFETY: zmq_msg_size only reads the message; the pointer is valid for the call.
+        let ok = unsafe { zmq_msg_size(raw_msg(&probe)) } == probe.len();
+        if !ok {
+            log::warn!("the fd of a message's connection cannot be read with this zmq crate: disconnects are found by probing");
+        }
+        ok
+    })
+}
+
+/// The connection fd of a received message (ZMQ_SRCFD), when it can be read.
+fn srcfd(msg: &zmq::Message) -> Option<i32> {
+    if !srcfd_usable() {
+        return None;
+    }
+    // SAFETY: `raw_msg` points at a live, received zmq_msg_t (checked by srcfd_usable).
+    let fd = unsafe { zmq_msg_get(raw_msg(msg), ZMQ_SRCFD) };
+    (fd >= 0).then_some(fd)
 }
 
 /// The peer address of a socket fd owned by libzmq, if it is still open.
@@ -194,9 +238,9 @@ impl Router {
     }
 
     /// Handles every pending monitor event: logs handshake failures (a peer without CURVE,
-    /// or with the wrong server key). Returns how many connections closed.
-    pub fn drain_monitor(&mut self) -> Result<usize, zmq::Error> {
-        let mut closed = 0;
+    /// or with the wrong server key). Returns the fds of the connections that closed.
+    pub fn drain_monitor(&mut self) -> Result<Vec<i32>, zmq::Error> {
+        let mut closed = Vec::new();
         while let Some(MonitorEvent { event, value, .. }) = recv_monitor_event(&self.monitor)? {
             use zmq::SocketEvent as E;
             match event {
@@ -220,7 +264,7 @@ impl Router {
                 // Logged by the ZAP handler, with the reason.
                 E::HANDSHAKE_FAILED_AUTH => self.failed_handshake = None,
                 E::DISCONNECTED => {
-                    closed += 1;
+                    closed.push(value as i32);
                     let peer = self.accepted.remove(&(value as i32));
                     if let Some(why) = self.failed_handshake.take() {
                         if self.logs.allow(LOG_HANDSHAKE_FAILED, Instant::now()) {
@@ -243,6 +287,7 @@ impl Router {
         let mut frames = Vec::new();
         let mut user_id = None;
         let mut peer = None;
+        let mut fd = None;
         loop {
             let mut msg = match self.socket.recv_msg(zmq::DONTWAIT) {
                 Ok(m) => m,
@@ -253,6 +298,7 @@ impl Router {
                 // The first frame the peer sent (after the routing id ROUTER adds).
                 user_id = msg.gets("User-Id").map(str::to_string);
                 peer = msg.gets("Peer-Address").map(str::to_string);
+                fd = srcfd(&msg);
             }
             let more = msg.get_more();
             frames.push(msg.to_vec());
@@ -261,6 +307,7 @@ impl Router {
                     frames,
                     user_id,
                     peer,
+                    fd,
                 }));
             }
         }
@@ -306,5 +353,48 @@ impl Router {
             .send(id, zmq::SNDMORE | zmq::DONTWAIT)
             .and_then(|_| self.socket.send(kind, zmq::SNDMORE | zmq::DONTWAIT))
             .and_then(|_| self.socket.send(body, zmq::DONTWAIT))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_names_its_connection_fd_as_the_monitor_does() {
+        let ctx = zmq::Context::new();
+        let opts = RouterOptions {
+            bind: "tcp://127.0.0.1:*".into(),
+            ..Default::default()
+        };
+        let mut r = Router::new(&ctx, &opts, "fd-test").unwrap();
+        let ep = r.socket().get_last_endpoint().unwrap().unwrap();
+        let dealer = |id: &str| {
+            let d = ctx.socket(zmq::DEALER).unwrap();
+            d.set_identity(id.as_bytes()).unwrap();
+            d.set_linger(0).unwrap();
+            d.connect(&ep).unwrap();
+            d.send_multipart(["hello", "{}"], 0).unwrap();
+            d
+        };
+        let (a, b) = (dealer("a"), dealer("b"));
+        let mut fds = HashMap::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while fds.len() < 2 && Instant::now() < deadline {
+            r.socket().poll(zmq::POLLIN, 100).unwrap();
+            while let Some(m) = r.recv_message().unwrap() {
+                fds.insert(m.frames[0].clone(), m.fd.expect("ZMQ_SRCFD"));
+            }
+        }
+        assert_eq!(fds.len(), 2);
+        assert_ne!(fds[&b"a"[..]], fds[&b"b"[..]]);
+        drop(a);
+        let mut closed = Vec::new();
+        while closed.is_empty() && Instant::now() < deadline {
+            r.monitor().poll(zmq::POLLIN, 100).unwrap();
+            closed = r.drain_monitor().unwrap();
+        }
+        assert_eq!(closed, vec![fds[&b"a"[..]]]);
+        drop(b);
     }
 }

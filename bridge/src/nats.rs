@@ -1,0 +1,237 @@
+//! The NATS side: a tokio runtime with one async-nats client. It ensures the stream and the
+//! key-value bucket exist, publishes what the ROUTER thread hands it, reports each reading's
+//! JetStream outcome back, serves `zgate.<gateway>.command` requests (a queue group
+//! subscription per gateway connected here, so an unknown or offline gateway gives the
+//! requester "no responders" at once) and keeps the bucket `zgate_gateways` current.
+//!
+//! Each publish runs in its own task: its PubAck is awaited concurrently with every other one
+//! (a PubAck's timeout starts when its future is first polled; awaited in turn, lost acks
+//! would cost their timeouts one after another).
+
+use crate::config::BridgeConfig;
+use crate::kv::Bucket;
+use crate::messages::{ToNats, ToRouter};
+use crate::subject;
+use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+/// How long a publish waits for its PubAck before it counts as failed.
+pub const PUBACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The queue group of command subscriptions: one bridge answers each request.
+pub const COMMAND_QUEUE: &str = "zgate-bridge";
+/// Outcomes (and commands) waiting for the ROUTER thread, at most.
+pub const TO_ROUTER_CAPACITY: usize = 65_536;
+/// Messages waiting for the NATS side, at most.
+pub const TO_NATS_CAPACITY: usize = 65_536;
+
+/// Connects to the cluster (retrying: a bridge may start before its cluster).
+pub async fn connect(cfg: &BridgeConfig) -> anyhow::Result<async_nats::Client> {
+    let mut opts = if cfg.nats.creds_file.is_empty() {
+        async_nats::ConnectOptions::new()
+    } else {
+        async_nats::ConnectOptions::with_credentials_file(&cfg.nats.creds_file).await?
+    };
+    opts = opts
+        .name(format!("zgate-bridge {}", cfg.bridge.id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|ev| async move { log::info!("NATS connection event={ev}") });
+    let servers: Vec<async_nats::ServerAddr> = cfg
+        .nats
+        .servers
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    Ok(opts.connect(servers).await?)
+}
+
+/// Ensures the stream exists, retrying with backoff (during a Raft election JetStream
+/// answers "stream not found" for a stream that exists) whenever `wake` is notified.
+async fn ensure_stream(js: jetstream::Context, cfg: BridgeConfig, wake: Arc<Notify>) {
+    let config = stream::Config {
+        name: cfg.nats.stream.clone(),
+        subjects: subject::STREAM_SUBJECTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        num_replicas: cfg.nats.replicas,
+        duplicate_window: Duration::from_secs(cfg.nats.duplicate_window_s),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    loop {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match js.get_or_create_stream(config.clone()).await {
+                Ok(_) => {
+                    log::info!(
+                        "stream ready stream={} replicas={}",
+                        cfg.nats.stream,
+                        cfg.nats.replicas
+                    );
+                    break;
+                }
+                Err(e) => {
+                    log::warn!(
+                        "stream {} not ready: {e}; retrying in {backoff:?}",
+                        cfg.nats.stream
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        wake.notified().await;
+        // At most one attempt per second however often publishes report "stream not found".
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs the NATS side until the channel from the ROUTER thread closes.
+pub async fn run(
+    cfg: BridgeConfig,
+    client: async_nats::Client,
+    mut rx: mpsc::Receiver<ToNats>,
+    to_router: calloop::channel::SyncSender<ToRouter>,
+) {
+    let max_acks = TO_NATS_CAPACITY;
+    let js = ContextBuilder::new()
+        .timeout(PUBACK_TIMEOUT)
+        .max_ack_inflight(max_acks)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(ensure_stream(js.clone(), cfg.clone(), wake.clone()));
+    let bucket = Bucket::start(js.clone(), cfg.nats.replicas, cfg.bridge.id.clone());
+    let mut commands: HashMap<String, JoinHandle<()>> = HashMap::new();
+    while let Some(m) = rx.recv().await {
+        match m {
+            ToNats::Publish {
+                gateway,
+                spool_id,
+                seq,
+                subject,
+                body,
+            } => {
+                let js = js.clone();
+                let to_router = to_router.clone();
+                let wake = wake.clone();
+                tokio::spawn(async move {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(
+                        "Nats-Msg-Id",
+                        subject::msg_id(&gateway, &spool_id, seq).as_str(),
+                    );
+                    let r = match js.publish_with_headers(subject, headers, body).await {
+                        Ok(ack) => ack.await,
+                        Err(e) => Err(e),
+                    };
+                    let ok = match r {
+                        Ok(_) => true,
+                        Err(e) => {
+                            if e.kind() == PublishErrorKind::StreamNotFound {
+                                wake.notify_one();
+                            }
+                            log::debug!("publish failed gateway={gateway} seq={seq}: {e}");
+                            false
+                        }
+                    };
+                    let out = ToRouter::Outcome {
+                        gateway,
+                        spool_id,
+                        seq,
+                        ok,
+                    };
+                    if to_router.try_send(out).is_err() {
+                        log::warn!("outcome not delivered to the ROUTER thread (queue full); the reading is published again when resent");
+                    }
+                });
+            }
+            ToNats::Event { subject, body } => {
+                let js = js.clone();
+                tokio::spawn(async move {
+                    let r = match js.publish(subject.clone(), body).await {
+                        Ok(ack) => ack.await.map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        log::debug!("event not stored subject={subject}: {e}");
+                    }
+                });
+            }
+            ToNats::Connected {
+                gateway,
+                version,
+                security,
+                resume_seq,
+            } => {
+                if !commands.contains_key(&gateway) {
+                    let h = tokio::spawn(serve_commands(
+                        client.clone(),
+                        gateway.clone(),
+                        to_router.clone(),
+                    ));
+                    commands.insert(gateway.clone(), h);
+                }
+                bucket.connected(&gateway, version, security, resume_seq);
+            }
+            ToNats::Seen {
+                gateway,
+                resume_seq,
+            } => bucket.seen(&gateway, resume_seq),
+            ToNats::Disconnected { gateway } => {
+                if let Some(h) = commands.remove(&gateway) {
+                    // Dropping the subscriber unsubscribes: requests get "no responders".
+                    h.abort();
+                }
+                bucket.disconnected(&gateway);
+            }
+            ToNats::Respond { reply, body } => {
+                if let Err(e) = client.publish(reply, body).await {
+                    log::warn!("command reply not sent: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Forwards requests on `zgate.<gateway>.command` to the ROUTER thread.
+async fn serve_commands(
+    client: async_nats::Client,
+    gateway: String,
+    to_router: calloop::channel::SyncSender<ToRouter>,
+) {
+    let subject = subject::gateway_subject(&gateway, "command");
+    let mut sub = match client
+        .queue_subscribe(subject.clone(), COMMAND_QUEUE.to_string())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot subscribe subject={subject}: {e}");
+            return;
+        }
+    };
+    log::debug!("serving commands subject={subject}");
+    while let Some(msg) = sub.next().await {
+        let reply = msg.reply.map(|r| r.to_string());
+        let cmd = ToRouter::Command {
+            gateway: gateway.clone(),
+            body: msg.payload,
+            reply: reply.clone(),
+        };
+        if to_router.try_send(cmd).is_err() {
+            if let Some(reply) = reply {
+                let body = Bytes::from(r#"{"ok":false,"error":"bridge busy: command queue full"}"#);
+                let _ = client.publish(reply, body).await;
+            }
+        }
+    }
+}

@@ -2,8 +2,10 @@
 
 use crate::limit::LogLimits;
 use crate::security;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Log-limit kind of connections the allow list refused.
 pub const LOG_ZAP_REJECTED: &str = "connection rejected by the allow list";
@@ -35,6 +37,81 @@ pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
     }
     ids.sort();
     Ok(ids)
+}
+
+/// The allow directory as an index from key to ids, so that a connection does not cost a
+/// read of every file in it (a fleet's directory holds thousands).
+///
+/// Every answer stays what [`allowed_ids`] would say now, except for one case that heals
+/// within [`AllowIndex::MAX_AGE`]: a key found in the index is accepted after reading its
+/// own file(s) again (a file deleted or given another key is noticed at once, and the
+/// directory is read again); a key not in the index makes the whole directory be read again
+/// (a file added is noticed at once). Only a second file that starts holding an indexed key
+/// (which makes it ambiguous: refused) waits for the next full read, at most `MAX_AGE` later.
+#[derive(Debug)]
+pub struct AllowIndex {
+    dir: PathBuf,
+    by_key: HashMap<String, Vec<String>>,
+    read_at: Option<Instant>,
+}
+
+impl AllowIndex {
+    /// The longest an index is used before the directory is read again in full.
+    pub const MAX_AGE: Duration = Duration::from_secs(5);
+
+    /// An index of `dir`, read at the first lookup.
+    pub fn new(dir: PathBuf) -> AllowIndex {
+        AllowIndex {
+            dir,
+            by_key: HashMap::new(),
+            read_at: None,
+        }
+    }
+
+    /// The ids whose `.pub` file holds `key` (Z85), as [`allowed_ids`] returns them.
+    pub fn lookup(&mut self, key: &str, now: Instant) -> Result<Vec<String>, String> {
+        let fresh = self
+            .read_at
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::MAX_AGE);
+        if fresh {
+            if let Some(ids) = self.by_key.get(key) {
+                let still = ids.iter().all(|id| {
+                    security::load_public_key(&self.dir.join(format!("{id}.pub")))
+                        .is_ok_and(|k| k == key)
+                });
+                if still {
+                    return Ok(ids.clone());
+                }
+            }
+        }
+        self.read(now)?;
+        Ok(self.by_key.get(key).cloned().unwrap_or_default())
+    }
+
+    fn read(&mut self, now: Instant) -> Result<(), String> {
+        self.by_key.clear();
+        self.read_at = None;
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| format!("cannot read {}: {e}", self.dir.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pub") {
+                continue;
+            }
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            match security::load_public_key(&path) {
+                Ok(k) => self.by_key.entry(k).or_default().push(id.to_string()),
+                Err(e) => log::warn!("allow list: skipping {}: {e}", path.display()),
+            }
+        }
+        for ids in self.by_key.values_mut() {
+            ids.sort();
+        }
+        self.read_at = Some(now);
+        Ok(())
+    }
 }
 
 /// A ZAP decision: status code, status text, user id.
@@ -100,7 +177,7 @@ pub fn zap_decide(
 /// The ZAP handler: a REP socket on [`ZAP_ENDPOINT`], served from the backend's poll loop.
 pub struct Zap {
     pub(super) socket: zmq::Socket,
-    allow_dir: PathBuf,
+    allow: RefCell<AllowIndex>,
 }
 
 impl Zap {
@@ -109,7 +186,10 @@ impl Zap {
         let socket = ctx.socket(zmq::REP)?;
         socket.set_linger(0)?;
         socket.bind(ZAP_ENDPOINT)?;
-        Ok(Zap { socket, allow_dir })
+        Ok(Zap {
+            socket,
+            allow: RefCell::new(AllowIndex::new(allow_dir)),
+        })
     }
 
     /// Answers every pending request.
@@ -120,7 +200,8 @@ impl Zap {
                 Err(zmq::Error::EAGAIN) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let d = zap_decide(&frames, |key| allowed_ids(&self.allow_dir, key));
+            let now = Instant::now();
+            let d = zap_decide(&frames, |key| self.allow.borrow_mut().lookup(key, now));
             let address = frames
                 .get(3)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -216,5 +297,35 @@ mod tests {
         let other = security::KeyPair::generate().unwrap();
         assert!(allowed_ids(dir.path(), &other.public).unwrap().is_empty());
         assert!(allowed_ids(&dir.path().join("missing"), &key).is_err());
+    }
+
+    #[test]
+    fn allow_index_answers_as_a_fresh_read_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let t = Instant::now();
+        let mut idx = AllowIndex::new(d.to_path_buf());
+        let (_, pub_a) = security::keygen(&d.join("gw-a")).unwrap();
+        let key_a = security::load_public_key(&pub_a).unwrap();
+        assert_eq!(idx.lookup(&key_a, t).unwrap(), vec!["gw-a"]);
+        // A file added after the index was read: found at once.
+        let (_, pub_b) = security::keygen(&d.join("gw-b")).unwrap();
+        let key_b = security::load_public_key(&pub_b).unwrap();
+        assert_eq!(idx.lookup(&key_b, t).unwrap(), vec!["gw-b"]);
+        // A file deleted: refused at once, though the index still had it.
+        std::fs::remove_file(&pub_b).unwrap();
+        assert!(idx.lookup(&key_b, t).unwrap().is_empty());
+        // A file given another key: the old key is refused at once, the new one accepted.
+        let c = security::KeyPair::generate().unwrap();
+        std::fs::write(&pub_a, format!("{}\n", c.public)).unwrap();
+        assert!(idx.lookup(&key_a, t).unwrap().is_empty());
+        assert_eq!(idx.lookup(&c.public, t).unwrap(), vec!["gw-a"]);
+        // A second file holding the same key: ambiguous, refused by the next full read.
+        std::fs::write(d.join("gw-c.pub"), format!("{}\n", c.public)).unwrap();
+        let later = t + AllowIndex::MAX_AGE;
+        assert_eq!(idx.lookup(&c.public, later).unwrap(), vec!["gw-a", "gw-c"]);
+        assert!(AllowIndex::new(d.join("missing"))
+            .lookup(&key_a, t)
+            .is_err());
     }
 }

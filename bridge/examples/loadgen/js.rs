@@ -75,6 +75,8 @@ pub async fn create_stream(servers: &[String], name: &str, replicas: usize) -> R
 pub struct Raw {
     pub per_s: f64,
     pub errors: u64,
+    /// The first error's text.
+    pub first_error: Option<String>,
 }
 
 /// One publisher, `inflight` PubAcks outstanding at all times (polled concurrently), the
@@ -94,6 +96,11 @@ pub async fn raw_ceiling(
     let mut pending = FuturesUnordered::new();
     let mut body = String::with_capacity(256);
     let (mut n, mut acked, mut errors) = (0u64, 0u64, 0u64);
+    let mut first_error: Option<String> = None;
+    let mut failed = |e: String, errors: &mut u64| {
+        *errors += 1;
+        first_error.get_or_insert(e);
+    };
     let start = Instant::now();
     let mut mark: Option<(Instant, u64)> = None;
     while start.elapsed().as_secs_f64() < secs {
@@ -109,13 +116,13 @@ pub async fn raw_ceiling(
                 .await
             {
                 Ok(f) => pending.push(f.into_future()),
-                Err(_) => errors += 1,
+                Err(e) => failed(e.to_string(), &mut errors),
             }
             n += 1;
         }
         match pending.next().await {
             Some(Ok(_)) => acked += 1,
-            Some(Err(_)) => errors += 1,
+            Some(Err(e)) => failed(e.to_string(), &mut errors),
             None => {}
         }
         if mark.is_none() && start.elapsed() >= Duration::from_secs(1) {
@@ -126,11 +133,15 @@ pub async fn raw_ceiling(
     let per_s = (acked - m_acked) as f64 / m_t.elapsed().as_secs_f64().max(1e-3);
     // Let the rest complete so the next run starts on a quiet stream.
     while let Some(r) = pending.next().await {
-        if r.is_err() {
-            errors += 1;
+        if let Err(e) = r {
+            failed(e.to_string(), &mut errors);
         }
     }
-    Ok(Raw { per_s, errors })
+    Ok(Raw {
+        per_s,
+        errors,
+        first_error,
+    })
 }
 
 /// The latency consumer: an ordered push consumer on the stream's readings from now on. While

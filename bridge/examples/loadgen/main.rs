@@ -243,10 +243,14 @@ fn bench(o: &Opts) -> Result<(), String> {
             o.inflight, raw_secs
         ),
         format!(
-            "{raw:.0} msg/s (before {:.0}, after {:.0}; {} publish errors)",
+            "{raw:.0} msg/s (before {:.0}, after {:.0}; {} publish errors{})",
             raw1.per_s,
             raw2.per_s,
-            raw1.errors + raw2.errors
+            raw1.errors + raw2.errors,
+            raw1.first_error
+                .or(raw2.first_error)
+                .map(|e| format!(", the first: {e}"))
+                .unwrap_or_default()
         ),
         "—",
         None,
@@ -377,7 +381,10 @@ fn raw_only(o: &Opts) -> Result<(), String> {
             "raw ceiling, {} PubAcks in flight, R3, {secs} s",
             o.inflight
         ),
-        format!("{:.0} msg/s ({} errors)", r.per_s, r.errors),
+        format!(
+            "{:.0} msg/s ({} errors: {:?})",
+            r.per_s, r.errors, r.first_error
+        ),
         "—",
         None,
     );

@@ -91,7 +91,7 @@ async def read(args):
             want = args.batch if args.count == 0 else min(args.batch, args.count - printed)
             try:
                 msgs = await sub.fetch(batch=want, timeout=1.0)
-            except NatsTimeout:
+            except TimeoutError:  # nats-py raises its own or asyncio's: both are TimeoutError
                 idle += 1.0
                 if args.idle_exit and idle >= args.idle_exit:
                     break

@@ -5,10 +5,16 @@
   publishes them (subject, body, Nats-Msg-Id): the durable pull consumer prints each once,
   and a second run resumes after the last reading acked.
 - A command to a gateway no bridge holds: "no responders", at once, exit status 3.
+- End to end: a real gateway fed by a pty, a real `zgate-bridge` (ZGATE_BRIDGE_BIN, default
+  target/debug/zgate-bridge): the example prints the gateway's readings under their message
+  ids, its command comes back with the gateway's reply and drives the (sim) GPIO output, and
+  once the gateway is gone the same command gets no responders.
 The example's stderr goes to ``<name>.stderr`` in the test's tmp dir."""
 
 import asyncio
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,10 +22,11 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, wait_until
+from conftest import REPO, free_port, make_config, read_pin, wait_until, zgate_env
 from helpers import die_with_parent
 
 EXAMPLE = REPO / "examples" / "consumer.py"
+BRIDGE_BIN = os.environ.get("ZGATE_BRIDGE_BIN") or str(REPO / "target" / "debug" / "zgate-bridge")
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 nats = pytest.importorskip("nats", reason="nats-py is installed by tests/setup")
@@ -168,3 +175,96 @@ def test_command_subject_escapes_the_gateway_id_as_the_bridge_does(tmp_path, nat
                                 "toggle", name="escaped")
     assert rc == 3, err
     assert "no responders on zgate.site=2E7=20gw.command" in err
+
+
+class BridgeProc:
+    """``zgate-bridge run`` against ``servers``, plaintext on loopback, its log in tmp_path."""
+
+    def __init__(self, tmp_path, port, servers, replicas=1):
+        if not os.path.exists(BRIDGE_BIN):
+            pytest.fail(f"{BRIDGE_BIN} not built (cargo build -p zgate-bridge)")
+        conf = tmp_path / "bridge.toml"
+        conf.write_text(f'[bridge]\nid = "bridge-c"\nbind = "tcp://127.0.0.1:{port}"\n\n'
+                        f'[nats]\nservers = {json.dumps(servers)}\nreplicas = {replicas}\n')
+        self.log_path = tmp_path / "bridge.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([BRIDGE_BIN, "run", "--config", str(conf)],
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=dict(zgate_env(), RUST_LOG="info"),
+                                     preexec_fn=die_with_parent)
+
+    def wait_log(self, needle, timeout):
+        wait_until(lambda: needle in self.log_path.read_text(errors="replace"), timeout,
+                   f"{needle!r} in the bridge's log", interval=0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def bridge(request, tmp_path, nats_server):
+    port = free_port()
+    b = BridgeProc(tmp_path, port, [nats_server.url])
+    b.endpoint = f"tcp://127.0.0.1:{port}"
+    yield b
+    b.stop()
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        sys.stderr.write(f"\n----- bridge.log -----\n{b.log_path.read_text()[-6000:]}\n")
+
+
+def test_end_to_end_readings_and_a_command_through_a_bridge(tmp_path, nats_server, bridge,
+                                                            gateways, pty_factory):
+    bridge.wait_log("stream ready", 30)
+    pty = pty_factory("weather")
+    gw = gateways(make_config(tmp_path, bridge.endpoint,
+                              serial=[("weather", pty.path, "kv", "lf")], inputs=(),
+                              outputs=(("relay1", 27, 0, 2000),), outbox_max=None,
+                              shutdown_flush_ms=200), "gw-01")
+    bridge.wait_log("gateway connected gateway=gw-01", 20)
+    for i in range(1, 6):
+        pty.line(f"temperature=2{i}.5 n={i}")
+
+    rc, got, err = run_consumer(tmp_path, nats_server.url, "read", "--durable", "e2e",
+                                "--subject", "zgate.gw-01.reading.weather", "--count", "5",
+                                name="e2e-read")
+    assert rc == 0, err
+    # Stream order is not seq order (publishes are pipelined: docs/fleet.md, "Order").
+    got.sort(key=lambda x: x["reading"]["seq"])
+    assert [x["reading"]["values"] for x in got] == [
+        {"temperature": 20 + i + 0.5, "n": i} for i in range(1, 6)]
+    spool_ids = set()
+    for x in got:
+        m = re.fullmatch(r"gw-01:([0-9a-f]{32}):(\d+)", x["msg_id"])
+        assert m, x["msg_id"]
+        assert int(m.group(2)) == x["reading"]["seq"]
+        spool_ids.add(m.group(1))
+        assert x["subject"] == "zgate.gw-01.reading.weather"
+        assert x["reading"]["gateway"] == "gw-01" and x["reading"]["source"] == "weather"
+    assert len(spool_ids) == 1
+
+    # The command subscription reaches the server a moment after the gateway's hello.
+    def command():
+        r = run_consumer(tmp_path, nats_server.url, "command", "gw-01", "relay1", "set", "1",
+                         name="e2e-cmd")
+        return r if r[0] != 3 else None
+
+    rc, out, err = wait_until(command, 10, "a reply from gw-01", interval=0.2)
+    assert rc == 0, err
+    assert out[0]["reply"] == {"id": out[0]["command"]["id"], "ok": True}
+    assert out[0]["command"]["target"] == "relay1" and out[0]["command"]["value"] == 1
+    assert read_pin(tmp_path, 27).strip() == "1"
+
+    # The gateway gone: no responders, at once.
+    gw.kill()
+    bridge.wait_log("gateway disconnected gateway=gw-01", 10)
+
+    def no_responders():
+        r = run_consumer(tmp_path, nats_server.url, "command", "gw-01", "relay1", "set", "0",
+                         name="e2e-gone")
+        return r if r[0] == 3 else None
+
+    rc, out, err = wait_until(no_responders, 10, "no responders for gw-01", interval=0.2)
+    assert "'gw-01' is not connected to any bridge" in err

@@ -250,17 +250,40 @@ impl Fleet {
         }
     }
 
-    /// Waits until every reading sent was acked; false after `timeout`.
-    pub fn drain(&mut self, timeout: Duration) -> bool {
+    /// Waits until every reading sent was acked; false after `timeout`. When acks stop
+    /// coming for `RETRANSMIT` (a publish the bridge saw fail is acked only once the gateway
+    /// sends that reading again), every unacked reading is sent again, as a gateway does after
+    /// `[spool] retransmit_s`.
+    pub fn drain(&mut self, timeout: Duration, t0: Instant) -> bool {
+        const RETRANSMIT: Duration = Duration::from_secs(5);
         let t = Instant::now();
+        let (mut progress_at, mut last) = (t, self.acked);
         while self.acked < self.sent {
             if t.elapsed() > timeout {
                 return false;
             }
             self.sweep();
+            if self.acked != last {
+                (progress_at, last) = (Instant::now(), self.acked);
+            } else if progress_at.elapsed() >= RETRANSMIT {
+                self.resend_unacked(t0);
+                progress_at = Instant::now();
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
         true
+    }
+
+    /// Sends every unacked reading again (same gateway, same seqs; `t_ns` is now).
+    fn resend_unacked(&mut self, t0: Instant) {
+        for g in &mut self.gws {
+            for seq in g.acked + 1..g.next_seq {
+                reading_body(&mut self.body, &g.id, seq, t0.elapsed().as_nanos() as u64);
+                let _ = g
+                    .sock
+                    .send_multipart([&b"reading"[..], self.body.as_bytes()], zmq::DONTWAIT);
+            }
+        }
     }
 
     fn send_reading(&mut self, i: usize, t0: Instant) -> bool {

@@ -14,7 +14,7 @@ setup:
 	@tests/setup
 
 build: setup
-	$(CARGO) build
+	$(CARGO) build --workspace
 
 release: setup
 	$(CARGO) build --release
@@ -25,14 +25,15 @@ demo: setup
 
 lint: setup
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test-rust: setup
-	$(CARGO) test
+	$(CARGO) test --workspace
 
 test-py: setup
-	$(CARGO) build
-	ZGATE_BIN=$(CURDIR)/target/debug/zgate $(PYTHON) -m pytest -q tests/py
+	$(CARGO) build --workspace
+	ZGATE_BIN=$(CURDIR)/target/debug/zgate ZGATE_BRIDGE_BIN=$(CURDIR)/target/debug/zgate-bridge \
+		$(PYTHON) -m pytest -q tests/py
 
 # The ARM builds under qemu-user against host-side pty, sim GPIO and backend.
 test-arm: cross

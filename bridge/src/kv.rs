@@ -57,20 +57,30 @@ pub struct Bucket {
     tx: mpsc::Sender<Write>,
 }
 
+/// Opens the bucket, creating it when missing. The bucket's stream is created directly with
+/// the settings async-nats gives a bucket of history 1 (its `create_key_value` first queries
+/// account limits in a form nats-server 2.9 does not answer).
 async fn open(js: &jetstream::Context, replicas: usize) -> Option<kv::Store> {
-    let r = match js.get_key_value(BUCKET).await {
-        Ok(s) => Ok(s),
-        Err(_) => {
-            js.create_key_value(kv::Config {
-                bucket: BUCKET.into(),
-                history: 1,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-        }
+    if let Ok(s) = js.get_key_value(BUCKET).await {
+        return Some(s);
+    }
+    let config = jetstream::stream::Config {
+        name: format!("KV_{BUCKET}"),
+        subjects: vec![format!("$KV.{BUCKET}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: replicas,
+        discard: jetstream::stream::DiscardPolicy::New,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
     };
-    match r {
+    if let Err(e) = js.get_or_create_stream(config).await {
+        log::warn!("bucket {BUCKET} not available: {e}");
+        return None;
+    }
+    match js.get_key_value(BUCKET).await {
         Ok(s) => Some(s),
         Err(e) => {
             log::warn!("bucket {BUCKET} not available: {e}");
@@ -85,7 +95,7 @@ async fn writer(
     bridge: String,
     mut rx: mpsc::Receiver<Write>,
 ) {
-    let mut store: Option<kv::Store> = None;
+    let mut store = open(&js, replicas).await;
     while let Some(w) = rx.recv().await {
         if store.is_none() {
             store = open(&js, replicas).await;

@@ -24,6 +24,9 @@ use tokio::task::JoinHandle;
 
 /// How long a publish waits for its PubAck before it counts as failed.
 pub const PUBACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts per reading before its failure is reported (each waits up to [`PUBACK_TIMEOUT`]);
+/// the whole stays well below the ROUTER thread's in-flight timeout.
+pub const PUBLISH_ATTEMPTS: u32 = 3;
 /// The queue group of command subscriptions: one bridge answers each request.
 pub const COMMAND_QUEUE: &str = "zgate-bridge";
 /// Outcomes (and commands) waiting for the ROUTER thread, at most.
@@ -66,16 +69,22 @@ async fn ensure_stream(js: jetstream::Context, cfg: BridgeConfig, wake: Arc<Noti
         storage: stream::StorageType::File,
         ..Default::default()
     };
+    let mut first = true;
     loop {
         let mut backoff = Duration::from_millis(100);
         loop {
             match js.get_or_create_stream(config.clone()).await {
-                Ok(_) => {
+                Ok(_) if first => {
                     log::info!(
                         "stream ready stream={} replicas={}",
                         cfg.nats.stream,
                         cfg.nats.replicas
                     );
+                    first = false;
+                    break;
+                }
+                Ok(_) => {
+                    log::debug!("stream checked stream={}", cfg.nats.stream);
                     break;
                 }
                 Err(e) => {
@@ -129,20 +138,10 @@ pub async fn run(
                         "Nats-Msg-Id",
                         subject::msg_id(&gateway, &spool_id, seq).as_str(),
                     );
-                    let r = match js.publish_with_headers(subject, headers, body).await {
-                        Ok(ack) => ack.await,
-                        Err(e) => Err(e),
-                    };
-                    let ok = match r {
-                        Ok(_) => true,
-                        Err(e) => {
-                            if e.kind() == PublishErrorKind::StreamNotFound {
-                                wake.notify_one();
-                            }
-                            log::debug!("publish failed gateway={gateway} seq={seq}: {e}");
-                            false
-                        }
-                    };
+                    let ok = publish_reading(&js, &wake, subject, headers, body).await;
+                    if !ok {
+                        log::debug!("publish failed gateway={gateway} seq={seq}");
+                    }
                     let out = ToRouter::Outcome {
                         gateway,
                         spool_id,
@@ -200,6 +199,44 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Publishes one reading and awaits its PubAck; retried (same `Nats-Msg-Id`, so a publish
+/// that was stored but whose PubAck was lost comes back as a duplicate) [`PUBLISH_ATTEMPTS`]
+/// times with backoff. During a Raft election JetStream answers "stream not found" for about
+/// as long as the election lasts; retrying here saves the gateway's `retransmit_s`. True when
+/// JetStream confirmed it.
+async fn publish_reading(
+    js: &jetstream::Context,
+    wake: &Notify,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    body: Bytes,
+) -> bool {
+    let mut backoff = Duration::from_millis(250);
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        let r = match js
+            .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(_) => return true,
+            Err(e) => {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    wake.notify_one();
+                }
+                log::debug!("publish attempt {attempt} failed subject={subject}: {e}");
+            }
+        }
+        if attempt < PUBLISH_ATTEMPTS {
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+    false
 }
 
 /// Forwards requests on `zgate.<gateway>.command` to the ROUTER thread.

@@ -106,6 +106,18 @@ impl Fleet {
         keys: &[GwKey],
         timeout: Duration,
     ) -> Result<Fleet, String> {
+        Self::connect_partial(endpoint, server_public, keys, timeout, false)
+    }
+
+    /// [`Fleet::connect`]; with `partial`, returns the fleet at `timeout` however many were
+    /// answered ([`Fleet::heard`] says how many).
+    pub fn connect_partial(
+        endpoint: &str,
+        server_public: &str,
+        keys: &[GwKey],
+        timeout: Duration,
+        partial: bool,
+    ) -> Result<Fleet, String> {
         // libzmq allows 1023 sockets per context by default (ZMQ_MAX_SOCKETS), and the zmq
         // crate cannot change a context's options: one context (and I/O thread) per 1,000.
         let mut ctxs: Vec<zmq::Context> = Vec::new();
@@ -165,8 +177,11 @@ impl Fleet {
         let t = Instant::now();
         loop {
             f.sweep();
-            let heard = f.gws.iter().filter(|g| g.heard).count();
+            let heard = f.heard();
             if heard == f.gws.len() {
+                return Ok(f);
+            }
+            if t.elapsed() > timeout && partial {
                 return Ok(f);
             }
             if t.elapsed() > timeout {
@@ -177,6 +192,11 @@ impl Fleet {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Gateways whose hello the bridge answered.
+    pub fn heard(&self) -> usize {
+        self.gws.iter().filter(|g| g.heard).count()
     }
 
     pub fn len(&self) -> usize {

@@ -270,6 +270,35 @@ impl Fleet {
         }
     }
 
+    /// Closed loop: keeps `window` readings unacked across the fleet (gateways in turn, at
+    /// most `cap` each), sending the next as soon as acks make room, for `secs`. Returns the
+    /// acked readings per second after the first second. With `window` equal to the raw
+    /// publisher's PubAcks in flight, the bridge has at most as many outstanding.
+    pub fn run_window(&mut self, window: u64, secs: f64, cap: u64, t0: Instant) -> f64 {
+        let start = Instant::now();
+        let mut mark: Option<(Instant, u64)> = None;
+        while start.elapsed().as_secs_f64() < secs {
+            self.sweep();
+            let mut tries = 0;
+            while self.sent - self.acked < window && tries < self.gws.len() {
+                let i = self.rr;
+                self.rr = (self.rr + 1) % self.gws.len();
+                if self.gws[i].next_seq - 1 - self.gws[i].acked >= cap {
+                    tries += 1;
+                    continue;
+                }
+                tries = 0;
+                self.send_reading(i, t0);
+            }
+            if mark.is_none() && start.elapsed() >= Duration::from_secs(1) {
+                mark = Some((Instant::now(), self.acked));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let (m_t, m_acked) = mark.unwrap_or((start, 0));
+        (self.acked - m_acked) as f64 / m_t.elapsed().as_secs_f64().max(1e-3)
+    }
+
     /// Waits until every reading sent was acked; false after `timeout`. When acks stop
     /// coming for `RETRANSMIT` (a publish the bridge saw fail is acked only once the gateway
     /// sends that reading again), every unacked reading is sent again, as a gateway does after

@@ -247,7 +247,18 @@ fn bench(o: &Opts) -> Result<(), String> {
             }
         }
     }
-    let best = best.ok_or("no step was sustained")?;
+    let paced = best.ok_or("no step was sustained")?;
+    // Closed loop, the raw publisher's in-flight count: as a fleet replaying its spools.
+    let (b0, w0) = (cpu_s(bridge.pid()), Instant::now());
+    let windowed = fleet.run_window(o.inflight as u64, raw_secs, cap, t0);
+    let wcpu = 100.0 * (cpu_s(bridge.pid()) - b0) / w0.elapsed().as_secs_f64();
+    if !fleet.drain(Duration::from_secs(60), t0) {
+        return Err("the bridge did not ack every reading of the closed-loop run".into());
+    }
+    say(format!(
+        "closed loop, {} unacked: {windowed:.0}/s",
+        o.inflight
+    ));
     let raw2 = rt.block_on(js::raw_ceiling(
         &servers, o.gateways, o.inflight, raw_secs, 2, t0,
     ))?;
@@ -257,7 +268,7 @@ fn bench(o: &Opts) -> Result<(), String> {
         format!(
             "fleet: raw ceiling, one async-nats publisher straight into the R3 stream, \
              {} PubAcks in flight, 200-byte bodies with Nats-Msg-Id ({} s before and after \
-             the bridge's steps)",
+             the bridge's runs)",
             o.inflight, raw_secs
         ),
         format!(
@@ -276,25 +287,46 @@ fn bench(o: &Opts) -> Result<(), String> {
     row(
         format!(
             "fleet: {} gateways (CURVE DEALERs, one process) → one bridge → R3 stream: \
-             maximum sustained readings/s (paced steps of {step_secs} s, acked = sent, \
-             backlog ≤ 1 s; steps: {})",
-            o.gateways,
-            steps.join(", ")
+             maximum sustained readings/s, closed loop with {} readings unacked in total (the \
+             raw publisher's PubAcks in flight; as gateways replaying their spools), {raw_secs} s",
+            o.gateways, o.inflight
         ),
-        format!("{best:.0} readings/s"),
+        format!("{windowed:.0} readings/s (bridge {wcpu:.0} % of a core)"),
         "—",
         None,
     );
-    let ratio = best / raw;
+    let ratio = windowed / raw;
     row(
-        "fleet: maximum through the bridge / raw ceiling",
+        "fleet: maximum through the bridge / raw ceiling (same PubAcks in flight)",
         format!("{ratio:.2}"),
         "≥ 0.5",
         Some(ratio >= 0.5),
     );
+    row(
+        format!(
+            "fleet: {} gateways, paced (open loop, as live sensors): highest rate whose acks \
+             kept up (acked = sent, backlog ≤ 1 s) in steps of {step_secs} s: {}",
+            o.gateways,
+            steps.join(", ")
+        ),
+        format!(
+            "{paced:.0} readings/s ({:.2} of the raw ceiling)",
+            paced / raw
+        ),
+        "—",
+        None,
+    );
 
-    // Latency and CPU at half the maximum.
-    let half = (best / 2.0).round();
+    // Latency and CPU at half the maximum (paced: half of it must be a rate the bridge
+    // sustains paced, else half the paced maximum).
+    let (half, of) = if windowed / 2.0 <= paced {
+        ((windowed / 2.0).round(), "half the maximum")
+    } else {
+        (
+            (paced / 2.0).round(),
+            "half the paced maximum (half the closed-loop one is above it)",
+        )
+    };
     let lat = js::Latency::start(servers.clone(), "ZGATE".into(), t0);
     let t = Instant::now();
     while !lat.ready.load(std::sync::atomic::Ordering::SeqCst) {
@@ -325,7 +357,7 @@ fn bench(o: &Opts) -> Result<(), String> {
     let ms = |ns: u64| format!("{:.1} ms", ns as f64 / 1e6);
     row(
         format!(
-            "fleet: at half the maximum ({half:.0} readings/s, {} gateways, {lat_secs} s): \
+            "fleet: at {of} ({half:.0} readings/s paced, {} gateways, {lat_secs} s): \
              gateway send → JetStream consumer receipt, p50 / p99 / max ({} readings)",
             o.gateways,
             samples.len()

@@ -284,6 +284,15 @@ impl Gateways {
         }
     }
 
+    /// Sends a command to a gateway connected here, and remembers where its reply goes.
+    ///
+    /// Refused (with an `ok: false` answer) when the gateway is not connected, or when its
+    /// routing id last carried another key's message (a peer with another allowed key took the
+    /// id over: ROUTER_HANDOVER hands an id to the newest connection that claims it). libzmq
+    /// tells nothing when such a takeover happens, only the taker's first message shows it: a
+    /// command sent between a silent takeover and that message reaches the taker. Closing
+    /// that window needs the routing id of a connection at its handshake, which the ROUTER does
+    /// not expose.
     fn command(&mut self, gateway: String, body: Bytes, reply: Option<String>, now: Instant) {
         let mut cmd = match serde_json::from_slice::<Value>(&body) {
             Ok(v @ Value::Object(_)) => v,
@@ -376,8 +385,8 @@ impl Gateways {
     }
 
     /// Connections closed (their fds): a gateway whose messages came over one of them is
-    /// disconnected. This also covers a peer taking a gateway's routing id over (handover
-    /// closes the old connection): commands stop until the gateway's own key speaks again.
+    /// disconnected, at once and without guessing. (A takeover of a routing id by ROUTER_HANDOVER
+    /// does not close the old connection: libzmq only detaches its pipe; see [`Self::command`].)
     /// Gateways whose fd is unknown are probed for a while instead (libzmq removes a routing
     /// id shortly after the monitor event).
     pub fn connection_closed(&mut self, fds: &[i32], now: Instant) {

@@ -90,6 +90,7 @@ fn run(cfg: BridgeConfig) -> anyhow::Result<()> {
         bind: cfg.bridge.bind.clone(),
         secret_key,
         allow_dir,
+        curve_hint: "set secret_key_file and allow_dir in [bridge]".into(),
     };
     // Bound here, before anything else starts: a bad key or a taken port fails at once.
     let router = zgate::backend::Router::new(&ctx, &opts, "bridge")?;

@@ -36,7 +36,10 @@ pub use router::{
     LOG_HANDSHAKE_FAILED, LOG_IMPERSONATION,
 };
 pub use stdin::LineReader;
-pub use zap::{allowed_ids, zap_decide, Zap, ZapDecision, ZAP_DOMAIN, ZAP_ENDPOINT};
+pub use zap::{
+    allowed_ids, zap_decide, AllowList, Zap, ZapDecision, ALLOW_LIST_MAX_AGE, ZAP_DOMAIN,
+    ZAP_ENDPOINT,
+};
 
 use crate::protocol;
 use serde_json::{json, Value};
@@ -93,12 +96,17 @@ fn print_line(v: &Value) {
 impl Backend {
     /// Creates the ROUTER (and with CURVE the ZAP handler, bound first) and binds it.
     pub fn new(ctx: &zmq::Context, opts: BackendOptions) -> Result<Backend, anyhow::Error> {
+        anyhow::ensure!(
+            opts.secret_key.is_some() == opts.allow_dir.is_some(),
+            "--secret-key and --allow go together"
+        );
         let router = Router::new(
             ctx,
             &RouterOptions {
                 bind: opts.bind.clone(),
                 secret_key: opts.secret_key.clone(),
                 allow_dir: opts.allow_dir.clone(),
+                curve_hint: "start with --secret-key FILE --allow DIR".into(),
             },
             "backend",
         )?;

@@ -36,6 +36,9 @@ pub struct RouterOptions {
     pub secret_key: Option<PathBuf>,
     /// Directory of `<gateway-id>.pub` files: the gateways allowed to connect.
     pub allow_dir: Option<PathBuf>,
+    /// How the operator turns CURVE on (ends the INSECURE warning), e.g.
+    /// `start with --secret-key FILE --allow DIR`.
+    pub curve_hint: String,
 }
 
 /// Who last spoke under a routing id (CURVE only).
@@ -131,7 +134,7 @@ pub struct Router {
 
 impl Router {
     /// Creates the ROUTER (and with CURVE the ZAP handler, bound first) and binds it.
-    /// `name` names the monitor endpoint (unique per process and socket).
+    /// `name` ("backend", "bridge") names this server in the log and its monitor endpoint.
     pub fn new(ctx: &zmq::Context, opts: &RouterOptions, name: &str) -> anyhow::Result<Router> {
         use anyhow::Context as _;
         let socket = ctx.socket(zmq::ROUTER)?;
@@ -158,7 +161,7 @@ impl Router {
                 socket.set_curve_secretkey(&pair.secret_bytes())?;
                 socket.set_zap_domain(ZAP_DOMAIN)?;
                 log::info!(
-                    "CURVE on: server public key {} (gateways set it as backend.server_public_key); allow list {}",
+                    "CURVE on: {name} public key {} (gateways set it as backend.server_public_key); allow list {}",
                     pair.public,
                     dir.display()
                 );
@@ -169,15 +172,15 @@ impl Router {
                     log::warn!(
                         "INSECURE: bind={} without CURVE: the link is plaintext and \
                          unauthenticated; anyone who can reach this port can read readings, \
-                         send readings as any gateway id and receive its commands; configure \
-                         a secret key and an allow list (see {})",
+                         send readings as any gateway id and receive its commands; {} (see {})",
                         opts.bind,
+                        opts.curve_hint,
                         security::SECURITY_DOC
                     );
                 }
                 None
             }
-            _ => anyhow::bail!("a secret key and an allow list go together"),
+            _ => anyhow::bail!("the CURVE secret key and the allow list go together"),
         };
         let monitor_ep = format!("inproc://zgate-{name}-monitor-{}", std::process::id());
         socket.monitor(

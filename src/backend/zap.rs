@@ -5,7 +5,7 @@ use crate::security;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Log-limit kind of connections the allow list refused.
 pub const LOG_ZAP_REJECTED: &str = "connection rejected by the allow list";
@@ -39,60 +39,50 @@ pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
     Ok(ids)
 }
 
-/// The allow directory as an index from key to ids, so that a connection does not cost a
-/// read of every file in it (a fleet's directory holds thousands).
-///
-/// Every answer stays what [`allowed_ids`] would say now, except for one case that heals
-/// within [`AllowIndex::MAX_AGE`]: a key found in the index is accepted after reading its
-/// own file(s) again (a file deleted or given another key is noticed at once, and the
-/// directory is read again); a key not in the index makes the whole directory be read again
-/// (a file added is noticed at once). Only a second file that starts holding an indexed key
-/// (which makes it ambiguous: refused) waits for the next full read, at most `MAX_AGE` later.
+/// How long an in-memory copy of the allow list is used while its directory looks unchanged.
+pub const ALLOW_LIST_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// The allow list directory in memory (Z85 key → the ids it is registered under), so a burst
+/// of handshakes does not read every `.pub` file once per handshake. It is read again when the
+/// directory's modification time changed (a file added, removed or renamed: how keys are
+/// installed and revoked) and at the latest [`ALLOW_LIST_MAX_AGE`] after the last read (a file
+/// rewritten in place).
 #[derive(Debug)]
-pub struct AllowIndex {
+pub struct AllowList {
     dir: PathBuf,
     by_key: HashMap<String, Vec<String>>,
-    read_at: Option<Instant>,
+    read: Option<(Instant, SystemTime)>,
 }
 
-impl AllowIndex {
-    /// The longest an index is used before the directory is read again in full.
-    pub const MAX_AGE: Duration = Duration::from_secs(5);
-
-    /// An index of `dir`, read at the first lookup.
-    pub fn new(dir: PathBuf) -> AllowIndex {
-        AllowIndex {
+impl AllowList {
+    /// An allow list of `dir`, read on first use.
+    pub fn new(dir: PathBuf) -> AllowList {
+        AllowList {
             dir,
             by_key: HashMap::new(),
-            read_at: None,
+            read: None,
         }
     }
 
-    /// The ids whose `.pub` file holds `key` (Z85), as [`allowed_ids`] returns them.
+    /// The ids `key` (Z85) is registered under.
     pub fn lookup(&mut self, key: &str, now: Instant) -> Result<Vec<String>, String> {
-        let fresh = self
-            .read_at
-            .is_some_and(|t| now.saturating_duration_since(t) < Self::MAX_AGE);
-        if fresh {
-            if let Some(ids) = self.by_key.get(key) {
-                let still = ids.iter().all(|id| {
-                    security::load_public_key(&self.dir.join(format!("{id}.pub")))
-                        .is_ok_and(|k| k == key)
-                });
-                if still {
-                    return Ok(ids.clone());
-                }
-            }
+        let mtime = std::fs::metadata(&self.dir)
+            .and_then(|m| m.modified())
+            .map_err(|e| format!("cannot read {}: {e}", self.dir.display()))?;
+        let fresh = self.read.is_some_and(|(at, m)| {
+            m == mtime && now.saturating_duration_since(at) < ALLOW_LIST_MAX_AGE
+        });
+        if !fresh {
+            self.reload()?;
+            self.read = Some((now, mtime));
         }
-        self.read(now)?;
         Ok(self.by_key.get(key).cloned().unwrap_or_default())
     }
 
-    fn read(&mut self, now: Instant) -> Result<(), String> {
-        self.by_key.clear();
-        self.read_at = None;
+    fn reload(&mut self) -> Result<(), String> {
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| format!("cannot read {}: {e}", self.dir.display()))?;
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().and_then(|e| e.to_str()) != Some("pub") {
@@ -102,14 +92,14 @@ impl AllowIndex {
                 continue;
             };
             match security::load_public_key(&path) {
-                Ok(k) => self.by_key.entry(k).or_default().push(id.to_string()),
+                Ok(k) => by_key.entry(k).or_default().push(id.to_string()),
                 Err(e) => log::warn!("allow list: skipping {}: {e}", path.display()),
             }
         }
-        for ids in self.by_key.values_mut() {
+        for ids in by_key.values_mut() {
             ids.sort();
         }
-        self.read_at = Some(now);
+        self.by_key = by_key;
         Ok(())
     }
 }
@@ -177,7 +167,7 @@ pub fn zap_decide(
 /// The ZAP handler: a REP socket on [`ZAP_ENDPOINT`], served from the backend's poll loop.
 pub struct Zap {
     pub(super) socket: zmq::Socket,
-    allow: RefCell<AllowIndex>,
+    allow: RefCell<AllowList>,
 }
 
 impl Zap {
@@ -188,7 +178,7 @@ impl Zap {
         socket.bind(ZAP_ENDPOINT)?;
         Ok(Zap {
             socket,
-            allow: RefCell::new(AllowIndex::new(allow_dir)),
+            allow: RefCell::new(AllowList::new(allow_dir)),
         })
     }
 
@@ -300,32 +290,31 @@ mod tests {
     }
 
     #[test]
-    fn allow_index_answers_as_a_fresh_read_does() {
+    fn allow_list_follows_keys_added_and_revoked() {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let t = Instant::now();
-        let mut idx = AllowIndex::new(d.to_path_buf());
-        let (_, pub_a) = security::keygen(&d.join("gw-a")).unwrap();
-        let key_a = security::load_public_key(&pub_a).unwrap();
-        assert_eq!(idx.lookup(&key_a, t).unwrap(), vec!["gw-a"]);
-        // A file added after the index was read: found at once.
-        let (_, pub_b) = security::keygen(&d.join("gw-b")).unwrap();
-        let key_b = security::load_public_key(&pub_b).unwrap();
-        assert_eq!(idx.lookup(&key_b, t).unwrap(), vec!["gw-b"]);
-        // A file deleted: refused at once, though the index still had it.
-        std::fs::remove_file(&pub_b).unwrap();
-        assert!(idx.lookup(&key_b, t).unwrap().is_empty());
-        // A file given another key: the old key is refused at once, the new one accepted.
-        let c = security::KeyPair::generate().unwrap();
-        std::fs::write(&pub_a, format!("{}\n", c.public)).unwrap();
-        assert!(idx.lookup(&key_a, t).unwrap().is_empty());
-        assert_eq!(idx.lookup(&c.public, t).unwrap(), vec!["gw-a"]);
-        // A second file holding the same key: ambiguous, refused by the next full read.
-        std::fs::write(d.join("gw-c.pub"), format!("{}\n", c.public)).unwrap();
-        let later = t + AllowIndex::MAX_AGE;
-        assert_eq!(idx.lookup(&c.public, later).unwrap(), vec!["gw-a", "gw-c"]);
-        assert!(AllowIndex::new(d.join("missing"))
-            .lookup(&key_a, t)
-            .is_err());
+        let keys = tempfile::tempdir().unwrap();
+        let (_, pub_a) = security::keygen(&keys.path().join("a")).unwrap();
+        let key = security::load_public_key(&pub_a).unwrap();
+        let mut list = AllowList::new(dir.path().to_path_buf());
+        let t0 = Instant::now();
+        assert!(list.lookup(&key, t0).unwrap().is_empty());
+        std::fs::copy(&pub_a, dir.path().join("gw-a.pub")).unwrap();
+        // Within the same instant: the directory's new mtime makes it read again.
+        let ids = list.lookup(&key, t0).unwrap();
+        let ids = if ids.is_empty() {
+            // A file system whose mtime did not move (coarse clock): the age bound applies.
+            list.lookup(&key, t0 + ALLOW_LIST_MAX_AGE).unwrap()
+        } else {
+            ids
+        };
+        assert_eq!(ids, vec!["gw-a"]);
+        std::fs::remove_file(dir.path().join("gw-a.pub")).unwrap();
+        let later = t0 + ALLOW_LIST_MAX_AGE * 2;
+        assert!(
+            list.lookup(&key, later).unwrap().is_empty(),
+            "a revoked key is refused"
+        );
+        std::fs::remove_dir(dir.path()).unwrap();
+        assert!(list.lookup(&key, later).is_err());
     }
 }

@@ -299,17 +299,31 @@ def stream_messages(urls, subject="zgate.>", stream="ZGATE"):
         await sub.unsubscribe()
         return out
 
-    return nats_run(go, urls)
+    # Right after a node restart or an election JetStream may time out creating the consumer:
+    # a few more attempts, then the error stands.
+    for attempt in range(5):
+        try:
+            return nats_run(go, urls)
+        except (NatsTimeout, asyncio.TimeoutError):
+            if attempt == 4:
+                raise
+            time.sleep(1)
 
 
 def kv_get(urls, key, bucket="zgate_gateways"):
-    """The JSON value of ``key`` in the bucket, or None when absent."""
+    """The JSON value of ``key`` in the bucket, or None when absent (or not answering yet)."""
     async def go(nc):
+        import asyncio
+
+        from nats.errors import TimeoutError as NatsTimeout
         from nats.js.errors import BucketNotFoundError, KeyNotFoundError
         try:
             kv = await nc.jetstream().key_value(bucket)
             e = await kv.get(key)
         except (KeyNotFoundError, BucketNotFoundError):
+            return None
+        except (NatsTimeout, asyncio.TimeoutError):
+            # A bucket just created answers once its replicas elected a leader.
             return None
         return json.loads(e.value)
 

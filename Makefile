@@ -61,17 +61,22 @@ fuzz: setup
 	done
 
 # Benchmarks (issue 6): criterion micro-benchmarks, then the end-to-end harness against the
-# release binary (and the spool benchmarks of issue 3, in process). Prints the table and writes
-# docs/benchmarks.md. BENCH_QUICK=1: smoke run. The full run also builds the aarch64 binary
-# for the binary-size budget row (`cross/build aarch64`: minutes the first time, then cached);
+# release binary (and the spool benchmarks of issue 3, in process; item F, the fleet bridge, runs
+# the bridge crate's loadgen example: a 3-node nats-server cluster on loopback, the release
+# zgate-bridge, 1,000 simulated gateways). Prints the table and writes docs/benchmarks.md.
+# BENCH_QUICK=1: smoke run. The full run also builds the aarch64 binary for the binary-size
+# budget row (`cross/build aarch64`: minutes the first time, then cached);
 # the quick run skips it and that row says n/a.
 BENCH_CRITERION = $(if $(BENCH_QUICK),--quick --warm-up-time 1 --measurement-time 2,--warm-up-time 2 --measurement-time 5)
 bench: setup
 	@benches/setup
 	$(if $(BENCH_QUICK),,$(CURDIR)/cross/build aarch64)
 	$(CARGO) build --release --bin zgate --example bench_e2e
+	$(CARGO) build --release -p zgate-bridge --bin zgate-bridge --example loadgen
 	$(CARGO) bench --bench protocol --bench outbox -- $(BENCH_CRITERION)
-	./target/release/examples/bench_e2e --zgate ./target/release/zgate --out docs/benchmarks.md $(if $(BENCH_QUICK),--quick)
+	./target/release/examples/bench_e2e --zgate ./target/release/zgate \
+		--bridge ./target/release/zgate-bridge --loadgen ./target/release/examples/loadgen \
+		--out docs/benchmarks.md $(if $(BENCH_QUICK),--quick)
 
 clean:
 	$(CARGO) clean

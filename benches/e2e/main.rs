@@ -26,6 +26,12 @@
 //! 11. a Modbus RTU bus of 4 devices at 9600 baud polled as fast as the bus allows: polls/s
 //!     against the wire-time limit (`items/modbus.rs`).
 //!
+//! F. the fleet bridge: 1,000 simulated gateways (CURVE DEALERs) through one `zgate-bridge` into
+//!    a 3-node JetStream cluster's R3 stream: maximum sustained readings/s against the raw
+//!    ceiling of one async-nats publisher, latency to a JetStream consumer at half of it, the
+//!    bridge's CPU per reading and its RSS with 1,000 and 10,000 idle gateways (run by the
+//!    bridge crate's `loadgen` example, `items/fleet.rs`).
+//!
 //! Rows marked S: the spool in process (issue 3, `spool.rs`): append throughput per fsync
 //! policy, the loop stall of compaction (`ack()` deleting segments) and of `tick()`.
 //!
@@ -58,6 +64,7 @@ mod trace;
 use items::backlog::bench_backlog;
 use items::commands::bench_commands;
 use items::diskflood::{bench_diskflood, flood};
+use items::fleet::bench_fleet;
 use items::forwarder::bench_forwarder;
 use items::idle::bench_idle;
 use items::instructions::bench_instructions;
@@ -90,6 +97,9 @@ pub struct Opts {
     /// The minimal Python forwarder of item 9.
     pub py_forwarder: PathBuf,
     pub criterion_dir: PathBuf,
+    /// Item F: the release `zgate-bridge` and the bridge crate's `loadgen` example.
+    pub bridge: PathBuf,
+    pub loadgen: PathBuf,
     pub only: Option<Vec<String>>,
 }
 
@@ -105,6 +115,8 @@ fn opts() -> Opts {
             std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
         )
         .join("criterion"),
+        bridge: PathBuf::from("target/release/zgate-bridge"),
+        loadgen: PathBuf::from("target/release/examples/loadgen"),
         only: None,
     };
     let mut args = std::env::args().skip(1);
@@ -114,6 +126,8 @@ fn opts() -> Opts {
             "--zgate" => o.zgate = args.next().expect("--zgate PATH").into(),
             "--out" => o.out = Some(args.next().expect("--out PATH").into()),
             "--python" => o.python = args.next().expect("--python EXE"),
+            "--bridge" => o.bridge = args.next().expect("--bridge PATH").into(),
+            "--loadgen" => o.loadgen = args.next().expect("--loadgen PATH").into(),
             "--null-gateway" => {
                 let tty = args.next().expect("--null-gateway TTY ENDPOINT");
                 let endpoint = args.next().expect("--null-gateway TTY ENDPOINT");
@@ -224,6 +238,11 @@ fn main() {
     if want("11") {
         if let Err(e) = bench_modbus(&o, &mut r) {
             r.fail("11", "Modbus RTU polling rate", e);
+        }
+    }
+    if want("F") {
+        if let Err(e) = bench_fleet(&o, &mut r) {
+            r.fail("F", "fleet bridge", e);
         }
     }
     if want("3") || want("5") {

@@ -192,7 +192,7 @@ pub fn render(o: &Opts, r: &Report, load_start: &str, load_end: &str, took: Dura
     let _ = writeln!(md, "| run time | {:.0} s |\n", took.as_secs_f64());
     let _ = writeln!(
         md,
-        "`#`: the item of issue 6 (S: the spool benchmarks of issue 3; 8 to 10: issue 15; 11: issue 13). The generated gateway \
+        "`#`: the item of issue 6 (S: the spool benchmarks of issue 3; 8 to 10: issue 15; 11: issue 13; F: the fleet bridge of issue 12). The generated gateway \
          config has `[spool] max_bytes = {} MiB`, `fsync = \"interval\"` (1000 ms) and its \
          `data_dir` in a temp dir under $TMPDIR (this machine's disk).\n",
         SPOOL_MAX_BYTES >> 20

@@ -4,6 +4,7 @@
 pub mod backlog;
 pub mod commands;
 pub mod diskflood;
+pub mod fleet;
 pub mod forwarder;
 pub mod idle;
 pub mod instructions;

@@ -197,7 +197,7 @@ class Pi:
                 start = len(self.buf)
             if self._wait_for(ready, 0 if start == 0 else start, 10):
                 return
-            self._send(b"\nping\n")
+            self._send(b"\nagent-ping\n")
         raise GuestError(f"no test agent on the console after {self.boot_timeout} s:\n"
                          f"{self.console_tail()}")
 

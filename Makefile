@@ -44,6 +44,7 @@ test-arm: cross
 test-pi: build
 	tests/pi/setup
 	$(MAKE) deb CROSS_ARCHES=aarch64
+	tests/pi/image
 	ZGATE_PI=1 ZGATE_BIN=$(CURDIR)/target/debug/zgate $(PYTHON) -m pytest -q tests/pi
 
 test: lint test-rust test-py test-arm check-deploy test-pi

@@ -61,8 +61,9 @@ def deb():
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pi(run_dir, image_dir, deb):
+    """The raspi3b guest of test_pi.py, stopped when that module ends (before another boots)."""
     t0 = time.monotonic()
     p = Pi(run_dir / "guest", image_dir, deb)
     try:

@@ -8,6 +8,11 @@
     (0x3f200034), which the guest's pinctrl-bcm2835 driver drives;
   - ``sensor``: the host end of the Pi's PL011 UART (guest /dev/ttyAMA0), a pty.
 Everything the console prints goes to ``console.log`` in the run directory.
+
+``machine="virt"`` boots the same image on QEMU's generic ``virt`` board instead (virtio disk
+and network, the PL011 is the console there): its PL061 GPIO controller has a line the host can
+move, line 3, which QEMU pulses on ``system_powerdown`` (the device tree's gpio-keys node that
+would claim it is removed), so an input edge goes through a real kernel GPIO driver.
 """
 
 import base64
@@ -77,7 +82,9 @@ class Qmp:
 
 
 class Pi:
-    def __init__(self, workdir: Path, image_dir: Path, deb: Path, boot_timeout=900):
+    def __init__(self, workdir: Path, image_dir: Path, deb: Path, boot_timeout=900,
+                 machine="raspi3b"):
+        self.machine = machine
         self.dir = Path(workdir)
         self.image = Path(image_dir)
         self.deb = Path(deb)
@@ -105,21 +112,49 @@ class Pi:
         qmp = self.dir / "qmp.sock"
         for p in (con, qmp):
             p.unlink(missing_ok=True)
-        cmd = [
-            "qemu-system-aarch64", "-M", "raspi3b",
-            "-kernel", str(self.image / "Image"), "-dtb", str(self.image / "rpi3b.dtb"),
-            "-initrd", str(self.image / "initrd.img"),
-            "-drive", f"file={sd},if=sd,format=raw",
-            # first serial: the PL011 = guest /dev/ttyAMA0 (the sensor); second: the mini UART
-            # ttyS1, the console with the test agent
-            "-serial", "pty",
-            "-chardev", f"socket,id=con,path={con},server=on,wait=on", "-serial", "chardev:con",
-            "-netdev", "user,id=n0", "-device", "usb-net,netdev=n0",
-            "-display", "none", "-monitor", "none", "-no-reboot",
-            "-qmp", f"unix:{qmp},server=on,wait=off",
-            "-append", "root=/dev/mmcblk0 rw rootwait console=ttyS1,115200 loglevel=5 "
-                       "systemd.show_status=auto",
-        ]
+        agent = "systemd.wants=zgate-test-agent@{}.service"
+        if self.machine == "raspi3b":
+            cmd = [
+                "qemu-system-aarch64", "-M", "raspi3b",
+                "-kernel", str(self.image / "Image"), "-dtb", str(self.image / "rpi3b.dtb"),
+                "-initrd", str(self.image / "initrd.img"),
+                "-drive", f"file={sd},if=sd,format=raw",
+                # first serial: the PL011 = guest /dev/ttyAMA0 (the sensor); second: the mini
+                # UART ttyS1, the console with the test agent
+                "-serial", "pty",
+                "-chardev", f"socket,id=con,path={con},server=on,wait=on",
+                "-serial", "chardev:con",
+                "-netdev", "user,id=n0", "-device", "usb-net,netdev=n0",
+                "-display", "none", "-monitor", "none", "-no-reboot",
+                "-qmp", f"unix:{qmp},server=on,wait=off",
+                "-append", "root=/dev/mmcblk0 rw rootwait console=ttyS1,115200 loglevel=5 "
+                           "systemd.show_status=auto " + agent.format("ttyS1"),
+            ]
+        else:
+            base = [
+                "qemu-system-aarch64", "-M", "virt,acpi=off", "-cpu", "cortex-a53",
+                "-m", "1024", "-smp", "2",
+                "-drive", f"file={sd},if=none,id=d0,format=raw",
+                "-device", "virtio-blk-device,drive=d0",
+                "-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0",
+                "-display", "none", "-monitor", "none", "-no-reboot",
+            ]
+            # The device tree QEMU would give this very machine, without gpio-keys: PL061
+            # line 3 (the power button) is then free for a line request.
+            dtb = self.dir / "virt.dtb"
+            base0 = base.copy()
+            base0[2] = f"virt,acpi=off,dumpdtb={dtb}"
+            subprocess.run(base0, check=True, capture_output=True)
+            subprocess.run(["fdtput", "-r", str(dtb), "/gpio-keys"], check=True)
+            cmd = base + [
+                "-kernel", str(self.image / "Image"), "-dtb", str(dtb),
+                "-initrd", str(self.image / "initrd.img"),
+                "-chardev", f"socket,id=con,path={con},server=on,wait=on",
+                "-serial", "chardev:con",
+                "-qmp", f"unix:{qmp},server=on,wait=off",
+                "-append", "root=/dev/vda rw rootwait console=ttyAMA0 loglevel=5 "
+                           "systemd.show_status=auto " + agent.format("ttyAMA0"),
+            ]
         self.log = open(self.dir / "console.log", "wb")
         self.qemu_log = open(self.dir / "qemu.log", "wb")
         self.t_start = time.monotonic()
@@ -139,7 +174,7 @@ class Pi:
         threading.Thread(target=self._reader, daemon=True).start()
         self.qmp_ = Qmp(qmp)
         for dev in self.qmp_.execute("query-chardev"):
-            if dev["label"] == "serial0":
+            if dev["label"] == "serial0" and dev["filename"].startswith("pty:"):
                 self.sensor_path = dev["filename"].removeprefix("pty:")
         self.wait_agent()
         self.timings["agent_ready_s"] = time.monotonic() - self.t_start

@@ -134,15 +134,16 @@ def test_install_the_deb(pi, deb):
     assert "Setting up zgate" in out, out
     out = pi.sh("zgate --version; id zgate; systemctl is-enabled zgate; "
                 "systemctl is-active zgate || true; stat -c '%U %G %a' /var/lib/zgate; "
-                "stat -c '%G %a' /dev/gpiochip0; cat /sys/bus/gpio/devices/gpiochip0/label "
-                "2>/dev/null || cat /sys/class/gpio/gpiochip0/label 2>/dev/null || true")
+                "stat -c '%G %a' /dev/gpiochip* | sort -u")
     lines = out.splitlines()
     assert lines[0].startswith("zgate "), out
     assert re.search(r"groups=.*\(zgate\)", lines[1]) and "(dialout)" in lines[1] \
         and "(gpio)" in lines[1], out
     assert lines[2:5] == ["enabled", "inactive", "zgate zgate 750"], out
-    # The package's udev rule, triggered by the postinst, gave the chip to group gpio.
-    assert lines[5] == "gpio 660", out
+    # The package's udev rule, triggered by the postinst, gave the chips to group gpio
+    # (Debian's kernel makes them root:root 0600).
+    assert lines[5:] == ["gpio 660"], out
+    assert "pinctrl-bcm2835" in pi.sh("gpiodetect")
 
 
 # ------------------------------------------------------------------ step 4: keys
@@ -200,8 +201,13 @@ def test_start_type_notify_and_curve_hello(pi, backend):
     log = journal(pi)
     assert "CURVE on: gateway public key" in log, log
     assert pub.splitlines()[-1].strip()[-40:] in log, (pub, log)
-    out = pi.sh("ps -o user=,group= -C zgate; systemctl show zgate -p User -p Type")
+    out = pi.sh("ps -o user=,group= -C zgate; systemctl status zgate --no-pager || true")
     assert out.split()[:2] == ["zgate", "zgate"], out
+    assert "active (running)" in out, out
+    # docs/deploy.md step 8.7: gpioinfo names zgate as the consumer of its lines.
+    info = pi.sh("gpioinfo pinctrl-bcm2835")
+    assert re.search(r"line\s+27:\s+\S+\s+\"zgate\"\s+output", info), info
+    assert re.search(r"line\s+17:\s+\S+\s+\"zgate\"\s+input", info), info
 
 
 def test_reading_through_the_pl011(pi, backend, sensor):
@@ -331,3 +337,4 @@ def test_remove_keeps_the_conffile_purge_deletes_it(pi):
     out = pi.sh("dpkg --purge zgate 2>&1; ls -d /etc/zgate /var/lib/zgate 2>&1 || true; "
                 "id zgate", timeout=STEP_TIMEOUT)
     assert "cannot access '/etc/zgate'" in out and "cannot access '/var/lib/zgate'" in out, out
+    assert "uid=" in out, "the zgate user stays after a purge"

@@ -18,9 +18,7 @@ would claim it is removed), so an input edge goes through a real kernel GPIO dri
 import base64
 import itertools
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -253,6 +251,8 @@ class Pi:
             self.con.close()
         except (OSError, AttributeError):
             pass
+        # The SD copy (up to 2 GiB) is not needed any more; the logs stay.
+        (self.dir / "sd.img").unlink(missing_ok=True)
 
     # ----- guest shell
 

@@ -129,7 +129,8 @@ def test_boot_to_multi_user(pi):
 
 def test_install_the_deb(pi, deb):
     t0 = time.monotonic()
-    out = pi.sh(f"cd /root && apt-get install -y ./{deb.name} 2>&1", timeout=STEP_TIMEOUT)
+    # As deploy.md step 3 says (-y: no one answers the prompt here).
+    out = pi.sh("cd /root && sudo apt install -y ./zgate_*_arm64.deb 2>&1", timeout=STEP_TIMEOUT)
     record("install_s", time.monotonic() - t0)
     assert "Setting up zgate" in out, out
     out = pi.sh("zgate --version; id zgate; systemctl is-enabled zgate; "
@@ -321,6 +322,21 @@ def test_reload_applies_a_changed_config(pi, backend):
     wait(lambda: len(backend.of_kind("stats")) >= n + 2, 60, "stats every 5 s")
     assert pi.sh("systemctl show zgate -p MainPID").strip() == pid
     assert pi.sh("systemctl is-active zgate").strip() == "active"
+
+
+def test_watchdog_restarts_a_hung_gateway(pi, backend):
+    # deploy.md step 6: "if it stops responding for 30 s, systemd restarts it (the journal
+    # then says `Watchdog timeout`)". SIGSTOP freezes the loop, and with it the pings.
+    pid = pi.sh("systemctl show zgate -p MainPID --value").strip()
+    hellos = len(backend.of_kind("hello"))
+    pi.sh(f"kill -STOP {pid}")
+    wait(lambda: pi.sh("systemctl show zgate -p NRestarts --value").strip() == "1", 120,
+         "systemd to restart the hung service")
+    wait(lambda: pi.sh("systemctl is-active zgate || true").strip() == "active", 120,
+         "the restarted service")
+    assert pi.sh("systemctl show zgate -p MainPID --value").strip() != pid
+    assert "Watchdog timeout" in pi.sh("journalctl -u zgate -b --no-pager")
+    wait(lambda: len(backend.of_kind("hello")) > hellos, 120, "the new process's hello")
 
 
 # ------------------------------------------------------------------ step 7: remove and purge

@@ -3,7 +3,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: all setup build release demo test test-rust test-py test-arm lint bench fuzz clean
+.PHONY: all setup build release demo test test-rust test-py test-arm test-pi lint bench fuzz clean
 
 # cross, cross-setup, deb, check-deb, check-unit, check-deploy
 include cross/cross.mk
@@ -39,7 +39,16 @@ test-py: setup
 test-arm: cross
 	ZGATE_QEMU_ARCHES="$(CROSS_ARCHES)" $(PYTHON) -m pytest -q tests/py/test_arm_qemu.py
 
-test: lint test-rust test-py test-arm check-deploy
+# The arm64 .deb installed and driven on an emulated Raspberry Pi 3 (qemu-system-aarch64
+# -M raspi3b, Debian bookworm + systemd): tests/pi/README.md. Needs root; the first run builds
+# the guest image into $$ZGATE_PI_CACHE (default /var/cache/zgate-test-pi).
+test-pi: build
+	tests/pi/setup
+	$(MAKE) deb CROSS_ARCHES=aarch64
+	tests/pi/image
+	ZGATE_PI=1 ZGATE_BIN=$(CURDIR)/target/debug/zgate $(PYTHON) -m pytest -q tests/pi
+
+test: lint test-rust test-py test-arm check-deploy test-pi
 
 # Fuzzing (not part of `make test`): every target in fuzz/ for FUZZ_SECONDS each.
 # cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them.

@@ -18,9 +18,15 @@ pub const ZAP_DOMAIN: &str = "zgate";
 /// The ids whose `.pub` file in `dir` holds `key` (Z85). Unreadable or malformed files are
 /// skipped with a warning.
 pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
+    Ok(read_allow_dir(dir)?.remove(key).unwrap_or_default())
+}
+
+/// Every `.pub` file of `dir`: Z85 key → the ids (sorted) it is registered under. Unreadable
+/// or malformed files are skipped with a warning.
+fn read_allow_dir(dir: &Path) -> Result<HashMap<String, Vec<String>>, String> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-    let mut ids = Vec::new();
+    let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().and_then(|e| e.to_str()) != Some("pub") {
@@ -30,13 +36,14 @@ pub fn allowed_ids(dir: &Path, key: &str) -> Result<Vec<String>, String> {
             continue;
         };
         match security::load_public_key(&path) {
-            Ok(k) if k == key => ids.push(id.to_string()),
-            Ok(_) => {}
+            Ok(k) => by_key.entry(k).or_default().push(id.to_string()),
             Err(e) => log::warn!("allow list: skipping {}: {e}", path.display()),
         }
     }
-    ids.sort();
-    Ok(ids)
+    for ids in by_key.values_mut() {
+        ids.sort();
+    }
+    Ok(by_key)
 }
 
 /// How long an in-memory copy of the allow list is used while its directory looks unchanged.
@@ -80,26 +87,7 @@ impl AllowList {
     }
 
     fn reload(&mut self) -> Result<(), String> {
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| format!("cannot read {}: {e}", self.dir.display()))?;
-        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("pub") {
-                continue;
-            }
-            let Some(id) = path.file_stem().and_then(|s| s.to_str()) else {
-                continue;
-            };
-            match security::load_public_key(&path) {
-                Ok(k) => by_key.entry(k).or_default().push(id.to_string()),
-                Err(e) => log::warn!("allow list: skipping {}: {e}", path.display()),
-            }
-        }
-        for ids in by_key.values_mut() {
-            ids.sort();
-        }
-        self.by_key = by_key;
+        self.by_key = read_allow_dir(&self.dir)?;
         Ok(())
     }
 }

@@ -523,19 +523,13 @@ pub const MAX_BCM_PIN: u8 = 27;
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            line: 0,
-            key: String::new(),
-            message: format!("cannot read config file: {e}"),
-        })?;
+        let (file, text) = read_config_file(path)?;
         Config::parse(&text, &file)
     }
 
     /// Parses and validates config text; `file` is the name used in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| toml_error(text, file, &e))?;
+        let cfg: Config = parse_toml(text, file)?;
         cfg.validate(text, file)?;
         Ok(cfg)
     }
@@ -551,6 +545,21 @@ impl Config {
     /// Names of the configured serial ports, in file order (for `hello`).
     pub fn serial_names(&self) -> Vec<String> {
         self.serial.iter().map(|p| p.name.clone()).collect()
+    }
+}
+
+/// Reads a config file: its name for errors and its text, or the error of [`Config::load`]
+/// for a file that cannot be read. Other binaries of the workspace read theirs with it too.
+pub fn read_config_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((file, text)),
+        Err(e) => Err(ConfigError {
+            file,
+            line: 0,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        }),
     }
 }
 

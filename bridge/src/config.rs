@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use zgate::config::{line_of_key, parse_toml, ConfigError};
+use zgate::config::{line_of_key, parse_toml, read_config_file, ConfigError};
 
 /// The commented template `zgate-bridge config-template` prints.
 pub const TEMPLATE: &str = include_str!("bridge_template.toml");
@@ -100,13 +100,7 @@ pub const MAX_INFLIGHT_LIMIT: usize = 65_536;
 impl BridgeConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<BridgeConfig, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            line: 0,
-            key: String::new(),
-            message: format!("cannot read config file: {e}"),
-        })?;
+        let (file, text) = read_config_file(path)?;
         BridgeConfig::parse(&text, &file)
     }
 

@@ -371,11 +371,7 @@ impl Gateways {
                 self.counters.acks_advanced += 1;
             }
             log::debug!("ack gateway={id} seq={seq} advanced={advanced}");
-            let body = json!({ "seq": seq }).to_string();
-            if let Err(zmq::Error::EHOSTUNREACH) =
-                self.router
-                    .send(id.as_bytes(), protocol::KIND_ACK, body.as_bytes())
-            {
+            if !send_ack(&self.router, id, seq) {
                 lost.push(id.clone());
             }
         }
@@ -424,11 +420,7 @@ impl Gateways {
             let Some(seq) = gw.flow.last_ack() else {
                 continue;
             };
-            let body = json!({ "seq": seq }).to_string();
-            if let Err(zmq::Error::EHOSTUNREACH) =
-                self.router
-                    .send(id.as_bytes(), protocol::KIND_ACK, body.as_bytes())
-            {
+            if !send_ack(&self.router, id, seq) {
                 lost.push(id.clone());
             }
         }
@@ -485,4 +477,14 @@ impl Gateways {
             }
         }
     }
+}
+
+/// Sends `id` an ack of `seq`; false when the ROUTER no longer has a route to it
+/// (EHOSTUNREACH: its connection is gone). Other send errors leave it connected.
+fn send_ack(router: &Router, id: &str, seq: u64) -> bool {
+    let body = json!({ "seq": seq }).to_string();
+    !matches!(
+        router.send(id.as_bytes(), protocol::KIND_ACK, body.as_bytes()),
+        Err(zmq::Error::EHOSTUNREACH)
+    )
 }

@@ -15,6 +15,7 @@
 //! never comes back is forgotten after `inflight_timeout` so it can be published again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zgate::backend::GatewayLedger;
 
@@ -23,8 +24,8 @@ use zgate::backend::GatewayLedger;
 pub enum ReadingAction {
     /// Publish it (under this spool id, for the `Nats-Msg-Id`).
     Publish {
-        /// The spool the seq belongs to.
-        spool_id: String,
+        /// The spool the seq belongs to (shared: every reading of a spool names it).
+        spool_id: Arc<str>,
     },
     /// Already confirmed: not published again; an ack is due (the gateway missed one).
     Duplicate,
@@ -40,6 +41,8 @@ pub enum ReadingAction {
 #[derive(Debug)]
 pub struct Flow {
     ledger: GatewayLedger,
+    /// The ledger's spool id, shared with every publish that names it.
+    spool: Option<Arc<str>>,
     /// Published, unconfirmed seqs of the current spool, with when they were published.
     inflight: HashMap<u64, Instant>,
     max_inflight: usize,
@@ -56,6 +59,7 @@ impl Flow {
     pub fn new(max_inflight: usize, inflight_timeout: Duration) -> Flow {
         Flow {
             ledger: GatewayLedger::default(),
+            spool: None,
             inflight: HashMap::new(),
             max_inflight,
             inflight_timeout,
@@ -80,6 +84,9 @@ impl Flow {
     /// answered (an ack of `resume_seq - 1` at most: it acknowledges nothing new).
     pub fn on_hello(&mut self, spool_id: &str, resume_seq: Option<u64>) -> Option<String> {
         let replaced = self.ledger.hello(spool_id, resume_seq);
+        if self.spool.as_deref() != self.ledger.spool_id.as_deref() {
+            self.spool = self.ledger.spool_id.as_deref().map(Arc::from);
+        }
         if replaced.is_some() {
             self.inflight.clear();
             self.acked_high = 0;
@@ -104,7 +111,7 @@ impl Flow {
 
     /// A reading with `seq` arrived.
     pub fn on_reading(&mut self, seq: u64, now: Instant) -> ReadingAction {
-        let Some(spool_id) = self.ledger.spool_id.clone() else {
+        let Some(spool_id) = self.spool.clone() else {
             return ReadingAction::NoHello;
         };
         if let Some(c) = &mut self.ledger.conn_high {

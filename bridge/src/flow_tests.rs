@@ -11,7 +11,7 @@ fn publish(f: &mut Flow, seq: u64, now: Instant) {
     assert_eq!(
         f.on_reading(seq, now),
         ReadingAction::Publish {
-            spool_id: f.spool_id().unwrap().to_string()
+            spool_id: f.spool_id().unwrap().into()
         },
         "seq {seq}"
     );

@@ -3,11 +3,14 @@
 //! [`crate::router_loop`] calls into it.
 
 use crate::flow::{Flow, ReadingAction};
-use crate::messages::{ToNats, ToRouter};
+use crate::messages::{Outcome, ToNats, ToRouter};
 use crate::subject;
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TrySendError;
 use zgate::backend::{Received, Route, Router};
@@ -26,12 +29,34 @@ const LOG_NATS_BUSY: &str = "NATS side busy";
 const LOG_NO_HELLO: &str = "reading before hello";
 
 struct Gateway {
+    /// Its id (shared with every publish of its readings).
+    id: Arc<str>,
+    /// `zgate.<gateway>.reading.`
+    reading_prefix: String,
     flow: Flow,
     connected: bool,
     /// The fd of the connection its last verified message came from.
     fd: Option<i32>,
-    /// Touched in this batch: an ack may be due.
+    /// Touched in this batch: an ack may be due (and the slot is in `Gateways::dirty`).
     dirty: bool,
+}
+
+/// What the hot path reads of a reading's body; the rest is passed on untouched.
+#[derive(Deserialize)]
+struct ReadingHead<'a> {
+    seq: Option<u64>,
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+}
+
+/// A reading's seq and source without building the whole JSON value: `None` when the body
+/// is not a JSON object of that shape (the caller then looks at it as a [`Value`]).
+fn reading_head(body: &[u8]) -> Option<ReadingHead<'_>> {
+    // serde would also take an array for a struct; a reading's body is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
 }
 
 /// Counters, logged by the loop.
@@ -53,7 +78,12 @@ pub struct Counters {
 pub struct Gateways {
     router: Router,
     to_nats: tokio::sync::mpsc::Sender<ToNats>,
-    gateways: HashMap<String, Gateway>,
+    /// Every gateway seen since the start, by slot (a slot is never reused: outcomes name it).
+    slots: Vec<Gateway>,
+    /// Gateway id → slot.
+    index: HashMap<String, usize>,
+    /// Slots touched since the last [`Gateways::flush_acks`].
+    dirty: Vec<usize>,
     /// (gateway, command id) → reply subject and when the command was sent.
     pending: HashMap<(String, String), (Option<String>, Instant)>,
     max_inflight: usize,
@@ -83,7 +113,9 @@ impl Gateways {
         Gateways {
             router,
             to_nats,
-            gateways: HashMap::new(),
+            slots: Vec::new(),
+            index: HashMap::new(),
+            dirty: Vec::new(),
             pending: HashMap::new(),
             max_inflight,
             bridge_id: bridge_id.to_string(),
@@ -100,39 +132,76 @@ impl Gateways {
         &mut self.router
     }
 
+    /// The slot of gateway `id`, made on its first message.
+    fn slot(&mut self, id: &str) -> usize {
+        if let Some(&i) = self.index.get(id) {
+            return i;
+        }
+        let i = self.slots.len();
+        self.slots.push(Gateway {
+            id: Arc::from(id),
+            reading_prefix: subject::reading_prefix(id),
+            flow: Flow::new(self.max_inflight, INFLIGHT_TIMEOUT),
+            connected: false,
+            fd: None,
+            dirty: false,
+        });
+        self.index.insert(id.to_string(), i);
+        i
+    }
+
+    /// Marks slot `i` for the next [`Self::flush_acks`].
+    fn touch(&mut self, i: usize) {
+        let gw = &mut self.slots[i];
+        if !std::mem::replace(&mut gw.dirty, true) {
+            self.dirty.push(i);
+        }
+    }
+
     /// Handles one message from a gateway.
     pub fn on_received(&mut self, r: Received, now: Instant) {
         if !self.router.sender_verified(&r) {
             return;
         }
+        let Received {
+            mut frames,
+            user_id,
+            fd,
+            ..
+        } = r;
         // Identity: with CURVE the key's registered id (sender_verified checked that the
         // routing id is that id); without CURVE nothing is authenticated and the routing
         // id is all there is.
-        let id = match &r.user_id {
-            Some(u) if self.router.curve() => u.clone(),
-            _ => match String::from_utf8(r.frames[0].clone()) {
+        let id = match user_id {
+            Some(u) if self.router.curve() => u,
+            _ => match String::from_utf8(std::mem::take(&mut frames[0])) {
                 Ok(s) => s,
                 Err(_) => return self.bad(None, "routing id is not UTF-8"),
             },
         };
-        if r.frames.len() != 3 {
-            return self.bad(Some(&id), &format!("{} frames, expected 3", r.frames.len()));
+        if frames.len() != 3 {
+            return self.bad(Some(&id), &format!("{} frames, expected 3", frames.len()));
         }
-        let fd = r.fd;
-        let kind = String::from_utf8_lossy(&r.frames[1]).into_owned();
-        let body = Bytes::from(r.frames.into_iter().nth(2).unwrap_or_default());
+        let body = Bytes::from(frames.pop().unwrap_or_default());
+        if frames[1] == protocol::KIND_READING.as_bytes() {
+            if let Some(head) = reading_head(&body) {
+                let (seq, source) = (head.seq, head.source.unwrap_or_default());
+                let Some(seq) = seq else {
+                    return self.bad(Some(&id), "reading without seq");
+                };
+                let i = self.slot(&id);
+                self.reading(i, fd, seq, &source, body.clone(), now);
+                return;
+            }
+        }
+        let kind = String::from_utf8_lossy(&frames[1]).into_owned();
         let value: Value = match serde_json::from_slice(&body) {
             Ok(v @ Value::Object(_)) => v,
             _ => return self.bad(Some(&id), &format!("{kind}: body is not a JSON object")),
         };
-        let max = self.max_inflight;
-        let gw = self.gateways.entry(id.clone()).or_insert_with(|| Gateway {
-            flow: Flow::new(max, INFLIGHT_TIMEOUT),
-            connected: false,
-            fd: None,
-            dirty: false,
-        });
-        gw.dirty = true;
+        let i = self.slot(&id);
+        self.touch(i);
+        let gw = &mut self.slots[i];
         if fd.is_some() {
             gw.fd = fd;
         }
@@ -167,38 +236,12 @@ impl Gateways {
                 });
             }
             protocol::KIND_READING => {
+                // A body the fast path did not take (e.g. a source that is not a string).
                 let Some(seq) = value.get("seq").and_then(Value::as_u64) else {
                     return self.bad(Some(&id), "reading without seq");
                 };
                 let source = value.get("source").and_then(Value::as_str).unwrap_or("");
-                match gw.flow.on_reading(seq, now) {
-                    ReadingAction::Publish { spool_id } => {
-                        let subject = subject::reading_subject(&id, source);
-                        let msg = ToNats::Publish {
-                            gateway: id.clone(),
-                            spool_id: spool_id.clone(),
-                            seq,
-                            subject,
-                            body,
-                        };
-                        match self.to_nats.try_send(msg) {
-                            Ok(()) => self.counters.published += 1,
-                            Err(e) => {
-                                if let Some(gw) = self.gateways.get_mut(&id) {
-                                    gw.flow.on_outcome(&spool_id, seq, false);
-                                }
-                                self.nats_busy(&e);
-                            }
-                        }
-                    }
-                    ReadingAction::OverLimit => self.counters.over_limit += 1,
-                    ReadingAction::NoHello => {
-                        if self.logs.allow(LOG_NO_HELLO, now) {
-                            log::warn!("reading before hello gateway={id} seq={seq}: not published, not acked (the gateway resends it after its hello)");
-                        }
-                    }
-                    ReadingAction::Duplicate | ReadingAction::InFlight => {}
-                }
+                self.reading(i, None, seq, source, body, now);
             }
             protocol::KIND_STATS => {
                 let resume = value.get("resume_seq").and_then(Value::as_u64);
@@ -231,6 +274,53 @@ impl Gateways {
         }
     }
 
+    /// A reading `seq` of slot `i`'s gateway: publish it, or not (see [`Flow::on_reading`]).
+    fn reading(
+        &mut self,
+        i: usize,
+        fd: Option<i32>,
+        seq: u64,
+        source: &str,
+        body: Bytes,
+        now: Instant,
+    ) {
+        self.touch(i);
+        let gw = &mut self.slots[i];
+        if fd.is_some() {
+            gw.fd = fd;
+        }
+        match gw.flow.on_reading(seq, now) {
+            ReadingAction::Publish { spool_id } => {
+                let mut subject = String::with_capacity(gw.reading_prefix.len() + source.len());
+                subject.push_str(&gw.reading_prefix);
+                subject::push_token(&mut subject, source);
+                let msg = ToNats::Publish {
+                    slot: i,
+                    gateway: gw.id.clone(),
+                    spool_id: spool_id.clone(),
+                    seq,
+                    subject,
+                    body,
+                };
+                match self.to_nats.try_send(msg) {
+                    Ok(()) => self.counters.published += 1,
+                    Err(e) => {
+                        self.slots[i].flow.on_outcome(&spool_id, seq, false);
+                        self.nats_busy(&e);
+                    }
+                }
+            }
+            ReadingAction::OverLimit => self.counters.over_limit += 1,
+            ReadingAction::NoHello => {
+                if self.logs.allow(LOG_NO_HELLO, now) {
+                    let id = &self.slots[i].id;
+                    log::warn!("reading before hello gateway={id} seq={seq}: not published, not acked (the gateway resends it after its hello)");
+                }
+            }
+            ReadingAction::Duplicate | ReadingAction::InFlight => {}
+        }
+    }
+
     fn bad(&mut self, gateway: Option<&str>, why: &str) {
         if self.logs.allow(LOG_BAD_MESSAGE, Instant::now()) {
             log::warn!(
@@ -260,20 +350,23 @@ impl Gateways {
     /// Handles one message from the NATS side.
     pub fn on_nats(&mut self, m: ToRouter, now: Instant) {
         match m {
-            ToRouter::Outcome {
-                gateway,
-                spool_id,
-                seq,
-                ok,
-            } => {
-                if ok {
-                    self.counters.confirmed += 1;
-                } else {
-                    self.counters.failed += 1;
-                }
-                if let Some(gw) = self.gateways.get_mut(&gateway) {
-                    gw.flow.on_outcome(&spool_id, seq, ok);
-                    gw.dirty = true;
+            ToRouter::Outcomes(outcomes) => {
+                for Outcome {
+                    slot,
+                    spool_id,
+                    seq,
+                    ok,
+                } in outcomes
+                {
+                    if ok {
+                        self.counters.confirmed += 1;
+                    } else {
+                        self.counters.failed += 1;
+                    }
+                    if let Some(gw) = self.slots.get_mut(slot) {
+                        gw.flow.on_outcome(&spool_id, seq, ok);
+                        self.touch(slot);
+                    }
                 }
             }
             ToRouter::Command {
@@ -309,7 +402,8 @@ impl Gateways {
         let Some(cid_str) = cid.as_str().map(str::to_string) else {
             return self.refuse(reply, cid, "command id must be a string");
         };
-        if !self.gateways.get(&gateway).is_some_and(|g| g.connected) {
+        let connected = self.index.get(gateway.as_str()).map(|&i| &self.slots[i]);
+        if !connected.is_some_and(|g| g.connected) {
             return self.refuse(
                 reply,
                 cid,
@@ -341,7 +435,9 @@ impl Gateways {
                     e => e.to_string(),
                 };
                 if e == zmq::Error::EHOSTUNREACH {
-                    self.disconnected(&gateway);
+                    if let Some(&i) = self.index.get(gateway.as_str()) {
+                        self.disconnected(i);
+                    }
                 }
                 self.refuse(reply, cid, &why);
             }
@@ -362,7 +458,8 @@ impl Gateways {
     /// Sends every due ack (one per gateway touched since the last call).
     pub fn flush_acks(&mut self) {
         let mut lost = Vec::new();
-        for (id, gw) in self.gateways.iter_mut().filter(|(_, g)| g.dirty) {
+        for i in self.dirty.drain(..) {
+            let gw = &mut self.slots[i];
             gw.dirty = false;
             let Some((seq, advanced)) = gw.flow.take_ack() else {
                 continue;
@@ -370,13 +467,13 @@ impl Gateways {
             if advanced {
                 self.counters.acks_advanced += 1;
             }
-            log::debug!("ack gateway={id} seq={seq} advanced={advanced}");
-            if !send_ack(&self.router, id, seq) {
-                lost.push(id.clone());
+            log::debug!("ack gateway={} seq={seq} advanced={advanced}", gw.id);
+            if !send_ack(&self.router, &gw.id, seq) {
+                lost.push(i);
             }
         }
-        for id in lost {
-            self.disconnected(&id);
+        for i in lost {
+            self.disconnected(i);
         }
     }
 
@@ -386,23 +483,17 @@ impl Gateways {
     /// Gateways whose fd is unknown are probed for a while instead (libzmq removes a routing
     /// id shortly after the monitor event).
     pub fn connection_closed(&mut self, fds: &[i32], now: Instant) {
-        let lost: Vec<String> = self
-            .gateways
-            .iter()
-            .filter(|(_, g)| g.connected && g.fd.is_some_and(|fd| fds.contains(&fd)))
-            .map(|(id, _)| id.clone())
+        let lost: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                let g = &self.slots[i];
+                g.connected && g.fd.is_some_and(|fd| fds.contains(&fd))
+            })
             .collect();
-        for id in lost {
-            if let Some(g) = self.gateways.get_mut(&id) {
-                g.fd = None;
-            }
-            self.disconnected(&id);
+        for i in lost {
+            self.slots[i].fd = None;
+            self.disconnected(i);
         }
-        if self
-            .gateways
-            .values()
-            .any(|g| g.connected && g.fd.is_none())
-        {
+        if self.slots.iter().any(|g| g.connected && g.fd.is_none()) {
             self.probe_until = Some(now + PROBE_FOR);
             self.probe();
         }
@@ -412,30 +503,31 @@ impl Gateways {
     /// EHOSTUNREACH says its connection is gone.
     fn probe(&mut self) {
         let mut lost = Vec::new();
-        for (id, gw) in self
-            .gateways
-            .iter()
-            .filter(|(_, g)| g.connected && g.fd.is_none())
-        {
+        for (i, gw) in self.slots.iter().enumerate() {
+            if !gw.connected || gw.fd.is_some() {
+                continue;
+            }
             let Some(seq) = gw.flow.last_ack() else {
                 continue;
             };
-            if !send_ack(&self.router, id, seq) {
-                lost.push(id.clone());
+            if !send_ack(&self.router, &gw.id, seq) {
+                lost.push(i);
             }
         }
-        for id in lost {
-            self.disconnected(&id);
+        for i in lost {
+            self.disconnected(i);
         }
     }
 
-    fn disconnected(&mut self, id: &str) {
-        let Some(gw) = self.gateways.get_mut(id) else {
+    fn disconnected(&mut self, i: usize) {
+        let Some(gw) = self.slots.get_mut(i) else {
             return;
         };
         if !std::mem::replace(&mut gw.connected, false) {
             return;
         }
+        let id = gw.id.clone();
+        let id = &*id;
         log::info!("gateway disconnected gateway={id}");
         self.send_nats(ToNats::Disconnected {
             gateway: id.to_string(),
@@ -470,8 +562,8 @@ impl Gateways {
         for key in expired {
             self.pending.remove(&key);
         }
-        for (id, gw) in self.gateways.iter_mut() {
-            let n = gw.flow.expire(now);
+        for gw in &mut self.slots {
+            let (id, n) = (&gw.id, gw.flow.expire(now));
             if n > 0 {
                 log::warn!("gateway={id} {n} readings had no JetStream outcome within {INFLIGHT_TIMEOUT:?}: forgotten, published again when the gateway resends them");
             }

@@ -103,32 +103,44 @@ fn run(cfg: BridgeConfig) -> anyhow::Result<()> {
     let (to_nats, from_router) = tokio::sync::mpsc::channel(nats::TO_NATS_CAPACITY);
     let (to_router, from_nats) = calloop::channel::sync_channel(nats::TO_ROUTER_CAPACITY);
     let gw = gateways::Gateways::new(router, to_nats, cfg.bridge.max_inflight, &cfg.bridge.id);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the NATS side: async-nats drives one connection from one task, and a
+    // single-threaded runtime spends nothing on moving tasks between workers.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let nats_cfg = cfg.clone();
-    rt.spawn(async move {
-        let client = match nats::connect(&nats_cfg).await {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("NATS: {e}");
-                std::process::exit(1);
-            }
-        };
-        log::info!("NATS connected servers={:?}", nats_cfg.nats.servers);
-        nats::run(nats_cfg, client, from_router, to_router).await;
-    });
-    rt.spawn(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        log::info!("stopping");
-        std::process::exit(0);
-    });
+    std::thread::Builder::new()
+        .name("nats".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                let nats = async {
+                    let client = match nats::connect(&nats_cfg).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            log::error!("NATS: {e}");
+                            std::process::exit(1);
+                        }
+                    };
+                    log::info!("NATS connected servers={:?}", nats_cfg.nats.servers);
+                    nats::run(nats_cfg.clone(), client, from_router, to_router).await;
+                };
+                tokio::select! {
+                    // Returns when the ROUTER thread is gone; main reports why.
+                    _ = nats => {}
+                    _ = tokio::signal::ctrl_c() => {
+                        log::info!("stopping");
+                        std::process::exit(0);
+                    }
+                    _ = term.recv() => {
+                        log::info!("stopping");
+                        std::process::exit(0);
+                    }
+                }
+            })
+        })?;
     let zmq_thread = std::thread::Builder::new()
         .name("router".into())
         .spawn(move || router_loop::run(gw, from_nats))?;

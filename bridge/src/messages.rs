@@ -1,6 +1,7 @@
 //! What the ROUTER thread and the NATS side tell each other, over bounded channels.
 
 use bytes::Bytes;
+use std::sync::Arc;
 
 /// ROUTER thread → NATS side (a bounded tokio channel; the ROUTER thread never waits on it:
 /// a reading that finds it full is not published and not acked, the gateway resends it).
@@ -8,10 +9,12 @@ use bytes::Bytes;
 pub enum ToNats {
     /// Publish a reading to JetStream and report its [`ToRouter::Outcome`].
     Publish {
+        /// The gateway's slot on the ROUTER thread (handed back with the outcome).
+        slot: usize,
         /// Gateway id (the authenticated one).
-        gateway: String,
+        gateway: Arc<str>,
         /// The spool the seq belongs to.
-        spool_id: String,
+        spool_id: Arc<str>,
         /// The reading's seq.
         seq: u64,
         /// `zgate.<gateway>.reading.<source>`.
@@ -58,20 +61,25 @@ pub enum ToNats {
     },
 }
 
+/// JetStream's answer to a [`ToNats::Publish`].
+#[derive(Debug)]
+pub struct Outcome {
+    /// The gateway's slot, as in the publish.
+    pub slot: usize,
+    /// The spool the seq belongs to.
+    pub spool_id: Arc<str>,
+    /// The reading's seq.
+    pub seq: u64,
+    /// Confirmed: a PubAck (duplicate included).
+    pub ok: bool,
+}
+
 /// NATS side → ROUTER thread (a bounded calloop channel).
 #[derive(Debug)]
 pub enum ToRouter {
-    /// JetStream's answer to a [`ToNats::Publish`]: `ok` for a PubAck (duplicate included).
-    Outcome {
-        /// Gateway id.
-        gateway: String,
-        /// The spool the seq belongs to.
-        spool_id: String,
-        /// The reading's seq.
-        seq: u64,
-        /// Confirmed.
-        ok: bool,
-    },
+    /// Outcomes of publishes, as many as completed together (one wake of the ROUTER thread
+    /// and one ack per gateway for the lot).
+    Outcomes(Vec<Outcome>),
     /// A command request for a gateway.
     Command {
         /// Gateway id.

@@ -4,18 +4,21 @@
 //! subscription per gateway connected here, so an unknown or offline gateway gives the
 //! requester "no responders" at once) and keeps the bucket `zgate_gateways` current.
 //!
-//! Each publish runs in its own task: its PubAck is awaited concurrently with every other one
-//! (a PubAck's timeout starts when its future is first polled; awaited in turn, lost acks
-//! would cost their timeouts one after another).
+//! Every publish is a future in one `FuturesUnordered`: its PubAck is awaited concurrently
+//! with every other one (a PubAck's timeout starts when its future is first polled; awaited in
+//! turn, lost acks would cost their timeouts one after another), without a task per reading.
+//! The outcomes that completed together go to the ROUTER thread as one message: one wake of
+//! that thread and one ack per gateway for the lot.
 
 use crate::config::BridgeConfig;
 use crate::kv::Bucket;
-use crate::messages::{ToNats, ToRouter};
+use crate::messages::{Outcome, ToNats, ToRouter};
 use crate::subject;
 use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +32,17 @@ pub const PUBACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PUBLISH_ATTEMPTS: u32 = 3;
 /// The queue group of command subscriptions: one bridge answers each request.
 pub const COMMAND_QUEUE: &str = "zgate-bridge";
-/// Outcomes (and commands) waiting for the ROUTER thread, at most.
+/// Messages from the ROUTER thread taken per turn of the NATS side's loop.
+const RECV_BATCH: usize = 256;
+/// Readings published and awaiting their PubAck, at most, over all gateways (the raw
+/// ceiling of docs/benchmarks.md is measured with as many). Beyond it the NATS side takes
+/// nothing more from the ROUTER thread until PubAcks come back: more in flight would only
+/// lengthen JetStream's queue until PubAcks time out, and every timeout is a publish made
+/// again (throughput collapsed that way under overload: 3,400 acked/s of 14,800 sent).
+/// Readings then wait in the channel ([`TO_NATS_CAPACITY`]); when that is full the ROUTER
+/// thread publishes nothing more and acks nothing more, and gateways resend later.
+pub const PUBLISH_WINDOW: usize = 1024;
+/// Batches of outcomes (and commands) waiting for the ROUTER thread, at most.
 pub const TO_ROUTER_CAPACITY: usize = 65_536;
 /// Messages waiting for the NATS side, at most.
 pub const TO_NATS_CAPACITY: usize = 65_536;
@@ -120,81 +133,100 @@ pub async fn run(
     tokio::spawn(ensure_stream(js.clone(), cfg.clone(), wake.clone()));
     let bucket = Bucket::start(js.clone(), cfg.nats.replicas, cfg.bridge.id.clone());
     let mut commands: HashMap<String, JoinHandle<()>> = HashMap::new();
-    while let Some(m) = rx.recv().await {
-        match m {
-            ToNats::Publish {
-                gateway,
-                spool_id,
-                seq,
-                subject,
-                body,
-            } => {
-                let js = js.clone();
-                let to_router = to_router.clone();
-                let wake = wake.clone();
-                tokio::spawn(async move {
+    let mut publishing = FuturesUnordered::new();
+    let mut batch = Vec::with_capacity(RECV_BATCH);
+    loop {
+        let room = PUBLISH_WINDOW.saturating_sub(publishing.len());
+        let m = tokio::select! {
+            Some(first) = publishing.next(), if !publishing.is_empty() => {
+                let mut done = vec![first];
+                while let Some(Some(o)) = publishing.next().now_or_never() {
+                    done.push(o);
+                }
+                if to_router.try_send(ToRouter::Outcomes(done)).is_err() {
+                    log::warn!("outcomes not delivered to the ROUTER thread (queue full); those readings are published again when resent");
+                }
+                continue;
+            }
+            n = rx.recv_many(&mut batch, RECV_BATCH.min(room)), if room > 0 => {
+                if n == 0 {
+                    break;
+                }
+                batch.drain(..)
+            }
+        };
+        for m in m {
+            match m {
+                ToNats::Publish {
+                    slot,
+                    gateway,
+                    spool_id,
+                    seq,
+                    subject,
+                    body,
+                } => {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(
                         "Nats-Msg-Id",
                         subject::msg_id(&gateway, &spool_id, seq).as_str(),
                     );
-                    let ok = publish_reading(&js, &wake, subject, headers, body).await;
-                    if !ok {
-                        log::debug!("publish failed gateway={gateway} seq={seq}");
-                    }
-                    let out = ToRouter::Outcome {
-                        gateway,
-                        spool_id,
-                        seq,
-                        ok,
-                    };
-                    if to_router.try_send(out).is_err() {
-                        log::warn!("outcome not delivered to the ROUTER thread (queue full); the reading is published again when resent");
-                    }
-                });
-            }
-            ToNats::Event { subject, body } => {
-                let js = js.clone();
-                tokio::spawn(async move {
-                    let r = match js.publish(subject.clone(), body).await {
-                        Ok(ack) => ack.await.map(|_| ()),
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = r {
-                        log::debug!("event not stored subject={subject}: {e}");
-                    }
-                });
-            }
-            ToNats::Connected {
-                gateway,
-                version,
-                security,
-                resume_seq,
-            } => {
-                if !commands.contains_key(&gateway) {
-                    let h = tokio::spawn(serve_commands(
-                        client.clone(),
-                        gateway.clone(),
-                        to_router.clone(),
-                    ));
-                    commands.insert(gateway.clone(), h);
+                    let (js, wake) = (&js, &wake);
+                    publishing.push(async move {
+                        let ok = publish_reading(js, wake, subject, headers, body).await;
+                        if !ok {
+                            log::debug!("publish failed gateway={gateway} seq={seq}");
+                        }
+                        Outcome {
+                            slot,
+                            spool_id,
+                            seq,
+                            ok,
+                        }
+                    });
                 }
-                bucket.connected(&gateway, version, security, resume_seq);
-            }
-            ToNats::Seen {
-                gateway,
-                resume_seq,
-            } => bucket.seen(&gateway, resume_seq),
-            ToNats::Disconnected { gateway } => {
-                if let Some(h) = commands.remove(&gateway) {
-                    // Dropping the subscriber unsubscribes: requests get "no responders".
-                    h.abort();
+                ToNats::Event { subject, body } => {
+                    let js = js.clone();
+                    tokio::spawn(async move {
+                        let r = match js.publish(subject.clone(), body).await {
+                            Ok(ack) => ack.await.map(|_| ()),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = r {
+                            log::debug!("event not stored subject={subject}: {e}");
+                        }
+                    });
                 }
-                bucket.disconnected(&gateway);
-            }
-            ToNats::Respond { reply, body } => {
-                if let Err(e) = client.publish(reply, body).await {
-                    log::warn!("command reply not sent: {e}");
+                ToNats::Connected {
+                    gateway,
+                    version,
+                    security,
+                    resume_seq,
+                } => {
+                    if !commands.contains_key(&gateway) {
+                        let h = tokio::spawn(serve_commands(
+                            client.clone(),
+                            gateway.clone(),
+                            to_router.clone(),
+                        ));
+                        commands.insert(gateway.clone(), h);
+                    }
+                    bucket.connected(&gateway, version, security, resume_seq);
+                }
+                ToNats::Seen {
+                    gateway,
+                    resume_seq,
+                } => bucket.seen(&gateway, resume_seq),
+                ToNats::Disconnected { gateway } => {
+                    if let Some(h) = commands.remove(&gateway) {
+                        // Dropping the subscriber unsubscribes: requests get "no responders".
+                        h.abort();
+                    }
+                    bucket.disconnected(&gateway);
+                }
+                ToNats::Respond { reply, body } => {
+                    if let Err(e) = client.publish(reply, body).await {
+                        log::warn!("command reply not sent: {e}");
+                    }
                 }
             }
         }

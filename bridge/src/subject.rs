@@ -12,6 +12,12 @@ use std::fmt::Write as _;
 /// The subject token of a gateway id or source name (see the module documentation).
 pub fn token(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
+    push_token(&mut out, name);
+    out
+}
+
+/// Appends the subject token of `name` to `out`.
+pub fn push_token(out: &mut String, name: &str) {
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
             out.push(b as char);
@@ -19,12 +25,11 @@ pub fn token(name: &str) -> String {
             let _ = write!(out, "={b:02X}");
         }
     }
-    if out.is_empty() {
+    if name.is_empty() {
         // An empty token would make an invalid subject ("a..b"); "=" alone is never produced
         // by a non-empty name.
         out.push('=');
     }
-    out
 }
 
 /// The name a token stands for; `None` when `token` is not one [`token`] produces.
@@ -50,8 +55,16 @@ pub fn untoken(token: &str) -> Option<String> {
 }
 
 /// `zgate.<gateway>.reading.<source>`.
+#[cfg(test)]
 pub fn reading_subject(gateway: &str, source: &str) -> String {
-    format!("zgate.{}.reading.{}", token(gateway), token(source))
+    let mut s = reading_prefix(gateway);
+    push_token(&mut s, source);
+    s
+}
+
+/// `zgate.<gateway>.reading.`: a gateway's reading subjects without the source token.
+pub fn reading_prefix(gateway: &str) -> String {
+    format!("zgate.{}.reading.", token(gateway))
 }
 
 /// `zgate.<gateway>.<kind>` (`hello`, `stats`, `command`).

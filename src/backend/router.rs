@@ -302,7 +302,10 @@ impl Router {
                 user_id = msg.gets("User-Id").map(str::to_string);
                 // The address only names a sender whose key and routing id disagree (in the
                 // log line of `sender_verified`); fetched for those alone.
-                if user_id.as_deref().is_some_and(|u| u.as_bytes() != frames[0]) {
+                if user_id
+                    .as_deref()
+                    .is_some_and(|u| u.as_bytes() != frames[0])
+                {
                     peer = msg.gets("Peer-Address").map(str::to_string);
                 }
                 fd = srcfd(&msg);

@@ -81,7 +81,10 @@ impl Gateway {
                 return;
             }
         };
-        let source = Generic::new(fd.clone(), Interest::READ, Mode::Level);
+        // Edge-triggered, as the serial source is (a level-triggered tty makes every
+        // epoll_wait wait for the tty's flip-buffer work; see `sources::serial`). Bytes left
+        // past `read_available`'s cap are line noise: the next request discards unread input.
+        let source = Generic::new(fd.clone(), Interest::READ, Mode::Edge);
         let inserted = self
             .handle
             .insert_source(source, move |_, _, gw: &mut Gateway| {

@@ -44,7 +44,8 @@ pub fn read_available(fd: &impl AsFd, buf: &mut Vec<u8>) -> Result<(), String> {
             Ok(0) => return Err("hang-up (end of file)".into()),
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                // A short read emptied the tty (level-triggered: no read just for EAGAIN).
+                // A short read emptied the tty (no read just for EAGAIN: on an empty tty
+                // n_tty_read waits for the flip-buffer work).
                 if n < chunk.len() || buf.len() >= 4 * READ_CHUNK {
                     return Ok(());
                 }

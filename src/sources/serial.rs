@@ -43,8 +43,8 @@ pub const MAX_PENDING_WRITE: usize = 64 * 1024;
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_millis(2000);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Bytes read per wake before yielding to other sources (the fd is level-triggered, so the
-/// rest is read on the next dispatch).
+/// Bytes read per wake before yielding to other sources (the rest is read on the next
+/// dispatch: the source pings itself).
 const READ_BUDGET: usize = 64 * 1024;
 /// Time spent reading and handling lines per wake before yielding. Every line becomes a
 /// reading (parse, JSON, outbox) in the callback, so a byte budget alone lets a flood of
@@ -211,6 +211,9 @@ pub struct SerialSource {
     outage_logged: bool,
     ping_source: PingSource,
     ping: Ping,
+    /// A read stopped at its budget with data left: the port is edge-triggered, so the next
+    /// dispatch reads on without a new edge (the ping wakes it).
+    more_to_read: bool,
     shared: Rc<RefCell<Shared>>,
     framer: LineFramer,
 }
@@ -241,6 +244,7 @@ impl SerialSource {
             outage_logged: false,
             ping_source,
             ping,
+            more_to_read: false,
             shared: Rc::new(RefCell::new(Shared {
                 connected: false,
                 writes: WriteQueue::new(DEFAULT_WRITE_TIMEOUT),
@@ -284,7 +288,12 @@ impl SerialSource {
                     self.path.display(),
                     self.baud
                 );
-                self.port = Some(Generic::new(tty, Interest::READ, Mode::Level));
+                // Edge-triggered: a level-triggered tty is polled again by every epoll_wait
+                // after it was reported, and n_tty_poll, finding the buffer empty, waits for
+                // the tty's flip-buffer work (a kworker) to finish. With the kworkers busy
+                // (writeback under a disk flood) that held the whole loop, commands included,
+                // for milliseconds. Edge-triggered, the tty is polled only when data arrived.
+                self.port = Some(Generic::new(tty, Interest::READ, Mode::Edge));
                 self.port_dirty = true;
                 self.port_registered = false;
                 self.write_interest = false;
@@ -419,10 +428,13 @@ impl SerialSource {
         self.arm_retry();
     }
 
+    /// Reads until the tty is empty (a short read: with the port edge-triggered, data that
+    /// arrives later brings a new edge) or the budget is spent (then `more_to_read`).
     fn read_some<F>(&mut self, callback: &mut F) -> Result<(), String>
     where
         F: FnMut(SerialEvent, &mut ()),
     {
+        self.more_to_read = false;
         let Some(port) = self.port.as_ref() else {
             return Ok(());
         };
@@ -436,11 +448,15 @@ impl SerialSource {
                 Ok(n) => {
                     total += n;
                     self.framer.push(&buf[..n], &mut |e| callback(e, &mut ()));
-                    // Stop when a short read emptied the tty's buffer (the fd is level-triggered:
-                    // skip the read that would only return EAGAIN), or when this wake has held
-                    // the loop long enough (a flood must not delay commands).
-                    if n < buf.len() || started.elapsed() >= READ_TIME_BUDGET {
+                    // Stop when a short read emptied the tty's buffer (no read that would only
+                    // return EAGAIN: on an empty buffer n_tty_read, too, waits for the
+                    // flip-buffer work), or when this wake has held the loop long enough (a
+                    // flood must not delay commands).
+                    if n < buf.len() {
                         return Ok(());
+                    }
+                    if started.elapsed() >= READ_TIME_BUDGET {
+                        break;
                     }
                 }
                 Err(nix::errno::Errno::EAGAIN) => return Ok(()),
@@ -448,6 +464,8 @@ impl SerialSource {
                 Err(e) => return Err(format!("read failed: {e}")),
             }
         }
+        self.more_to_read = true;
+        self.ping.ping();
         Ok(())
     }
 
@@ -527,15 +545,14 @@ impl EventSource for SerialSource {
             })?;
         }
         let mut failure = None;
-        if let Some(r) = port_ready {
-            if r.readable || r.error {
-                if let Err(e) = self.read_some(&mut callback) {
-                    failure = Some(e);
-                }
+        let readable = port_ready.is_some_and(|r| r.readable || r.error);
+        if readable || (self.more_to_read && self.port.is_some()) {
+            if let Err(e) = self.read_some(&mut callback) {
+                failure = Some(e);
             }
-            if r.writable {
-                woke_write = true;
-            }
+        }
+        if port_ready.is_some_and(|r| r.writable) {
+            woke_write = true;
         }
         if failure.is_none() && woke_write && self.port.is_some() {
             if let Err(e) = self.flush_writes(&mut callback) {

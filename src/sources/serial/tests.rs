@@ -283,7 +283,8 @@ fn a_write_the_device_never_takes_times_out() {
 }
 
 /// A flood of short lines must not hold the loop: one wake handles one chunk once the
-/// time budget is spent, and the rest follows on later dispatches (level-triggered).
+/// time budget is spent, and the rest follows on later dispatches (the tty is edge-triggered:
+/// the source pings itself to go on; without that the rest would wait for new data).
 /// Before the time budget, all 4000 bytes (1000 lines) were handled in one wake.
 #[test]
 fn a_flood_of_lines_yields_the_loop() {

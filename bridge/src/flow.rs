@@ -41,8 +41,6 @@ pub enum ReadingAction {
 #[derive(Debug)]
 pub struct Flow {
     ledger: GatewayLedger,
-    /// The ledger's spool id, shared with every publish that names it.
-    spool: Option<Arc<str>>,
     /// Published, unconfirmed seqs of the current spool, with when they were published.
     inflight: HashMap<u64, Instant>,
     max_inflight: usize,
@@ -59,7 +57,6 @@ impl Flow {
     pub fn new(max_inflight: usize, inflight_timeout: Duration) -> Flow {
         Flow {
             ledger: GatewayLedger::default(),
-            spool: None,
             inflight: HashMap::new(),
             max_inflight,
             inflight_timeout,
@@ -84,9 +81,6 @@ impl Flow {
     /// answered (an ack of `resume_seq - 1` at most: it acknowledges nothing new).
     pub fn on_hello(&mut self, spool_id: &str, resume_seq: Option<u64>) -> Option<String> {
         let replaced = self.ledger.hello(spool_id, resume_seq);
-        if self.spool.as_deref() != self.ledger.spool_id.as_deref() {
-            self.spool = self.ledger.spool_id.as_deref().map(Arc::from);
-        }
         if replaced.is_some() {
             self.inflight.clear();
             self.acked_high = 0;
@@ -111,7 +105,7 @@ impl Flow {
 
     /// A reading with `seq` arrived.
     pub fn on_reading(&mut self, seq: u64, now: Instant) -> ReadingAction {
-        let Some(spool_id) = self.spool.clone() else {
+        let Some(spool_id) = self.ledger.spool_id.clone() else {
             return ReadingAction::NoHello;
         };
         if let Some(c) = &mut self.ledger.conn_high {

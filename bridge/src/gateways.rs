@@ -150,6 +150,17 @@ impl Gateways {
         i
     }
 
+    /// A verified message from gateway `id` (over connection `fd`, when known): its slot,
+    /// marked for the next [`Self::flush_acks`].
+    fn heard(&mut self, id: &str, fd: Option<i32>) -> usize {
+        let i = self.slot(id);
+        if fd.is_some() {
+            self.slots[i].fd = fd;
+        }
+        self.touch(i);
+        i
+    }
+
     /// Marks slot `i` for the next [`Self::flush_acks`].
     fn touch(&mut self, i: usize) {
         let gw = &mut self.slots[i];
@@ -189,8 +200,8 @@ impl Gateways {
                 let Some(seq) = seq else {
                     return self.bad(Some(&id), "reading without seq");
                 };
-                let i = self.slot(&id);
-                self.reading(i, fd, seq, &source, body.clone(), now);
+                let i = self.heard(&id, fd);
+                self.reading(i, seq, &source, body.clone(), now);
                 return;
             }
         }
@@ -199,12 +210,8 @@ impl Gateways {
             Ok(v @ Value::Object(_)) => v,
             _ => return self.bad(Some(&id), &format!("{kind}: body is not a JSON object")),
         };
-        let i = self.slot(&id);
-        self.touch(i);
+        let i = self.heard(&id, fd);
         let gw = &mut self.slots[i];
-        if fd.is_some() {
-            gw.fd = fd;
-        }
         match kind.as_str() {
             protocol::KIND_HELLO => {
                 let spool_id = value.get("spool_id").and_then(Value::as_str).unwrap_or("");
@@ -241,7 +248,7 @@ impl Gateways {
                     return self.bad(Some(&id), "reading without seq");
                 };
                 let source = value.get("source").and_then(Value::as_str).unwrap_or("");
-                self.reading(i, None, seq, source, body, now);
+                self.reading(i, seq, source, body, now);
             }
             protocol::KIND_STATS => {
                 let resume = value.get("resume_seq").and_then(Value::as_u64);
@@ -275,25 +282,11 @@ impl Gateways {
     }
 
     /// A reading `seq` of slot `i`'s gateway: publish it, or not (see [`Flow::on_reading`]).
-    fn reading(
-        &mut self,
-        i: usize,
-        fd: Option<i32>,
-        seq: u64,
-        source: &str,
-        body: Bytes,
-        now: Instant,
-    ) {
-        self.touch(i);
+    fn reading(&mut self, i: usize, seq: u64, source: &str, body: Bytes, now: Instant) {
         let gw = &mut self.slots[i];
-        if fd.is_some() {
-            gw.fd = fd;
-        }
         match gw.flow.on_reading(seq, now) {
             ReadingAction::Publish { spool_id } => {
-                let mut subject = String::with_capacity(gw.reading_prefix.len() + source.len());
-                subject.push_str(&gw.reading_prefix);
-                subject::push_token(&mut subject, source);
+                let subject = subject::with_source(&gw.reading_prefix, source);
                 let msg = ToNats::Publish {
                     slot: i,
                     gateway: gw.id.clone(),

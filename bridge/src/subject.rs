@@ -17,7 +17,7 @@ pub fn token(name: &str) -> String {
 }
 
 /// Appends the subject token of `name` to `out`.
-pub fn push_token(out: &mut String, name: &str) {
+fn push_token(out: &mut String, name: &str) {
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
             out.push(b as char);
@@ -57,14 +57,20 @@ pub fn untoken(token: &str) -> Option<String> {
 /// `zgate.<gateway>.reading.<source>`.
 #[cfg(test)]
 pub fn reading_subject(gateway: &str, source: &str) -> String {
-    let mut s = reading_prefix(gateway);
-    push_token(&mut s, source);
-    s
+    with_source(&reading_prefix(gateway), source)
 }
 
 /// `zgate.<gateway>.reading.`: a gateway's reading subjects without the source token.
 pub fn reading_prefix(gateway: &str) -> String {
     format!("zgate.{}.reading.", token(gateway))
+}
+
+/// A reading subject: a gateway's [`reading_prefix`] followed by the source's token.
+pub fn with_source(prefix: &str, source: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + source.len());
+    s.push_str(prefix);
+    push_token(&mut s, source);
+    s
 }
 
 /// `zgate.<gateway>.<kind>` (`hello`, `stats`, `command`).

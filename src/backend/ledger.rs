@@ -1,6 +1,7 @@
 //! The reference backend's per-gateway ledger of received readings.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Out-of-order seqs remembered per gateway before the oldest are forgotten.
 const MAX_PENDING_SEQS: usize = 100_000;
@@ -25,8 +26,9 @@ pub struct GatewayLedger {
     /// Duplicate readings received.
     pub duplicates: u64,
     /// The spool these seqs belong to (`spool_id` of the last `hello`; `""` when a hello
-    /// has none). `None` before the first hello.
-    pub spool_id: Option<String>,
+    /// has none). `None` before the first hello. Shared: the bridge names it in every
+    /// publish of the spool's readings.
+    pub spool_id: Option<Arc<str>>,
     /// The highest seq the gateway may have sent on its current connection: `resume_seq - 1`
     /// from its last hello, raised by every reading since. A gateway refuses an ack above
     /// what it sent on the connection, so acks never exceed this. `None` before any hello.
@@ -90,7 +92,9 @@ impl GatewayLedger {
         if replaced.is_some() {
             *self = GatewayLedger::default();
         }
-        self.spool_id = Some(spool_id.to_string());
+        if self.spool_id.as_deref() != Some(spool_id) {
+            self.spool_id = Some(Arc::from(spool_id));
+        }
         if let Some(r) = resume {
             self.resume(r);
         }

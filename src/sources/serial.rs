@@ -546,7 +546,7 @@ impl EventSource for SerialSource {
         }
         let mut failure = None;
         let readable = port_ready.is_some_and(|r| r.readable || r.error);
-        if readable || (self.more_to_read && self.port.is_some()) {
+        if readable || self.more_to_read {
             if let Err(e) = self.read_some(&mut callback) {
                 failure = Some(e);
             }

@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import queue
+import random
 import re
 import select
 import signal
@@ -58,11 +59,43 @@ def die_with_parent():
     _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_HANDED_OUT = set()
+_PORT_RNG = random.Random(os.getpid() ^ time.monotonic_ns())
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago and that no other call in this test
+    run has returned.
+
+    The port comes from below the kernel's ephemeral range: a port taken from that range
+    (``bind(0)``) can be handed to some outgoing connection (a nats-server route, a gateway
+    dialling out) between this call and the server that wants it binding it, and two calls
+    could return the same port. Both happened: a node of a test cluster failed with "address
+    already in use" and the cluster ran one node short."""
+    low = max(1024, min(_EPHEMERAL_LOW, 65536) - 20000)
+    high = max(low + 1000, min(_EPHEMERAL_LOW, 65536))
+    for _ in range(1000):
+        port = _PORT_RNG.randrange(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                # The wildcard address: it conflicts with any listener on this port.
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {low}..{high}")
 
 
 free_tcp_port = free_port

@@ -61,8 +61,11 @@ class NatsCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self.n = nodes
         self.name = name
-        self.ports = [(free_port(), free_port(), free_port()) for _ in range(nodes)]
         self.procs = [None] * nodes
+        self._configure()
+
+    def _configure(self):
+        self.ports = [(free_port(), free_port(), free_port()) for _ in range(self.n)]
         self.urls = [f"nats://127.0.0.1:{c}" for c, _, _ in self.ports]
         routes = ", ".join(f"nats-route://127.0.0.1:{r}" for _, r, _ in self.ports)
         for i, (client, route, http) in enumerate(self.ports):
@@ -72,7 +75,8 @@ class NatsCluster:
                 f"listen: 127.0.0.1:{client}\n"
                 f"http: 127.0.0.1:{http}\n"
                 f'jetstream {{ store_dir: "{self.base / node}" }}\n'
-                f"cluster {{ name: {name}, listen: 127.0.0.1:{route}, routes: [{routes}] }}\n"
+                f"cluster {{ name: {self.name}, listen: 127.0.0.1:{route}, "
+                f"routes: [{routes}] }}\n"
             )
 
     def _start_node(self, i):
@@ -104,10 +108,24 @@ class NatsCluster:
         wait_until(lambda: all(self.has_leader(i) for i in range(self.n) if self.running(i)),
                    timeout, "a JetStream meta leader on every running node", interval=0.05)
 
-    def start(self, timeout=30):
-        for i in range(self.n):
-            self._start_node(i)
-        self.wait_ready(timeout)
+    def start(self, timeout=30, attempts=3):
+        """Starts every node and waits for a meta leader on all of them. A node that exits
+        while the cluster forms (a port another process took after it was chosen) would leave
+        the cluster a node short, so the whole cluster starts again on fresh ports."""
+        for attempt in range(attempts):
+            for i in range(self.n):
+                self._start_node(i)
+            self.wait_ready(timeout)
+            dead = [f"n{i + 1}" for i in range(self.n) if not self.running(i)]
+            if not dead:
+                return self
+            self.stop()
+            if attempt + 1 == attempts:
+                pytest.fail(f"nats nodes {dead} exited while the cluster formed "
+                            f"(logs in {self.base})")
+            for i in range(self.n):
+                shutil.rmtree(self.base / f"n{i + 1}", ignore_errors=True)
+            self._configure()
         return self
 
     def restart(self, i, timeout=30):

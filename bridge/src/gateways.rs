@@ -196,12 +196,9 @@ impl Gateways {
         let body = Bytes::from(frames.pop().unwrap_or_default());
         if frames[1] == protocol::KIND_READING.as_bytes() {
             if let Some(head) = reading_head(&body) {
-                let (seq, source) = (head.seq, head.source.unwrap_or_default());
-                let Some(seq) = seq else {
-                    return self.bad(Some(&id), "reading without seq");
-                };
                 let i = self.heard(&id, fd);
-                self.reading(i, seq, &source, body.clone(), now);
+                let source = head.source.unwrap_or_default();
+                self.reading(i, head.seq, &source, body.clone(), now);
                 return;
             }
         }
@@ -244,9 +241,7 @@ impl Gateways {
             }
             protocol::KIND_READING => {
                 // A body the fast path did not take (e.g. a source that is not a string).
-                let Some(seq) = value.get("seq").and_then(Value::as_u64) else {
-                    return self.bad(Some(&id), "reading without seq");
-                };
+                let seq = value.get("seq").and_then(Value::as_u64);
                 let source = value.get("source").and_then(Value::as_str).unwrap_or("");
                 self.reading(i, seq, source, body, now);
             }
@@ -281,8 +276,13 @@ impl Gateways {
         }
     }
 
-    /// A reading `seq` of slot `i`'s gateway: publish it, or not (see [`Flow::on_reading`]).
-    fn reading(&mut self, i: usize, seq: u64, source: &str, body: Bytes, now: Instant) {
+    /// A reading `seq` of slot `i`'s gateway: publish it, or not (see [`Flow::on_reading`]);
+    /// one without a seq is a bad message.
+    fn reading(&mut self, i: usize, seq: Option<u64>, source: &str, body: Bytes, now: Instant) {
+        let Some(seq) = seq else {
+            let id = self.slots[i].id.clone();
+            return self.bad(Some(&id), "reading without seq");
+        };
         let gw = &mut self.slots[i];
         match gw.flow.on_reading(seq, now) {
             ReadingAction::Publish { spool_id } => {

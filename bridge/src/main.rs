@@ -116,7 +116,7 @@ fn run(cfg: BridgeConfig) -> anyhow::Result<()> {
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                         .expect("SIGTERM handler");
-                let nats = async {
+                let nats = async move {
                     let client = match nats::connect(&nats_cfg).await {
                         Ok(c) => c,
                         Err(e) => {
@@ -125,16 +125,18 @@ fn run(cfg: BridgeConfig) -> anyhow::Result<()> {
                         }
                     };
                     log::info!("NATS connected servers={:?}", nats_cfg.nats.servers);
-                    nats::run(nats_cfg.clone(), client, from_router, to_router).await;
+                    nats::run(nats_cfg, client, from_router, to_router).await;
+                };
+                let stop = async {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
                 };
                 tokio::select! {
                     // Returns when the ROUTER thread is gone; main reports why.
                     _ = nats => {}
-                    _ = tokio::signal::ctrl_c() => {
-                        log::info!("stopping");
-                        std::process::exit(0);
-                    }
-                    _ = term.recv() => {
+                    _ = stop => {
                         log::info!("stopping");
                         std::process::exit(0);
                     }

@@ -350,6 +350,44 @@ def test_identity_is_the_key_not_the_claimed_id(tmp_path, fleet, gateways):
         ctx.destroy(linger=0)
 
 
+def test_bad_readings_are_dropped_and_good_ones_still_land(tmp_path, fleet):
+    """A reading without a seq is dropped with a log line and acked never; a reading the
+    bridge's fast path does not take (a source that is not a string) still lands; the
+    readings around them land once each and are acked."""
+    import zmq
+    cluster, bridge = fleet
+    port = free_port()
+    b = bridge("bridge-6", port)
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, b"gw-bad")
+        s.connect(f"tcp://127.0.0.1:{port}")
+        send(s, "hello", {"gateway": "gw-bad", "protocol": 1, "resume_seq": 1,
+                          "spool_id": "cd" * 16})
+        b.wait_log("gateway connected gateway=gw-bad", 10)
+        reading = {"gateway": "gw-bad", "time": "2026-01-01T00:00:00.000Z", "values": {"n": 1}}
+        send(s, "reading", dict(reading, source="weather"))
+        b.wait_log('message dropped gateway=gw-bad reason="reading without seq"', 10)
+        send(s, "reading", dict(reading, seq=1, source=7))
+        send(s, "reading", dict(reading, seq=2, source="weather"))
+        deadline = time.monotonic() + 10
+        acked = 0
+        while acked < 2:
+            assert time.monotonic() < deadline, f"acked up to {acked}, not 2"
+            if s.poll(50):
+                kind, body = s.recv_multipart()
+                if kind == b"ack":
+                    acked = max(acked, json.loads(body)["seq"])
+        msgs = stream_messages(cluster.urls, "zgate.gw-bad.reading.>")
+        got = sorted((json.loads(body)["seq"], subj) for subj, _, body in msgs)
+        assert got == [(1, "zgate.gw-bad.reading.="), (2, "zgate.gw-bad.reading.weather")], got
+        assert b.alive()
+    finally:
+        ctx.destroy(linger=0)
+
+
 # ---------------------------------------------------------------- subject tokens
 
 
